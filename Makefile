@@ -1,0 +1,13 @@
+.PHONY: setup test test-all demo lint
+
+setup:
+	bash tools/setup_env.sh
+
+test: setup
+	HF_HUB_OFFLINE=1 python -m pytest -q
+
+test-all: setup
+	HF_HUB_OFFLINE=1 python -m pytest -q -m ""
+
+lint:
+	ruff check atm_lightning tests tools

@@ -1,0 +1,81 @@
+"""Analytic FLOPs of a ViT from the token counts each image actually had in each block.
+
+Convention of the token-reduction literature (DeiT, ToMe, EViT, ATM): one multiply-add counts as
+one FLOP, and only linear layers and the two attention matmuls are counted. For a block of width
+D, attention width A (= D for ViTs), MLP hidden H, with N tokens entering and N' leaving the merge:
+
+    qkv  N*D*3A      attention  2*N^2*A      proj  N*A*D      MLP  2*N'*D*H
+
+plus the patch embedding (patches * 3*P*P * D) and the classifier head (D * classes).
+Merging happens after attention, so attention is paid at N and the MLP at N'.
+Padding never counts: callers pass each image's real counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ViTCost:
+    """Per-token multiply-adds of one ViT, read off its layers once."""
+
+    depth: int
+    qkv_per_token: int  # D * 3A
+    attn_width: int  # A: QK^T and AV cost N^2 * A each
+    proj_per_token: int  # A * D
+    mlp_per_token: int  # 2 * D * H (sum over the MLP's linear layers)
+    head_dim: int  # width of the keys used for matching
+    patch_embed: int  # whole patch embedding
+    head: int  # classifier(s)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "ViTCost":
+        """Read the cost from a timm-style ViT (``patch_embed.proj``, ``blocks[i].attn/mlp``, ``head``)."""
+        block = model.blocks[0]
+        attn = block.attn
+        mlp_per_token = sum(m.in_features * m.out_features for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        conv = model.patch_embed.proj
+        kh, kw = conv.kernel_size
+        patch_embed = model.patch_embed.num_patches * conv.in_channels * kh * kw * conv.out_channels
+        heads = [m for name in ("head", "head_dist") if isinstance(m := getattr(model, name, None), nn.Linear)]
+        return cls(
+            depth=len(model.blocks),
+            qkv_per_token=attn.qkv.in_features * attn.qkv.out_features,
+            attn_width=attn.num_heads * attn.head_dim,
+            proj_per_token=attn.proj.in_features * attn.proj.out_features,
+            mlp_per_token=mlp_per_token,
+            head_dim=attn.head_dim,
+            patch_embed=patch_embed,
+            head=sum(h.in_features * h.out_features for h in heads),
+        )
+
+    def block_macs(self, n_in: Tensor, n_out: Tensor) -> Tensor:
+        """Multiply-adds of one block with ``n_in`` tokens at attention and ``n_out`` at the MLP."""
+        n_in = n_in.double()
+        attention = n_in * (self.qkv_per_token + self.proj_per_token) + 2 * n_in**2 * self.attn_width
+        return attention + n_out.double() * self.mlp_per_token
+
+    def image_macs(self, tokens: Tensor) -> Tensor:
+        """Multiply-adds per image from ``tokens`` [B, depth+1] (tokens entering each block, then out)."""
+        if tokens.shape[-1] != self.depth + 1:
+            raise ValueError(f"tokens must have depth+1={self.depth + 1} columns, got {tokens.shape[-1]}")
+        blocks = self.block_macs(tokens[..., :-1], tokens[..., 1:]).sum(-1)
+        return blocks + self.patch_embed + self.head
+
+    def dense_macs(self, num_tokens: int) -> float:
+        """Multiply-adds of the unmerged model with ``num_tokens`` tokens in every block."""
+        tokens = torch.full((1, self.depth + 1), num_tokens, dtype=torch.long)
+        return float(self.image_macs(tokens)[0])
+
+    def matching_macs(self, num_a: Tensor, num_b: Tensor) -> Tensor:
+        """Cost of the cosine similarities of one matching step: |A| * |B| * head_dim."""
+        return num_a.double() * num_b.double() * self.head_dim
+
+
+def to_gflops(macs: Tensor | float) -> Tensor | float:
+    """Multiply-adds to the papers' "GFLOPs"."""
+    return macs / 1e9

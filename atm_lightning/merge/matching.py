@@ -1,0 +1,101 @@
+"""Bipartite matching between source tokens (set A) and destination tokens (set B).
+
+Everything works on padded batches: image ``i`` holds its real tokens in the first ``n_i``
+positions and padding after them (padding has size 0). A split returns, per image, the positions
+of its A and B tokens plus masks saying which slots are real. Slots that are not real point at a
+*trash* position ``N`` (one past the last token), so scatters through them never touch a real
+token. Callers append one row to their tensors before indexing (see :mod:`.merging`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Split:
+    """Positions of sources (A) and destinations (B) for each image of a batch."""
+
+    a_idx: Tensor  # [B, Na] long, positions in [0, N]; N is the trash slot
+    a_ok: Tensor  # [B, Na] bool, real source slots
+    b_idx: Tensor  # [B, Nb] long
+    b_ok: Tensor  # [B, Nb] bool
+
+
+@dataclass(frozen=True)
+class Matches:
+    """Each source's best destination and the cosine similarity to it."""
+
+    similarity: Tensor  # [B, Na] float, -inf for slots that are not real
+    dst: Tensor  # [B, Na] long, slot index into Split.b_idx
+
+
+def alternating_split(valid: Tensor, num_protected: int) -> Split:
+    """ToMe's split: unprotected tokens at even positions are sources, odd ones destinations.
+
+    Positions are absolute, so with one class token (position 0, protected) this is exactly
+    ToMe's ``a, b = x[..., ::2, :], x[..., 1::2, :]`` with the class token removed from A.
+    """
+    batch, n = valid.shape
+    positions = torch.arange(n, device=valid.device)
+    a_pos = positions[num_protected:][(positions[num_protected:] % 2) == 0]
+    b_pos = positions[num_protected:][(positions[num_protected:] % 2) == 1]
+    a_ok = valid[:, a_pos]
+    b_ok = valid[:, b_pos]
+    trash = torch.full((), n, device=valid.device, dtype=torch.long)
+    a_idx = torch.where(a_ok, a_pos.expand(batch, -1), trash)
+    b_idx = torch.where(b_ok, b_pos.expand(batch, -1), trash)
+    return Split(a_idx, a_ok, b_idx, b_ok)
+
+
+def size_sorted_split(size: Tensor, num_protected: int) -> Split:
+    """ATM's split for the final layers: the smaller half of tokens by size are the sources.
+
+    Per image, the ``M`` real unprotected tokens are stable-sorted by size (ties keep position
+    order); the first ``ceil(M/2)`` form A and the rest B. A large token can then only absorb
+    smaller ones, never another large token (the costly case of Theorem 1).
+    """
+    batch, n = size.shape
+    body = size[:, num_protected:]
+    real = body > 0
+    m = real.sum(dim=1)  # [B]
+    key = torch.where(real, body, torch.full_like(body, float("inf")))
+    order = torch.sort(key, dim=1, stable=True).indices + num_protected  # [B, n - P], padding last
+    n_body = n - num_protected
+    na_max = (n_body + 1) // 2
+    nb_max = n_body // 2
+    na = (m + 1) // 2  # [B]
+    nb = m // 2
+
+    slots_a = torch.arange(na_max, device=size.device).expand(batch, -1)
+    a_ok = slots_a < na[:, None]
+    a_idx = torch.where(a_ok, order[:, :na_max], n)
+
+    slots_b = torch.arange(nb_max, device=size.device).expand(batch, -1)
+    b_ok = slots_b < nb[:, None]
+    b_src = (na[:, None] + slots_b).clamp(max=n_body - 1) if n_body > 0 else slots_b
+    b_idx = torch.where(b_ok, order.gather(1, b_src), n) if n_body > 0 else slots_b
+    return Split(a_idx, a_ok, b_idx, b_ok)
+
+
+def best_matches(metric: Tensor, split: Split) -> Matches:
+    """Cosine similarity of every source to every destination, reduced to each source's best.
+
+    ``metric`` is [B, N+1, D] (with the trash row); it is L2-normalised here so callers can pass
+    raw head-averaged keys.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dim = metric.shape[-1]
+    a = metric.gather(1, split.a_idx[..., None].expand(-1, -1, dim))
+    b = metric.gather(1, split.b_idx[..., None].expand(-1, -1, dim))
+    scores = a @ b.transpose(-1, -2)
+    scores = scores.masked_fill(~split.b_ok[:, None, :], float("-inf"))
+    if scores.shape[-1] == 0:
+        empty = torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype)
+        return Matches(empty, torch.zeros_like(split.a_idx))
+    similarity, dst = scores.max(dim=-1)
+    similarity = similarity.masked_fill(~split.a_ok, float("-inf"))
+    return Matches(similarity, dst)

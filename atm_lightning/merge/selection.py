@@ -1,0 +1,50 @@
+"""Which matched sources actually merge: a fixed count (ToMe) or a similarity threshold (ATM)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def layer_threshold(alpha: float, beta: float, theta_min: float, layer: int) -> float:
+    """ATM's threshold of block ``layer`` (1-indexed): ``max(alpha - (exp(beta*(l-1)) - 1), theta_min)``.
+
+    Early blocks get the strictest threshold because merging there discards the most information.
+    """
+    return max(alpha - (math.exp(beta * (layer - 1)) - 1.0), theta_min)
+
+
+def threshold_schedule(alpha: float, beta: float, theta_min: float, depth: int) -> list[float]:
+    """Thresholds of blocks 1..depth, returned 0-indexed."""
+    return [layer_threshold(alpha, beta, theta_min, layer) for layer in range(1, depth + 1)]
+
+
+def top_r(similarity: Tensor, r: Tensor | int) -> Tensor:
+    """Mask of the ``r`` best-scoring sources per image (``r`` scalar or per image [B]).
+
+    Ties are broken like ToMe's ``argsort(descending=True)``; slots scoring ``-inf`` (not real)
+    are never chosen.
+    """
+    order = similarity.argsort(dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    r = torch.as_tensor(r, device=similarity.device)
+    if r.dim() == 1:
+        r = r[:, None]
+    return (rank < r) & torch.isfinite(similarity)
+
+
+def above_threshold(similarity: Tensor, theta: float) -> Tensor:
+    """Mask of sources whose best match is strictly more similar than ``theta``."""
+    return similarity > theta
+
+
+def batch_min(selected: Tensor, similarity: Tensor) -> Tensor:
+    """The paper's batch-adaptive rule: every image merges ``min_i c_i`` pairs, its best ones.
+
+    Each chosen pair is above the threshold, because ``c_i`` counts exactly those pairs.
+    """
+    count = selected.sum(dim=-1).min()
+    return top_r(similarity, count)

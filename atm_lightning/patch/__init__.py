@@ -1,0 +1,39 @@
+"""timm integration: one call patches a VisionTransformer in place to merge tokens."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..merge import TokenMerger, make_merger
+from .stats import MergeStats, merge_stats
+from .timm_vit import LayerRecord, MergeTrace, UnsupportedModelError, apply, check_supported, remove
+
+
+def patch(model: nn.Module, method: str | TokenMerger = "atm", *, record_merges: bool = False, **settings):
+    """Make ``model`` merge tokens at inference time; returns the same (still timm) model.
+
+    Args:
+        model: a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, registers, avg-pool).
+        method: ``"atm"``, ``"tome"`` or ``"none"`` (dense, with token/FLOPs accounting), or a
+            :class:`~atm_lightning.merge.TokenMerger` instance.
+        record_merges: keep every block's merge decisions in :func:`merge_stats` (tests, debugging).
+        **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
+    """
+    return apply(model, make_merger(method, **settings), record_merges=record_merges)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore timm's own model class (no hooks, no accounting)."""
+    return remove(model)
+
+
+__all__ = [
+    "LayerRecord",
+    "MergeStats",
+    "MergeTrace",
+    "UnsupportedModelError",
+    "check_supported",
+    "merge_stats",
+    "patch",
+    "unpatch",
+]

@@ -1,0 +1,242 @@
+"""The one place that knows timm's VisionTransformer, Block and Attention.
+
+``apply(model, merger)`` swaps the model's class for a subclass that runs the blocks itself, so
+it can merge tokens between each block's attention and its MLP. Blocks and attention modules are
+timm's own and untouched; the head-averaged keys that ToMe and ATM match on are read by a forward
+hook on each ``attn.k_norm`` (the last op timm applies to the keys), and proportional attention is
+the additive ``attn_mask`` timm's Attention already forwards to ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from ..flops import ViTCost
+from ..merge import (
+    Matches,
+    Split,
+    TokenMerger,
+    alternating_split,
+    best_matches,
+    merge_tokens,
+    size_sorted_split,
+)
+from ..merge.merging import with_trash_row
+
+SUPPORTED_POOLS = ("token", "avg", "")
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a timm VisionTransformer this patch knows how to merge tokens in."""
+
+
+@dataclass
+class LayerRecord:
+    """What one block's merge step decided, kept only with ``record_merges=True`` (tests, debugging)."""
+
+    layer: int  # 0-indexed block
+    split: str
+    threshold: float | None
+    similarity: Tensor  # [B, Na] best-match similarity per source slot (-inf: not real)
+    selected: Tensor  # [B, Na] bool
+    a_size: Tensor  # [B, Na] sizes of the source slots (0: not real)
+    b_size: Tensor  # [B, Nb] sizes of the destination slots (0: not real)
+    dst_size: Tensor  # [B, Na] size of each source's matched destination
+
+
+@dataclass
+class MergeTrace:
+    """Record of the last forward pass of a patched model."""
+
+    tokens: Tensor  # [B, depth+1] long: tokens entering each block, then after the last
+    size: Tensor | None  # [B, N] final token sizes (None: nothing merged)
+    source: Tensor | None  # [B, N, T0] final token sources (with trace_source)
+    matching_macs: Tensor  # [B] cost of similarity computations
+    layers: list[LayerRecord] = field(default_factory=list)
+
+
+class _KeyTap:
+    """Forward hook on ``attn.k_norm`` keeping the keys averaged over heads ([B, N, head_dim])."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.keys = output.mean(dim=1)
+
+    def take(self) -> Tensor:
+        keys, self.keys = self.keys, None
+        if keys is None:
+            raise RuntimeError("attention keys were not captured; was the block's attention replaced?")
+        return keys
+
+
+def _attention_bias(size: Tensor | None, prop_attn: bool, dtype: torch.dtype) -> Tensor | None:
+    """Additive attention mask: log(size) (proportional attention) or 0, and -inf on padding."""
+    if size is None:
+        return None
+    if prop_attn:
+        bias = size.to(dtype).log()
+    else:
+        bias = torch.zeros_like(size, dtype=dtype).masked_fill(size == 0, float("-inf"))
+    return bias[:, None, None, :]
+
+
+class TokenMergingMixin:
+    """Mixin placed in front of the model's own class by :func:`apply`."""
+
+    _merger: TokenMerger
+    _merge_cost: ViTCost
+    _merge_taps: list[_KeyTap]
+    _merge_record: bool
+    _merge_trace: MergeTrace | None
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token merging does not support attn_mask/is_causal; unpatch the model")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x = self._merging_blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self._merge_trace.size if self._merge_trace is not None else None
+        if pool_type != "avg" or size is None:
+            return super().pool(x, pool_type)
+        # Size-weighted mean: each token stands for ``size`` patches, padding has weight 0.
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        weights = size[:, start:, None].to(x.dtype)
+        return (x[:, start:] * weights).sum(1) / weights.sum(1)
+
+    def _merging_blocks(self, x: Tensor) -> Tensor:
+        merger = self._merger
+        protected = self.num_prefix_tokens
+        batch, n, _ = x.shape
+        count = torch.full((batch,), n, device=x.device, dtype=torch.long)
+        size: Tensor | None = None
+        source = None
+        if merger.trace_source:
+            source = torch.eye(n, device=x.device, dtype=x.dtype).expand(batch, n, n)
+        tokens = [count]
+        matching = torch.zeros(batch, device=x.device, dtype=torch.float64)
+        records: list[LayerRecord] = []
+
+        for layer, block in enumerate(self.blocks):
+            bias = _attention_bias(size, merger.prop_attn, x.dtype)
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+            keys = self._merge_taps[layer].take()
+            if merger.merges:
+                weights = size if size is not None else x.new_ones(batch, x.shape[1])
+                if merger.split_kind(layer) == "size":
+                    split = size_sorted_split(weights, protected)
+                else:
+                    split = alternating_split(weights > 0, protected)
+                matches = best_matches(with_trash_row(keys), split)
+                selected = merger.select(layer, matches, count - protected)
+                matching += self._merge_cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1))
+                if self._merge_record:
+                    records.append(_record(layer, merger, split, matches, selected, weights))
+                if bool(selected.any()):
+                    merged = merge_tokens(x, weights, source, split, matches, selected, protected)
+                    x, size, source, count = merged.x, merged.size, merged.source, merged.count
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            tokens.append(count)
+
+        self._merge_trace = MergeTrace(torch.stack(tokens, dim=1), size, source, matching, records)
+        return x
+
+
+def _record(
+    layer: int, merger: TokenMerger, split: Split, matches: Matches, selected: Tensor, weights: Tensor
+) -> LayerRecord:
+    sizes = with_trash_row(weights)
+    dst_pos = split.b_idx.gather(1, matches.dst)
+    return LayerRecord(
+        layer=layer,
+        split=merger.split_kind(layer),
+        threshold=merger.threshold(layer),
+        similarity=matches.similarity.detach(),
+        selected=(selected & split.a_ok).detach(),
+        a_size=sizes.gather(1, split.a_idx) * split.a_ok,
+        b_size=sizes.gather(1, split.b_idx) * split.b_ok,
+        dst_size=sizes.gather(1, dst_pos) * split.a_ok,
+    )
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _merging_class(cls: type) -> type:
+    """A subclass of the model's class with merging, made once per class (stable for pickling)."""
+    if cls not in _PATCHED_CLASSES:
+        name = f"Merging{cls.__name__}"
+        patched = type(name, (TokenMergingMixin, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = patched  # so pickle (ddp_spawn, torch.save) finds it by name
+        _PATCHED_CLASSES[cls] = patched
+    return _PATCHED_CLASSES[cls]
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` naming the model and the reason, or return."""
+    name = getattr(getattr(model, "pretrained_cfg", None), "get", lambda *_: None)("architecture")
+    label = f"{type(model).__name__}" + (f" ({name})" if name else "")
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"cannot merge tokens in {label}: only timm VisionTransformer models are supported "
+            f"(ViT, DeiT, distilled DeiT, DeiT-III, MAE, ViTs with registers or average pooling)"
+        )
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise UnsupportedModelError(
+                f"cannot merge tokens in {label}: block {i} is {type(block).__name__} with "
+                f"{type(block.attn).__name__}; only timm's standard Block/Attention are supported"
+            )
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+        raise UnsupportedModelError(
+            f"cannot merge tokens in {label}: global_pool={model.global_pool!r} is not supported "
+            f"(use a class-token or average-pooled model)"
+        )
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError(f"cannot merge tokens in {label}: dynamic_img_size is not supported")
+
+
+def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False) -> nn.Module:
+    """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger."""
+    if not isinstance(model, TokenMergingMixin):
+        check_supported(model)
+    merger.check(len(model.blocks))
+    if not isinstance(model, TokenMergingMixin):
+        taps = []
+        handles = []
+        for block in model.blocks:
+            tap = _KeyTap()
+            handles.append(block.attn.k_norm.register_forward_hook(tap))
+            taps.append(tap)
+        model._merge_taps = taps
+        model._merge_hooks = handles
+        model._merge_cost = ViTCost.from_model(model)
+        model.__class__ = _merging_class(type(model))
+    model._merger = merger
+    model._merge_record = record_merges
+    model._merge_trace = None
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the model is timm's own class again, with no hooks."""
+    if isinstance(model, TokenMergingMixin):
+        for handle in model._merge_hooks:
+            handle.remove()
+        model.__class__ = type(model).__bases__[1]
+        for attr in ("_merger", "_merge_taps", "_merge_hooks", "_merge_cost", "_merge_record", "_merge_trace"):
+            delattr(model, attr)
+    return model
