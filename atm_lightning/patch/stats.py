@@ -21,6 +21,7 @@ class MergeStats:
     size: Tensor | None  # [B, N] final token sizes, 0 = padding (None when nothing merged)
     source: Tensor | None  # [B, N, T0] which input tokens each final token holds (trace_source)
     layers: list[LayerRecord]  # per-block decisions (record_merges=True only)
+    sources: list[Tensor]  # [B, N_l, T0] after each block (trace_source=True only)
 
     @property
     def flops_reduction(self) -> Tensor:
@@ -44,4 +45,5 @@ def merge_stats(model: nn.Module) -> MergeStats:
         size=trace.size,
         source=trace.source,
         layers=trace.layers,
+        sources=trace.sources,
     )

@@ -59,6 +59,7 @@ class MergeTrace:
     source: Tensor | None  # [B, N, T0] final token sources (with trace_source)
     matching_macs: Tensor  # [B] cost of similarity computations
     layers: list[LayerRecord] = field(default_factory=list)
+    sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
 
 
 class _KeyTap:
@@ -129,6 +130,7 @@ class TokenMergingMixin:
         tokens = [count]
         matching = torch.zeros(batch, device=x.device, dtype=torch.float64)
         records: list[LayerRecord] = []
+        sources: list[Tensor] = []
 
         for layer, block in enumerate(self.blocks):
             bias = _attention_bias(size, merger.prop_attn, x.dtype)
@@ -150,8 +152,10 @@ class TokenMergingMixin:
                     x, size, source, count = merged.x, merged.size, merged.source, merged.count
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
             tokens.append(count)
+            if source is not None:
+                sources.append(source)
 
-        self._merge_trace = MergeTrace(torch.stack(tokens, dim=1), size, source, matching, records)
+        self._merge_trace = MergeTrace(torch.stack(tokens, dim=1), size, source, matching, records, sources)
         return x
 
 
