@@ -15,7 +15,7 @@ class MergeStats:
     """Token counts and FLOPs of each image of the last forward (padding never counted)."""
 
     tokens: Tensor  # [B, depth+1] long: tokens entering each block, then after the last
-    gflops: Tensor  # [B] analytic GFLOPs (multiply-adds) of each image
+    gflops: Tensor  # [B] float64 analytic GFLOPs (multiply-adds) of each image
     gflops_dense: float  # the same model without merging
     gflops_matching: Tensor  # [B] similarity computations, reported apart as in the papers
     size: Tensor | None  # [B, N] final token sizes, 0 = padding (None when nothing merged)
@@ -39,9 +39,9 @@ def merge_stats(model: nn.Module) -> MergeStats:
     cost = model._merge_cost
     return MergeStats(
         tokens=trace.tokens,
-        gflops=to_gflops(cost.image_macs(trace.tokens)).float(),
+        gflops=to_gflops(cost.image_macs(trace.tokens)),
         gflops_dense=to_gflops(cost.dense_macs(int(trace.tokens[0, 0]))),
-        gflops_matching=to_gflops(trace.matching_macs).float(),
+        gflops_matching=to_gflops(trace.matching_macs),
         size=trace.size,
         source=trace.source,
         layers=trace.layers,

@@ -1,0 +1,6 @@
+"""Callbacks that show what merging did: per-layer token statistics and pictures of merged groups."""
+
+from .merge_stats import MergeStatsCallback
+from .visualization import MergeVisualizationCallback
+
+__all__ = ["MergeStatsCallback", "MergeVisualizationCallback"]

@@ -1,0 +1,96 @@
+"""The ``atm`` command: LightningCLI over TokenMergingModule and ImageNetDataModule.
+
+``atm validate --config configs/deit_s_atm.yaml --model.weights W --data.root R`` evaluates one
+operating point and writes ``metrics.json`` next to the TensorBoard events.
+"""
+
+from __future__ import annotations
+
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
+from .data import ImageNetDataModule
+from .module import TokenMergingModule
+from .results import format_table, result_row, write_metrics
+
+EVAL_SUBCOMMANDS = ("validate", "test")
+
+
+class ATMCLI(LightningCLI):
+    """LightningCLI that links model and data settings and reports each evaluation as a result row."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The model name picks the eval preprocessing and the head size the labels: one source each.
+        parser.link_arguments("model.model_name", "data.model_name", apply_on="parse")
+        parser.link_arguments("model.num_classes", "data.num_classes", apply_on="parse")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand in EVAL_SUBCOMMANDS and self.config[subcommand].get("ckpt_path"):
+            # LightningCLI would re-parse the checkpoint's saved hyperparameters on top of the
+            # command line, silently replacing the merge settings being evaluated.
+            parser.error(
+                f"--ckpt_path is for resuming fit only; with {subcommand}, a checkpoint's saved "
+                f"settings would silently override --model.merger. Evaluate it with "
+                f"--model.weights {self.config[subcommand]['ckpt_path']} instead"
+            )
+
+    def after_validate(self) -> None:
+        self._report("val")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, stage: str) -> None:
+        """Check that every image was evaluated exactly once, then write and print the row (rank 0)."""
+        results = self.model.results.get(stage)
+        if results is None:
+            raise RuntimeError(
+                f"no {stage} results reached the main process; strategies that run ranks in child "
+                f"processes (ddp_spawn, ddp_fork) do not return module state: use --trainer.strategy ddp"
+            )
+        dataset = self.datamodule.val_dataset if stage == "val" else self.datamodule.test_dataset
+        if results["num_images"] != len(dataset):
+            raise RuntimeError(
+                f"evaluated {results['num_images']} images but the {stage} set has {len(dataset)}; "
+                f"a sampler padded or dropped images, or limit_{stage}_batches is set. "
+                f"Numbers from this run are not comparable"
+            )
+        if not self.trainer.is_global_zero:
+            return
+        hparams = self.model.hparams
+        row = result_row(
+            results,
+            stage=stage,
+            model_name=hparams.model_name,
+            weights=hparams.weights,
+            pretrained=hparams.pretrained,
+            merger=self.model.merger,
+            data_config=self.datamodule.data_config,
+            batch_size=self.datamodule.batch_size,
+            world_size=self.trainer.world_size,
+        )
+        path = write_metrics(row, self.trainer.log_dir)
+        print(format_table(row))
+        print(f"wrote {path}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``atm`` console script; ``args`` lets tests drive it in-process."""
+    ATMCLI(
+        TokenMergingModule,
+        ImageNetDataModule,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", default_hp_metric=False)
+        },
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The ImageNet DataModule: folders in, correctly labelled and exactly sharded batches out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .datasets import (
+    ImageListDataset,
+    Sample,
+    class_folders,
+    class_map,
+    flat_samples,
+    folder_samples,
+    read_class_names,
+    split_dir,
+)
+from .samplers import BatchAlignedDistributedSampler
+from .transforms import eval_transform, resolve_eval_config, train_transform
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    """ImageNet (or any ImageFolder-style dataset) for a timm classifier.
+
+    Class indices follow the model's head: with 1000 classes and no `class_names` file, folders are
+    ImageNet-1k wnids in the standard order, so a folder holding only some classes is labelled right;
+    otherwise sorted folder names of the train split (of the split itself when there is no train split).
+    Eval preprocessing comes from the model's timm pretrained config; `data_config` records it.
+
+    Args:
+        root: Dataset folder holding the split subfolders (e.g. `train/` and `val/`), each with one
+            folder per class; with `label_file`, the eval split is a flat folder of images instead.
+        model_name: timm model whose pretrained config sets the eval preprocessing.
+        num_classes: Classes of the model's head; 1000 means ImageNet-1k wnid folder names.
+        batch_size: Images per batch on each device. ATM's batch rule makes results depend on it.
+        num_workers: DataLoader worker processes.
+        train_split: Subfolder of `root` used for training (needed only by `fit`).
+        val_split: Subfolder of `root` used for validation.
+        test_split: Subfolder of `root` used for testing; defaults to `val_split`.
+        label_file: Lines `<file name> <class index>` (the ILSVRC val ground truth in timm's class
+            order); when given, the val and test splits are read as flat folders of these files.
+        class_names: Text file with one class folder name per line, in class-index order; overrides
+            both the ImageNet order and the sorted folder names.
+        crop_pct: Center-crop fraction for eval (resize to img_size / crop_pct first); default from
+            the model's pretrained config (0.9 for timm's DeiT, whose paper used 0.875).
+        interpolation: Resize interpolation for eval ("bicubic", "bilinear", ...); default from the model.
+        mean: Normalization mean; default from the model.
+        std: Normalization std; default from the model.
+        img_size: Square input resolution; default from the model.
+        limit: Use only the first N images of each eval split's sorted list, for quick runs. With
+            class folders the list is sorted by folder, so the first N cover only the first classes.
+        auto_augment: timm auto-augment policy for training (DeiT's RandAugment by default); None disables.
+        re_prob: Random-erasing probability for training.
+        color_jitter: Color-jitter strength for training (only used when auto_augment is None).
+        hflip: Horizontal-flip probability for training.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        model_name: str = "deit_tiny_patch16_224",
+        num_classes: int = 1000,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+        label_file: str | None = None,
+        class_names: str | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        img_size: int | None = None,
+        limit: int | None = None,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        color_jitter: float = 0.3,
+        hflip: float = 0.5,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}; set --data.batch_size")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}; set --data.limit")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.root = Path(root)
+        self.model_name = model_name
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_split = train_split
+        self.val_split = val_split
+        self.test_split = test_split or val_split
+        self.label_file = label_file
+        self.class_names = class_names
+        self.limit = limit
+        self.augment = {
+            "auto_augment": auto_augment, "re_prob": re_prob, "color_jitter": color_jitter, "hflip": hflip
+        }
+        self.data_config: dict[str, Any] = resolve_eval_config(
+            model_name, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, img_size=img_size
+        )
+        self.train_dataset: ImageListDataset | None = None
+        self.val_dataset: ImageListDataset | None = None
+        self.test_dataset: ImageListDataset | None = None
+
+    @property
+    def num_val_images(self) -> int:
+        if self.val_dataset is None:
+            raise RuntimeError("call setup('validate') or setup('fit') before asking for num_val_images")
+        return len(self.val_dataset)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build only the splits the stage reads, so `validate` works without a train folder."""
+        if stage == "fit" and self.train_dataset is None:
+            self.train_dataset = ImageListDataset(
+                self._folder_split(self.train_split), train_transform(self.data_config, **self.augment)
+            )
+        if stage in ("fit", "validate", None) and self.val_dataset is None:
+            self.val_dataset = self._eval_dataset(self.val_split)
+        if stage in ("test", None) and self.test_dataset is None:
+            same = self.test_split == self.val_split and self.val_dataset is not None
+            self.test_dataset = self.val_dataset if same else self._eval_dataset(self.test_split)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self._require(self.train_dataset, "fit"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require(self.val_dataset, "validate"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require(self.test_dataset, "test"))
+
+    def _eval_loader(self, dataset: ImageListDataset) -> DataLoader:
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = BatchAlignedDistributedSampler(
+                dataset, self.batch_size, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _eval_dataset(self, split: str) -> ImageListDataset:
+        if self.label_file is not None:
+            samples = flat_samples(split_dir(self.root, split, flat=True), self.label_file, self.num_classes)
+        else:
+            samples = self._folder_split(split)
+        return ImageListDataset(samples[: self.limit], eval_transform(self.data_config))
+
+    def _folder_split(self, split: str) -> list[Sample]:
+        folder = split_dir(self.root, split, flat=False)
+        names = read_class_names(self.class_names) if self.class_names is not None else None
+        return folder_samples(folder, class_map(self.num_classes, self._class_source(folder), names))
+
+    def _class_source(self, folder: Path) -> list[str]:
+        """Folders that define sorted class indices: the train split's when present, so that a val
+        folder missing some classes keeps the training indices."""
+        train = self.root / self.train_split
+        return class_folders(train if train.is_dir() else folder)
+
+    @staticmethod
+    def _require(dataset: ImageListDataset | None, stage: str) -> ImageListDataset:
+        if dataset is None:
+            raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
+        return dataset

@@ -1,0 +1,67 @@
+"""Eval and train transforms resolved from a timm model's pretrained config, without building the model."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import timm
+from timm.data import create_transform, resolve_data_config
+
+
+def check_model_name(model_name: str) -> None:
+    """Fail early on a misspelt model, with the registered names closest to it."""
+    if timm.is_model(model_name):
+        return
+    close = difflib.get_close_matches(model_name.split(".")[0], timm.list_models(), n=5)
+    hint = f"; did you mean one of {close}?" if close else "; see timm.list_models() for the registered names"
+    raise ValueError(f"unknown timm model {model_name!r}{hint}")
+
+
+def resolve_eval_config(
+    model_name: str,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    img_size: int | None = None,
+) -> dict[str, Any]:
+    """The model's pretrained preprocessing with the given overrides.
+
+    Returns the keys input_size, interpolation, mean, std, crop_pct and crop_mode, so every result can
+    record exactly how images were prepared (DeiT's timm config says crop_pct 0.9, its paper used 0.875).
+    """
+    check_model_name(model_name)
+    try:
+        pretrained = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as err:
+        tags = timm.list_pretrained(model_name.split(".")[0] + ".*")
+        raise ValueError(f"{err} Known pretrained tags: {tags}") from err
+    overrides = {"crop_pct": crop_pct, "interpolation": interpolation, "mean": mean, "std": std, "img_size": img_size}
+    # in_chans keeps the args non-empty: timm asserts on empty args when a model has no pretrained config.
+    args = {"in_chans": 3, **{key: value for key, value in overrides.items() if value is not None}}
+    cfg = pretrained.to_dict() if pretrained is not None else {}
+    return resolve_data_config(args, pretrained_cfg=cfg, use_test_size=True)
+
+
+def eval_transform(config: dict[str, Any]) -> Callable:
+    """Resize to size/crop_pct, center crop, to tensor, normalize."""
+    return create_transform(**config, is_training=False)
+
+
+def train_transform(
+    config: dict[str, Any], auto_augment: str | None, re_prob: float, color_jitter: float, hflip: float
+) -> Callable:
+    """DeiT-style augmentation (random resized crop, RandAugment, random erasing) at the eval resolution."""
+    return create_transform(
+        input_size=config["input_size"],
+        is_training=True,
+        interpolation=config["interpolation"],
+        mean=config["mean"],
+        std=config["std"],
+        auto_augment=auto_augment,
+        re_prob=re_prob,
+        color_jitter=color_jitter,
+        hflip=hflip,
+    )

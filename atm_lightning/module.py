@@ -1,0 +1,207 @@
+"""The LightningModule: a timm ViT patched with a token merger, evaluated exactly across devices."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .merge import NoMerge, TokenMerger
+from .models import create_model
+from .patch import merge_stats, patch
+
+
+class VectorSum(Metric):
+    """Element-wise sum of fixed-length vectors (SumMetric flattens to a scalar)."""
+
+    full_state_update = False
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros(length, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor) -> None:
+        self.total += value.to(self.total.dtype)
+
+    def compute(self) -> Tensor:
+        return self.total
+
+
+class EvalMetrics(nn.Module):
+    """Epoch accumulators of one evaluation stage; all are sums (or accuracy counts), so DDP is exact."""
+
+    def __init__(self, num_classes: int, depth: int) -> None:
+        super().__init__()
+        self.accuracy = MetricCollection(
+            {
+                f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+                for k in (1, 5)
+            }
+        )
+        self.sums = MetricCollection(
+            {
+                name: SumMetric(nan_strategy="error")
+                for name in ("num_images", "loss", "gflops", "gflops_matching", "seconds")
+            }
+        )
+        self.tokens = VectorSum(depth + 1)
+        self.gflops_dense = math.nan
+
+    def update(self, logits: Tensor, targets: Tensor, seconds: float, stats: Any) -> None:
+        self.accuracy.update(logits, targets)
+        sums = {
+            "num_images": targets.new_tensor(len(targets), dtype=torch.float64),
+            "loss": F.cross_entropy(logits.double(), targets, reduction="sum"),
+            "gflops": stats.gflops.double().sum(),
+            "gflops_matching": stats.gflops_matching.double().sum(),
+            "seconds": targets.new_tensor(seconds, dtype=torch.float64),
+        }
+        for name, value in sums.items():
+            self.sums[name].update(value)
+        self.tokens.update(stats.tokens.sum(0))
+        self.gflops_dense = stats.gflops_dense
+
+    def compute(self) -> dict[str, Any]:
+        """Collect (and, under DDP, sync) the epoch into plain Python numbers, then reset."""
+        accuracy = self.accuracy.compute()
+        sums = {name: float(value) for name, value in self.sums.compute().items()}
+        tokens = self.tokens.compute()
+        self.accuracy.reset()
+        self.sums.reset()
+        self.tokens.reset()
+        images = sums["num_images"]
+        gflops = sums["gflops"] / images
+        gflops_dense = self.gflops_dense
+        return {
+            "num_images": int(images),
+            "top1": 100 * float(accuracy["top1"]),
+            "top5": 100 * float(accuracy["top5"]),
+            "loss": sums["loss"] / images,
+            "gflops": gflops,
+            "gflops_dense": gflops_dense,
+            "gflops_matching": sums["gflops_matching"] / images,
+            "flops_reduction": 1.0 - gflops / gflops_dense,
+            "tokens_per_layer": (tokens / images).tolist(),
+            "img_per_s": images / sums["seconds"] if sums["seconds"] > 0 else math.nan,
+        }
+
+
+class TokenMergingModule(LightningModule):
+    """A timm Vision Transformer that merges tokens with a pluggable policy (ATM, ToMe or none).
+
+    Evaluation reports top-1/top-5, mean GFLOPs per image (multiply-adds, from each image's real
+    token counts), mean tokens per layer and forward throughput. Results of the last epoch of each
+    stage are kept in ``results["val"]`` / ``results["test"]`` as plain numbers (top-1/top-5 in %).
+
+    Args:
+        model_name: timm architecture, e.g. ``deit_small_patch16_224``.
+        pretrained: load timm's published weights (needs the network or a hub cache; offline,
+            use ``weights``).
+        weights: local weights file (``.safetensors``, ``.pth`` state dict, or an ``atm fit``
+            checkpoint); use this, not ``--ckpt_path``, to evaluate a checkpoint.
+        num_classes: classifier size.
+        merger: token-merging policy, e.g. ``ATM``, ``ToMe`` or ``NoMerge`` (dense, with FLOPs accounting).
+        lr: peak AdamW learning rate for ``fit``.
+        weight_decay: AdamW weight decay.
+        label_smoothing: label smoothing of the training loss.
+        warmup_epochs: linear warm-up length before the cosine decay (fractions allowed).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "deit_tiny_patch16_224",
+        pretrained: bool = False,
+        weights: str | None = None,
+        num_classes: int = 1000,
+        merger: TokenMerger = NoMerge(),  # noqa: B008 - policies are plain immutable settings
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.1,
+        warmup_epochs: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.merger = merger
+        self.model = patch(create_model(model_name, pretrained, weights, num_classes), merger)
+        depth = len(self.model.blocks)
+        self.val_metrics = EvalMetrics(num_classes, depth)
+        self.test_metrics = EvalMetrics(num_classes, depth)
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets = batch
+        logits = self.model(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        self.train_top1(logits, targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/top1", self.train_top1, on_step=True, on_epoch=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", self.test_metrics)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], metrics: EvalMetrics) -> None:
+        # Only local metric updates here: ranks may run different numbers of batches (exact
+        # sharding), so any per-step collective would hang.
+        images, targets = batch
+        start = time.perf_counter()
+        logits = self.model(images)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        seconds = time.perf_counter() - start
+        metrics.update(logits, targets, seconds, merge_stats(self.model))
+
+    def _eval_epoch_end(self, stage: str, metrics: EvalMetrics) -> None:
+        results = metrics.compute()
+        self.results[stage] = results
+        for key in (
+            "top1",
+            "top5",
+            "loss",
+            "gflops",
+            "gflops_dense",
+            "flops_reduction",
+            "num_images",
+            "img_per_s",
+        ):
+            # Values are already global (torchmetrics synced the sums); max of identical values
+            # keeps them bit-exact on every rank and avoids Lightning's unsynced-epoch warning.
+            self.log(f"{stage}/{key}", float(results[key]), sync_dist=True, reduce_fx="max")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = max(1, int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches)
+        warmup = min(total - 1, round(self.hparams.warmup_epochs * per_epoch))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

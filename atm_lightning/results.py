@@ -1,0 +1,85 @@
+"""One evaluation as a machine-readable row: written to ``metrics.json`` and printed as a table.
+
+The row carries everything a number depends on (weights, merge settings, preprocessing, batch
+size, devices), so a result can be compared or reproduced without the logs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .merge import TokenMerger
+
+METRICS_FILE = "metrics.json"
+
+
+def result_row(
+    results: dict[str, Any],
+    *,
+    stage: str,
+    model_name: str,
+    weights: str | None,
+    pretrained: bool,
+    merger: TokenMerger,
+    data_config: dict[str, Any],
+    batch_size: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """Merge an epoch's ``results`` (from ``TokenMergingModule.results``) with its settings."""
+    settings = merger.params()
+    method = settings.pop("method")
+    return {
+        "stage": stage,
+        "model": model_name,
+        "weights": weights if weights is not None else ("timm-pretrained" if pretrained else "random-init"),
+        "method": method,
+        "merger": settings,
+        "batch_size": batch_size,
+        "world_size": world_size,
+        "img_size": data_config.get("input_size", (None, None, None))[-1],
+        "crop_pct": data_config.get("crop_pct"),
+        "interpolation": data_config.get("interpolation"),
+        "num_images": results["num_images"],
+        "top1": results["top1"],
+        "top5": results["top5"],
+        "loss": results["loss"],
+        "gflops": results["gflops"],
+        "gflops_dense": results["gflops_dense"],
+        "gflops_matching": results["gflops_matching"],
+        "flops_reduction": results["flops_reduction"],
+        "tokens_per_layer": results["tokens_per_layer"],
+        "img_per_s": results["img_per_s"],
+    }
+
+
+def write_metrics(row: dict[str, Any], directory: str | Path) -> Path:
+    """Write ``row`` as ``<directory>/metrics.json`` and return the path."""
+    path = Path(directory) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=2) + "\n")
+    return path
+
+
+def format_table(row: dict[str, Any]) -> str:
+    """A short two-column table of the row, numbers rounded for reading (the JSON keeps them exact)."""
+    lines = []
+    width = max(len(key) for key in row)
+    for key, value in row.items():
+        lines.append(f"{key:<{width}}  {_format_value(key, value)}")
+    return "\n".join(lines)
+
+
+def _format_value(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, list):
+        return " ".join(f"{v:.1f}" for v in value)
+    if isinstance(value, float):
+        if key in ("top1", "top5"):
+            return f"{value:.2f} %"
+        if key == "flops_reduction":
+            return f"{100 * value:.1f} %"
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,268 @@
+"""ImageNetDataModule: labels that match the model's head, model-matched transforms, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import CenterCrop, Resize
+
+from atm_lightning.data import BatchAlignedDistributedSampler, ImageNetDataModule
+from tests.fakedata import IMAGENET_WNIDS, make_flat_val, make_image_folder
+
+
+def datamodule(root: Path, **kwargs) -> ImageNetDataModule:
+    kwargs.setdefault("num_workers", 0)
+    return ImageNetDataModule(root=str(root), **kwargs)
+
+
+def val_labels(dm: ImageNetDataModule) -> list[int]:
+    dm.setup("validate")
+    return dm.val_dataset.targets
+
+
+def first_transform(dataset, kind: type):
+    return next(t for t in dataset.transform.transforms if isinstance(t, kind))
+
+
+# --- class indices ---------------------------------------------------------------------------------------
+
+
+def test_imagenet_subset_keeps_the_1000_class_indices(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", IMAGENET_WNIDS[1:], per_class=2)
+    assert val_labels(datamodule(tmp_path)) == [1, 1, 2, 2]
+
+
+def test_sorted_folder_names_without_imagenet(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["c", "a", "b"], per_class=1)
+    dm = datamodule(tmp_path, num_classes=3)
+    assert val_labels(dm) == [0, 1, 2]
+    assert [path.parent.name for path, _ in dm.val_dataset.samples] == ["a", "b", "c"]
+
+
+def test_class_names_file_sets_the_order(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a", "b", "c"], per_class=1)
+    names = tmp_path / "classes.txt"
+    names.write_text("c\nb\n\na\n")
+    assert val_labels(datamodule(tmp_path, num_classes=3, class_names=str(names))) == [2, 1, 0]
+
+
+def test_val_missing_a_class_keeps_the_train_indices(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "train", ["a", "b", "c"], per_class=1)
+    make_image_folder(tmp_path / "val", ["b", "c"], per_class=1)
+    assert val_labels(datamodule(tmp_path, num_classes=3)) == [1, 2]
+
+
+def test_flat_folder_with_label_file(tmp_path: Path) -> None:
+    folder, label_file = make_flat_val(tmp_path, n=6, num_classes=5, seed=3)
+    dm = datamodule(tmp_path, num_classes=5, label_file=str(label_file))
+    expected = [int(line.split()[1]) for line in label_file.read_text().splitlines()]
+    assert val_labels(dm) == expected
+    assert [path.name for path, _ in dm.val_dataset.samples] == sorted(p.name for p in folder.iterdir())
+
+
+def test_image_extensions_are_case_insensitive_and_other_files_ignored(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a"], per_class=1, ext=".jpg")
+    make_image_folder(tmp_path / "val", ["a"], per_class=1, seed=1, ext=".PNG")
+    (tmp_path / "val" / "a" / "notes.txt").write_text("not an image")
+    dm = datamodule(tmp_path, num_classes=1)
+    dm.setup("validate")
+    assert sorted(path.name for path, _ in dm.val_dataset.samples) == ["a_0.PNG", "a_0.jpg"]
+
+
+def test_limit_takes_the_first_images_of_the_sorted_list(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a", "b"], per_class=3)
+    dm = datamodule(tmp_path, num_classes=2, limit=4)
+    assert val_labels(dm) == [0, 0, 0, 1]
+    assert dm.num_val_images == 4
+
+
+# --- transforms and loading ------------------------------------------------------------------------------
+
+
+def test_eval_transform_follows_timm_config_and_overrides(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", IMAGENET_WNIDS, per_class=1)
+    default = datamodule(tmp_path)
+    assert default.data_config["crop_pct"] == pytest.approx(0.9)  # timm's DeiT config, before setup
+    default.setup("validate")
+    assert first_transform(default.val_dataset, Resize).size == 248
+
+    dm = datamodule(tmp_path, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+    assert dm.data_config == {
+        "input_size": (3, 224, 224),
+        "interpolation": "bilinear",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
+    dm.setup("validate")
+    assert first_transform(dm.val_dataset, Resize).size == 256  # floor(224 / 0.875)
+    image, label = dm.val_dataset[0]
+    assert image.shape == (3, 224, 224) and image.dtype == torch.float32 and label == 0
+
+
+def test_img_size_and_other_model_config(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", IMAGENET_WNIDS, per_class=1)
+    dm = datamodule(tmp_path, model_name="vit_tiny_patch16_224", img_size=96)
+    assert dm.data_config["mean"] == (0.5, 0.5, 0.5) and dm.data_config["input_size"] == (3, 96, 96)
+    dm.setup("validate")
+    assert first_transform(dm.val_dataset, CenterCrop).size == (96, 96)
+    assert dm.val_dataset[0][0].shape == (3, 96, 96)
+
+
+def test_validate_needs_no_train_split_and_fit_builds_augmented_train(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a", "b"], per_class=2)
+    dm = datamodule(tmp_path, num_classes=2, batch_size=3, img_size=32)
+    dm.setup("validate")
+    assert dm.train_dataset is None and dm.test_dataset is None
+
+    make_image_folder(tmp_path / "train", ["a", "b"], per_class=4)
+    dm.setup("fit")
+    assert first_transform(dm.train_dataset, RandomResizedCropAndInterpolation).size == (32, 32)
+    assert first_transform(dm.train_dataset, RandAugment) is not None
+    assert first_transform(dm.train_dataset, RandomErasing).probability == 0.25
+    loader = dm.train_dataloader()
+    assert loader.drop_last and isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    assert [len(labels) for _, labels in loader] == [3, 3]
+
+    dm.setup("test")
+    assert dm.test_dataset is dm.val_dataset  # test_split defaults to val_split
+    assert [labels.tolist() for _, labels in dm.test_dataloader()] == [[0, 0, 1], [1]]
+
+
+# --- exact multi-device evaluation -----------------------------------------------------------------------
+
+
+def loader_batches(dm: ImageNetDataModule, rank: int, world_size: int) -> list[list[str]]:
+    dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+    loader = dm.val_dataloader()
+    return [list(indices) for indices in loader.batch_sampler]
+
+
+def test_val_dataloader_shards_whole_batches_across_ranks(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a", "b", "c"], per_class=3)
+    dm = datamodule(tmp_path, num_classes=3, batch_size=4, img_size=32)
+    dm.setup("validate")
+    rank0, rank1 = loader_batches(dm, 0, 2), loader_batches(dm, 1, 2)
+    assert rank0 == [[0, 1, 2, 3], [8]] and rank1 == [[4, 5, 6, 7]]
+    labels = [batch_labels.tolist() for _, batch_labels in dm.val_dataloader()]  # rank 1's loader
+    assert labels == [[1, 1, 2, 2]]
+
+    with pytest.raises(ValueError, match="too few for 4 devices"):
+        loader_batches(dm, 0, 4)
+
+
+class RecordBatches(pl.LightningModule):
+    """Writes the labels of each validation batch to `<folder>/rank<r>.txt`."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        assert isinstance(self.trainer.val_dataloaders.sampler, BatchAlignedDistributedSampler)
+        with open(self.folder / f"rank{self.global_rank}.txt", "a") as f:
+            f.write(" ".join(map(str, batch[1].tolist())) + "\n")
+
+
+def test_lightning_ddp_keeps_the_batch_aligned_sampler(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a", "b", "c"], per_class=3)
+    dm = datamodule(tmp_path, num_classes=3, batch_size=4, img_size=32)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(RecordBatches(tmp_path), datamodule=dm)
+    assert (tmp_path / "rank0.txt").read_text() == "0 0 0 1\n2\n"
+    assert (tmp_path / "rank1.txt").read_text() == "1 1 2 2\n"
+
+
+# --- errors that name the fix ----------------------------------------------------------------------------
+
+
+def test_bad_arguments_fail_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        datamodule(tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        datamodule(tmp_path, limit=0)
+    with pytest.raises(ValueError, match=r"unknown timm model 'deit_tinyy_patch16_224'.*deit_tiny_patch16_224"):
+        datamodule(tmp_path, model_name="deit_tinyy_patch16_224")
+    with pytest.raises(ValueError, match="Known pretrained tags"):
+        datamodule(tmp_path, model_name="deit_tiny_patch16_224.no_such_tag")
+
+
+def test_missing_root_and_split(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="dataset root .* does not exist"):
+        datamodule(tmp_path / "nowhere").setup("validate")
+    make_image_folder(tmp_path / "train", ["a"], per_class=1)
+    with pytest.raises(FileNotFoundError, match=r"expected .*val with one folder per class.*--data.label_file"):
+        datamodule(tmp_path, num_classes=1).setup("validate")
+
+
+def test_flat_folder_without_label_file(tmp_path: Path) -> None:
+    make_flat_val(tmp_path, n=2, num_classes=3)
+    with pytest.raises(ValueError, match="has no class folders.*--data.label_file"):
+        datamodule(tmp_path, num_classes=3).setup("validate")
+
+
+def test_empty_class_folder(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a"], per_class=1)
+    (tmp_path / "val" / "b").mkdir()
+    with pytest.raises(ValueError, match=r"class folder .*b holds no images"):
+        datamodule(tmp_path, num_classes=2).setup("validate")
+
+
+def test_corrupt_image_is_named_when_loaded(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a"], per_class=2)
+    (tmp_path / "val" / "a" / "a_1.JPEG").write_bytes(b"not a jpeg")
+    dm = datamodule(tmp_path, num_classes=1)
+    dm.setup("validate")
+    assert dm.val_dataset[0][1] == 0
+    with pytest.raises(ValueError, match=r"cannot read image .*a_1\.JPEG"):
+        dm.val_dataset[1]
+
+
+def test_folders_that_do_not_fit_the_head(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["a", "b", "c"], per_class=1)
+    with pytest.raises(ValueError, match=r"not ImageNet-1k wnids.*--data.class_names"):
+        datamodule(tmp_path).setup("validate")
+    with pytest.raises(ValueError, match="found 3 classes in the class folders but num_classes=2"):
+        datamodule(tmp_path, num_classes=2).setup("validate")
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"class folder .*c has no class index"):
+        datamodule(tmp_path, num_classes=3, class_names=str(names)).setup("validate")
+    names.write_text("a\nb\na\n")
+    with pytest.raises(ValueError, match=r"lists \['a'\] more than once"):
+        datamodule(tmp_path, num_classes=3, class_names=str(names)).setup("validate")
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("ILSVRC2012_val_00000001.JPEG 7", r"class index 7 is outside 0..4"),
+        ("ILSVRC2012_val_00000001.JPEG", r"val_labels.txt:1: cannot parse .*'<file name> <class index>'"),
+        ("ILSVRC2012_val_00000001.JPEG one", "cannot parse"),
+        ("missing.JPEG 1", r"missing.JPEG does not exist"),
+    ],
+)
+def test_bad_label_file(tmp_path: Path, line: str, match: str) -> None:
+    _, label_file = make_flat_val(tmp_path, n=1, num_classes=5)
+    label_file.write_text(line + "\n")
+    error = FileNotFoundError if "missing" in line else ValueError
+    with pytest.raises(error, match=match):
+        datamodule(tmp_path, num_classes=5, label_file=str(label_file)).setup("validate")
+
+
+def test_image_without_a_label_line(tmp_path: Path) -> None:
+    _, label_file = make_flat_val(tmp_path, n=3, num_classes=5)
+    label_file.write_text("\n".join(label_file.read_text().splitlines()[:2]))
+    with pytest.raises(ValueError, match="1 images in .* have no line in"):
+        datamodule(tmp_path, num_classes=5, label_file=str(label_file)).setup("validate")

@@ -1,0 +1,170 @@
+"""Pure merging functions: splits, selection, weighted merge, Theorem 1 (no timm)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atm_lightning.merge import (
+    ATM,
+    ToMe,
+    alternating_split,
+    batch_min,
+    best_matches,
+    make_merger,
+    merge_error,
+    merge_tokens,
+    size_sorted_split,
+    threshold_schedule,
+    top_r,
+)
+from atm_lightning.merge.merging import with_trash_row
+
+
+def test_alternating_split_matches_tome_positions():
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    split = alternating_split(valid, num_protected=1)
+    assert split.a_idx.tolist() == [[2, 4, 6]]
+    assert split.b_idx.tolist() == [[1, 3, 5, 7]]
+    # Two protected tokens (class + distillation) are excluded from both sets.
+    split = alternating_split(valid, num_protected=2)
+    assert split.a_idx.tolist() == [[2, 4, 6]]
+    assert split.b_idx.tolist() == [[3, 5, 7]]
+
+
+def test_alternating_split_points_padding_at_trash_slot():
+    valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
+    split = alternating_split(valid, num_protected=1)
+    assert split.a_ok.tolist() == [[True, True, True], [True, True, False]]
+    assert split.a_idx[1].tolist() == [2, 4, 8]
+    assert split.b_idx[1].tolist() == [1, 3, 8, 8]
+
+
+def test_size_sorted_split_takes_smaller_half_as_sources():
+    torch.manual_seed(0)
+    size = torch.randint(1, 6, (4, 15)).float()
+    size[2, 11:] = 0  # padding
+    size[3, 6:] = 0
+    split = size_sorted_split(size, num_protected=1)
+    for i in range(size.shape[0]):
+        m = int((size[i, 1:] > 0).sum())
+        a = split.a_idx[i][split.a_ok[i]]
+        b = split.b_idx[i][split.b_ok[i]]
+        assert len(a) == math.ceil(m / 2) and len(b) == m // 2
+        assert set(a.tolist()) | set(b.tolist()) == set(range(1, m + 1))
+        assert size[i, a].max() <= size[i, b].min()
+    # Stable: equal sizes keep position order.
+    split = size_sorted_split(torch.ones(1, 7), num_protected=1)
+    assert split.a_idx.tolist() == [[1, 2, 3]] and split.b_idx.tolist() == [[4, 5, 6]]
+
+
+def test_best_matches_masks_missing_slots():
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.9, 0.1], [0.0, 0.0]]])
+    valid = torch.tensor([[True, True, True, True, False]])
+    split = alternating_split(valid, num_protected=1)  # A = [2, 4(pad)], B = [1, 3]
+    matches = best_matches(with_trash_row(metric), split)
+    assert matches.similarity[0, 1] == float("-inf")
+    cos_2_3 = (0.1) / math.sqrt(0.82)
+    assert matches.similarity[0, 0].item() == pytest.approx(cos_2_3, abs=1e-6)
+    assert split.b_idx[0, matches.dst[0, 0]].item() == 3
+
+
+def test_threshold_schedule_follows_formula_and_floor():
+    thetas = threshold_schedule(alpha=1.0, beta=0.1, theta_min=0.6, depth=12)
+    assert thetas[0] == 1.0
+    assert thetas[1] == pytest.approx(1.0 - (math.exp(0.1) - 1))
+    assert thetas[3] == pytest.approx(1.0 - (math.exp(0.3) - 1))
+    assert thetas[5] == 0.6  # 1 - (e^0.5 - 1) = 0.35 is below the floor
+    assert thetas[-1] == 0.6 and min(thetas) == 0.6
+    assert all(a >= b for a, b in zip(thetas, thetas[1:]))
+
+
+def test_top_r_and_batch_min():
+    sim = torch.tensor([[0.9, 0.1, 0.95, float("-inf")], [0.2, 0.99, 0.3, 0.98]])
+    assert top_r(sim, 2).tolist() == [[True, False, True, False], [False, True, False, True]]
+    # r larger than the real slots never selects a missing slot.
+    assert top_r(sim, 4)[0].tolist() == [True, True, True, False]
+    above = sim > 0.5  # counts 2 and 2
+    chosen = batch_min(sim > 0.92, sim)  # counts 1 and 2 -> each image merges its single best
+    assert chosen.tolist() == [[False, False, True, False], [False, True, False, False]]
+    assert (sim[chosen] > 0.92).all()
+    assert batch_min(above, sim).sum(1).tolist() == [2, 2]
+
+
+def test_merge_tokens_weighted_mean_sizes_and_order():
+    x = torch.tensor([[[10.0], [1.0], [2.0], [3.0], [4.0], [5.0]]])
+    size = torch.tensor([[1.0, 1.0, 3.0, 1.0, 1.0, 1.0]])
+    valid = size > 0
+    split = alternating_split(valid, num_protected=1)  # A = [2, 4], B = [1, 3, 5]
+    metric = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]]])
+    matches = best_matches(with_trash_row(metric), split)
+    selected = torch.tensor([[True, False]])  # merge position 2 (size 3) into its match, position 1
+    source = torch.eye(6).expand(1, 6, 6)
+    out = merge_tokens(x, size, source, split, matches, selected, num_protected=1)
+    # Order: protected, unmerged sources (position 4), destinations (1, 3, 5).
+    assert out.count.tolist() == [5]
+    assert out.size.tolist() == [[1.0, 1.0, 4.0, 1.0, 1.0]]
+    assert out.x[0, :, 0].tolist() == pytest.approx([10.0, 4.0, (1.0 + 3 * 2.0) / 4, 3.0, 5.0])
+    assert out.source[0, 2].tolist() == [0, 1, 1, 0, 0, 0]
+    assert out.source.sum(1).tolist() == [[1.0] * 6]
+
+
+def test_merge_conserves_mass_and_pads_ragged_images():
+    torch.manual_seed(1)
+    x = torch.randn(3, 11, 4)
+    size = torch.randint(1, 4, (3, 11)).float()
+    split = alternating_split(size > 0, num_protected=1)
+    matches = best_matches(with_trash_row(torch.randn(3, 11, 8)), split)
+    selected = torch.tensor([[True] * 5, [False] * 5, [True, False, True, False, False]])
+    out = merge_tokens(x, size, None, split, matches, selected, num_protected=1)
+    assert out.count.tolist() == [6, 11, 9]
+    assert out.x.shape[1] == 11
+    assert (out.size[0, 6:] == 0).all() and (out.size[2, 9:] == 0).all()
+    torch.testing.assert_close(out.size.sum(1), size.sum(1))
+    torch.testing.assert_close((out.x * out.size[..., None]).sum(1), (x * size[..., None]).sum(1))
+    # An image that merges nothing is returned exactly as it came, order included.
+    assert torch.equal(out.x[1], x[1]) and torch.equal(out.size[1], size[1])
+
+
+def test_theorem1_identity():
+    torch.manual_seed(2)
+    x_i, x_j = torch.randn(100, 16, dtype=torch.float64), torch.randn(100, 16, dtype=torch.float64)
+    for n_i, n_j in [(1, 1), (3, 7), (40, 2)]:
+        lhs, rhs = merge_error(x_i, x_j, n_i, n_j)
+        torch.testing.assert_close(lhs, rhs)
+    u_i = torch.nn.functional.normalize(x_i, dim=-1)
+    u_j = torch.nn.functional.normalize(x_j, dim=-1)
+    _, rhs = merge_error(u_i, u_j, 5, 5)
+    cos = (u_i * u_j).sum(-1)
+    torch.testing.assert_close(rhs, 5 * 5 / 10 * 2 * (1 - cos))
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "message"),
+    [
+        ("tome", {"r": -1}, "non-negative integer"),
+        ("tome", {"r": 2.5}, "non-negative integer"),
+        ("atm", {"beta": -0.1}, "beta must be >= 0"),
+        ("atm", {"theta_min": -1.5}, "theta_min must be >= -1"),
+        ("atm", {"alpha": 0.5, "theta_min": 0.8}, "must be >= theta_min"),
+        ("atm", {"alpha": float("nan")}, "finite number"),
+        ("atm", {"split_layer": 0}, "split_layer"),
+        ("atm", {"batch_rule": "mean"}, "batch_rule"),
+        ("atom", {}, "unknown merging method 'atom'"),
+    ],
+)
+def test_bad_settings_raise_one_clear_error(method, settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_merger(method, **settings)
+
+
+def test_depth_dependent_checks():
+    with pytest.raises(ValueError, match="3 entries but the model has 12 blocks"):
+        ToMe(r=[1, 2, 3]).check(12)
+    with pytest.raises(ValueError, match="past the model's 12 blocks"):
+        ATM(split_layer=14).check(12)
+    ATM(split_layer=13).check(12)
+    with pytest.raises(TypeError, match="Valid settings"):
+        make_merger("tome", alpha=1.0)
