@@ -59,6 +59,14 @@ def test_val_missing_a_class_keeps_the_train_indices(tmp_path: Path) -> None:
     assert val_labels(datamodule(tmp_path, num_classes=3)) == [1, 2]
 
 
+@pytest.mark.shared
+def test_real_imagenet_sample_is_labelled_in_wnid_order(shared_images: Path) -> None:
+    dm = ImageNetDataModule(root=str(shared_images.parent), num_workers=0)
+    assert val_labels(dm) == list(range(1000))
+    image, label = dm.val_dataset[999]
+    assert image.shape == (3, 224, 224) and label == 999
+
+
 def test_flat_folder_with_label_file(tmp_path: Path) -> None:
     folder, label_file = make_flat_val(tmp_path, n=6, num_classes=5, seed=3)
     dm = datamodule(tmp_path, num_classes=5, label_file=str(label_file))
@@ -239,6 +247,8 @@ def test_folders_that_do_not_fit_the_head(tmp_path: Path) -> None:
     names.write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"class folder .*c has no class index"):
         datamodule(tmp_path, num_classes=3, class_names=str(names)).setup("validate")
+    with pytest.raises(FileNotFoundError, match="class_names file .* does not exist"):
+        datamodule(tmp_path, num_classes=3, class_names=str(tmp_path / "nope.txt")).setup("validate")
     names.write_text("a\nb\na\n")
     with pytest.raises(ValueError, match=r"lists \['a'\] more than once"):
         datamodule(tmp_path, num_classes=3, class_names=str(names)).setup("validate")
@@ -259,6 +269,12 @@ def test_bad_label_file(tmp_path: Path, line: str, match: str) -> None:
     error = FileNotFoundError if "missing" in line else ValueError
     with pytest.raises(error, match=match):
         datamodule(tmp_path, num_classes=5, label_file=str(label_file)).setup("validate")
+
+
+def test_missing_label_file(tmp_path: Path) -> None:
+    make_flat_val(tmp_path, n=1, num_classes=5)
+    with pytest.raises(FileNotFoundError, match=r"label file .*nope.txt does not exist; check --data.label_file"):
+        datamodule(tmp_path, num_classes=5, label_file=str(tmp_path / "nope.txt")).setup("validate")
 
 
 def test_image_without_a_label_line(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ present, so a subset of ImageNet would be silently labelled 0..k-1 against a 100
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,8 +33,8 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | Image.Image, int]:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            with Image.open(path) as file:
+                image = file.convert("RGB")
         except OSError as err:
             raise ValueError(f"cannot read image {path} ({err}); replace or delete the file") from err
         return (self.transform(image) if self.transform is not None else image), label
@@ -47,9 +48,9 @@ def is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def class_folders(split_dir: Path) -> list[str]:
+def class_folders(folder: Path) -> list[str]:
     """Sorted names of the class subfolders of a split (hidden folders skipped)."""
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -58,7 +59,7 @@ def read_class_names(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class_names file {path} does not exist; pass a text file with one class per line")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise ValueError(f"class_names file {path} lists {duplicates} more than once; each class needs one index")
     return names
@@ -95,15 +96,16 @@ def class_map(num_classes: int, folders: Sequence[str], class_names: Sequence[st
     return {name: index for index, name in enumerate(names)}
 
 
-def split_dir(root: str | Path, split: str, flat: bool) -> Path:
+def find_split(root: str | Path, split: str, flat: bool) -> Path:
     """The folder of one split, checked so a wrong layout fails with the fix rather than later."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist; check --data.root")
     folder = root / split
-    layout = "a flat folder of images listed in --data.label_file" if flat else (
-        "one folder per class, or pass --data.label_file for a flat folder of images"
-    )
+    if flat:
+        layout = "a flat folder of the images listed in --data.label_file"
+    else:
+        layout = "one folder per class, or pass --data.label_file for a flat folder of images"
     if not folder.is_dir():
         raise FileNotFoundError(f"expected {folder} with {layout}; check --data.root and the split name")
     if not flat and not class_folders(folder):

@@ -14,10 +14,10 @@ from .datasets import (
     Sample,
     class_folders,
     class_map,
+    find_split,
     flat_samples,
     folder_samples,
     read_class_names,
-    split_dir,
 )
 from .samplers import BatchAlignedDistributedSampler
 from .transforms import eval_transform, resolve_eval_config, train_transform
@@ -28,7 +28,8 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     Class indices follow the model's head: with 1000 classes and no `class_names` file, folders are
     ImageNet-1k wnids in the standard order, so a folder holding only some classes is labelled right;
-    otherwise sorted folder names of the train split (of the split itself when there is no train split).
+    otherwise sorted folder names (those of the split and of the train split, so that a val folder
+    missing some classes keeps the training indices) or the order of a `class_names` file.
     Eval preprocessing comes from the model's timm pretrained config; `data_config` records it.
 
     Args:
@@ -112,6 +113,7 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     @property
     def num_val_images(self) -> int:
+        """Images one validation run must see across all ranks, to assert none was dropped or repeated."""
         if self.val_dataset is None:
             raise RuntimeError("call setup('validate') or setup('fit') before asking for num_val_images")
         return len(self.val_dataset)
@@ -163,21 +165,18 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _eval_dataset(self, split: str) -> ImageListDataset:
         if self.label_file is not None:
-            samples = flat_samples(split_dir(self.root, split, flat=True), self.label_file, self.num_classes)
+            samples = flat_samples(find_split(self.root, split, flat=True), self.label_file, self.num_classes)
         else:
             samples = self._folder_split(split)
         return ImageListDataset(samples[: self.limit], eval_transform(self.data_config))
 
     def _folder_split(self, split: str) -> list[Sample]:
-        folder = split_dir(self.root, split, flat=False)
+        folder = find_split(self.root, split, flat=False)
         names = read_class_names(self.class_names) if self.class_names is not None else None
-        return folder_samples(folder, class_map(self.num_classes, self._class_source(folder), names))
-
-    def _class_source(self, folder: Path) -> list[str]:
-        """Folders that define sorted class indices: the train split's when present, so that a val
-        folder missing some classes keeps the training indices."""
+        # Include the train split's folders so that a val folder missing some classes keeps their indices.
         train = self.root / self.train_split
-        return class_folders(train if train.is_dir() else folder)
+        folders = set(class_folders(folder)) | (set(class_folders(train)) if train.is_dir() else set())
+        return folder_samples(folder, class_map(self.num_classes, sorted(folders), names))
 
     @staticmethod
     def _require(dataset: ImageListDataset | None, stage: str) -> ImageListDataset:
