@@ -33,7 +33,7 @@ class ViTCost:
     head: int  # classifier(s)
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "ViTCost":
+    def from_model(cls, model: nn.Module) -> ViTCost:
         """Read the cost from a timm-style ViT (``patch_embed.proj``, ``blocks[i].attn/mlp``, ``head``)."""
         block = model.blocks[0]
         attn = block.attn

@@ -7,10 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_FUSED_ATTN", "1")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_WEIGHTS = SHARED / "data" / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"

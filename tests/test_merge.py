@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -78,7 +79,7 @@ def test_threshold_schedule_follows_formula_and_floor():
     assert thetas[3] == pytest.approx(1.0 - (math.exp(0.3) - 1))
     assert thetas[5] == 0.6  # 1 - (e^0.5 - 1) = 0.35 is below the floor
     assert thetas[-1] == 0.6 and min(thetas) == 0.6
-    assert all(a >= b for a, b in zip(thetas, thetas[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(thetas))
 
 
 def test_top_r_and_batch_min():

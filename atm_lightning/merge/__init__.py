@@ -2,7 +2,7 @@
 
 from .matching import Matches, Split, alternating_split, best_matches, size_sorted_split
 from .merging import Merged, merge_error, merge_tokens
-from .policies import ATM, MERGERS, NoMerge, ToMe, TokenMerger, make_merger
+from .policies import ATM, MERGERS, NoMerge, TokenMerger, ToMe, make_merger
 from .selection import above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
 
 __all__ = [

@@ -8,7 +8,8 @@ are what ``patch(model, ...)`` builds from keywords and what LightningCLI config
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor
 

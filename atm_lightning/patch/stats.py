@@ -32,7 +32,7 @@ class MergeStats:
 def merge_stats(model: nn.Module) -> MergeStats:
     """Statistics of the last forward of a model patched with :func:`atm_lightning.patch`."""
     if not isinstance(model, TokenMergingMixin):
-        raise ValueError("merge_stats needs a patched model: call atm_lightning.patch(model, ...) first")
+        raise TypeError("merge_stats needs a patched model: call atm_lightning.patch(model, ...) first")
     trace = model._merge_trace
     if trace is None:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
