@@ -6,6 +6,8 @@ operating point and writes ``metrics.json`` next to the TensorBoard events.
 
 from __future__ import annotations
 
+from typing import Any
+
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -19,7 +21,22 @@ EVAL_SUBCOMMANDS = ("validate", "test")
 
 
 class ATMCLI(LightningCLI):
-    """LightningCLI that links model and data settings and reports each evaluation as a result row."""
+    """LightningCLI that links model and data settings and reports each evaluation as a result row.
+
+    Keyword arguments go to LightningCLI (e.g. ``args=[...]``, ``run=False`` in tests).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        defaults = {
+            "model_class": TokenMergingModule,
+            "datamodule_class": ImageNetDataModule,
+            "seed_everything_default": 0,
+            "save_config_kwargs": {"overwrite": True},
+            "trainer_defaults": {
+                "logger": lazy_instance(TensorBoardLogger, save_dir="runs", default_hp_metric=False)
+            },
+        }
+        super().__init__(**{**defaults, **kwargs})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model name picks the eval preprocessing and the head size the labels: one source each.
@@ -59,6 +76,7 @@ class ATMCLI(LightningCLI):
                 f"a sampler padded or dropped images, or limit_{stage}_batches is set. "
                 f"Numbers from this run are not comparable"
             )
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if not self.trainer.is_global_zero:
             return
         hparams = self.model.hparams
@@ -73,23 +91,14 @@ class ATMCLI(LightningCLI):
             batch_size=self.datamodule.batch_size,
             world_size=self.trainer.world_size,
         )
-        path = write_metrics(row, self.trainer.log_dir)
+        path = write_metrics(row, log_dir)
         print(format_table(row))
         print(f"wrote {path}")
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``atm`` console script; ``args`` lets tests drive it in-process."""
-    ATMCLI(
-        TokenMergingModule,
-        ImageNetDataModule,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", default_hp_metric=False)
-        },
-        args=args,
-    )
+    ATMCLI(args=args)
 
 
 if __name__ == "__main__":

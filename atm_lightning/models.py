@@ -43,14 +43,21 @@ def create_model(
         _check_shapes(model, state, path, model_name)
         model.load_state_dict(state, strict=True)
         return model
+    state = _read_state_dict(path)
+    # timm resets the head when num_classes differs from the *config's* class count, so tell it
+    # the file's: a 10-class file then loads its head into a 10-class model.
+    overlay = {"file": str(path)}
+    head = state.get("head.weight")
+    if head is not None and head.ndim == 2:
+        overlay["num_classes"] = head.shape[0]
     try:
         return timm.create_model(
-            model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=num_classes
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes
         )
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
-        raise ValueError(_mismatch_message(_read_state_dict(path), path, model_name)) from None
+        raise ValueError(_mismatch_message(state, path, model_name)) from None
 
 
 def check_model_name(model_name: str) -> None:

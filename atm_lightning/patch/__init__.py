@@ -9,7 +9,14 @@ from .stats import MergeStats, merge_stats
 from .timm_vit import LayerRecord, MergeTrace, UnsupportedModelError, apply, check_supported, remove
 
 
-def patch(model: nn.Module, method: str | TokenMerger = "atm", *, record_merges: bool = False, **settings):
+def patch(
+    model: nn.Module,
+    method: str | TokenMerger = "atm",
+    *,
+    record_merges: bool = False,
+    ragged: str = "packed",
+    **settings,
+) -> nn.Module:
     """Make ``model`` merge tokens at inference time; returns the same (still timm) model.
 
     Args:
@@ -17,9 +24,11 @@ def patch(model: nn.Module, method: str | TokenMerger = "atm", *, record_merges:
         method: ``"atm"``, ``"tome"`` or ``"none"`` (dense, with token/FLOPs accounting), or a
             :class:`~atm_lightning.merge.TokenMerger` instance.
         record_merges: keep every block's merge decisions in :func:`merge_stats` (tests, debugging).
+        ragged: ``"packed"`` (default) skips padding tokens where images of a batch kept
+            different numbers of tokens; ``"padded"`` computes them too (same results, for comparison).
         **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
     """
-    return apply(model, make_merger(method, **settings), record_merges=record_merges)
+    return apply(model, make_merger(method, **settings), record_merges=record_merges, ragged=ragged)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -96,6 +96,7 @@ class TokenMergingMixin:
     _merge_cost: ViTCost
     _merge_taps: list[_KeyTap]
     _merge_record: bool
+    _merge_ragged: str
     _merge_trace: MergeTrace | None
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
@@ -150,13 +151,28 @@ class TokenMergingMixin:
                 if bool(selected.any()):
                     merged = merge_tokens(x, weights, source, split, matches, selected, protected)
                     x, size, source, count = merged.x, merged.size, merged.source, merged.count
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            x = self._mlp_residual(block, x, size, count)
             tokens.append(count)
             if source is not None:
                 sources.append(source)
 
         self._merge_trace = MergeTrace(torch.stack(tokens, dim=1), size, source, matching, records, sources)
         return x
+
+
+    def _mlp_residual(self, block: Block, x: Tensor, size: Tensor | None, count: Tensor) -> Tensor:
+        """``x + mlp(norm2(x))``; with ragged images, on the real tokens only (packed).
+
+        The MLP is two thirds of a block's FLOPs and treats tokens independently, so padding
+        tokens are skipped by gathering the real ones into one [T, C] matrix and adding the
+        result back. Training keeps the padded path: drop-path needs the batch dimension.
+        """
+        if size is None or self._merge_ragged == "padded" or self.training or bool((count == x.shape[1]).all()):
+            return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        flat = x.reshape(-1, x.shape[-1])
+        real = (size.reshape(-1) > 0).nonzero().squeeze(1)
+        packed = flat.index_select(0, real)
+        return flat.index_add(0, real, block.ls2(block.mlp(block.norm2(packed)))).view_as(x)
 
 
 def _record(
@@ -213,8 +229,19 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(f"cannot merge tokens in {label}: dynamic_img_size is not supported")
 
 
-def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False) -> nn.Module:
-    """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger."""
+RAGGED_MODES = ("packed", "padded")
+
+
+def apply(
+    model: nn.Module, merger: TokenMerger, record_merges: bool = False, ragged: str = "packed"
+) -> nn.Module:
+    """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
+
+    ``ragged`` chooses how images with different token counts run: ``packed`` skips padding
+    tokens in the MLP, ``padded`` runs every layer on the padded batch (for comparison).
+    """
+    if ragged not in RAGGED_MODES:
+        raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
     if not isinstance(model, TokenMergingMixin):
         check_supported(model)
     merger.check(len(model.blocks))
@@ -231,6 +258,7 @@ def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False) ->
         model.__class__ = _merging_class(type(model))
     model._merger = merger
     model._merge_record = record_merges
+    model._merge_ragged = ragged
     model._merge_trace = None
     return model
 
@@ -241,6 +269,14 @@ def remove(model: nn.Module) -> nn.Module:
         for handle in model._merge_hooks:
             handle.remove()
         model.__class__ = type(model).__bases__[1]
-        for attr in ("_merger", "_merge_taps", "_merge_hooks", "_merge_cost", "_merge_record", "_merge_trace"):
+        for attr in (
+            "_merger",
+            "_merge_taps",
+            "_merge_hooks",
+            "_merge_cost",
+            "_merge_record",
+            "_merge_ragged",
+            "_merge_trace",
+        ):
             delattr(model, attr)
     return model

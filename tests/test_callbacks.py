@@ -1,0 +1,82 @@
+"""TensorBoard callbacks: read the event file back and check the numbers and pictures in it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from atm_lightning import ToMe
+from atm_lightning.callbacks import MergeStatsCallback, MergeVisualizationCallback
+from atm_lightning.data import ImageNetDataModule
+from atm_lightning.module import TokenMergingModule
+from tests.fakedata import make_image_folder
+
+NAME = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "val", ["cat", "dog"], per_class=3)
+    return root
+
+
+def validate(root: Path, logger) -> TokenMergingModule:
+    torch.manual_seed(0)
+    module = TokenMergingModule(NAME, num_classes=2, merger=ToMe(r=8))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[MergeStatsCallback(), MergeVisualizationCallback(num_images=4)],
+    )
+    dm = ImageNetDataModule(str(root), model_name=NAME, num_classes=2, batch_size=3, num_workers=0)
+    trainer.validate(module, datamodule=dm)
+    return module
+
+
+def test_tensorboard_holds_layers_histogram_layout_hparams_and_picture(
+    tmp_path: Path, data_root: Path
+) -> None:
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    module = validate(data_root, logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for layer in range(13):
+        assert {f"merge/tokens_l{layer:02d}", f"merge/kept_ratio_l{layer:02d}"} <= scalars
+    assert events.Scalars("merge/tokens_l12")[0].value == 101  # 197 - 12 * 8
+    assert events.Scalars("merge/kept_ratio_l12")[0].value == pytest.approx(101 / 197)
+    assert events.Scalars("merge/gflops")[0].value == pytest.approx(module.results["val"]["gflops"])
+    assert {"val/top1", "val/gflops", "merge/flops_reduction"} <= scalars
+
+    histogram = events.Histograms("merge/final_tokens")[0].histogram_value
+    assert (histogram.num, histogram.min, histogram.max) == (6, 101, 101)
+
+    (image,) = events.Images("merge/groups")
+    assert (image.width, image.height) == (4 * 224 + 5 * 2, 2 * 224 + 3 * 2)  # 4 originals above 4 paintings
+
+    assert "custom_scalars__config__" in events.Tags()["tensors"]
+    hparams = events.PluginTagToContent("hparams")
+    assert b"merger/r" in hparams["_hparams_/session_start_info"]
+    assert b"val/top1" in hparams["_hparams_/experiment"]
+
+    # The picture used a source-tracing copy; the module's own merger is back in place.
+    assert module.model._merger is module.merger and module.merger.trace_source is False
+
+
+def test_without_tensorboard_the_callbacks_stay_quiet(tmp_path: Path, data_root: Path) -> None:
+    module = validate(data_root, CSVLogger(tmp_path))
+    assert module.results["val"]["num_images"] == 6
+    assert not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_visualization_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="num_images"):
+        MergeVisualizationCallback(num_images=0)

@@ -1,0 +1,224 @@
+"""The real `atm` entry point, in-process on a tiny generated ImageFolder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+
+from atm_lightning import ATM, NoMerge, ToMe, patch
+from atm_lightning.cli import ATMCLI, main
+from atm_lightning.data import ImageNetDataModule
+from tests.fakedata import make_image_folder
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NAME = "vit_tiny_patch16_224"
+CLASSES = ["cat", "dog", "fox"]
+ROW_KEYS = {
+    "stage",
+    "model",
+    "weights",
+    "method",
+    "merger",
+    "batch_size",
+    "world_size",
+    "img_size",
+    "crop_pct",
+    "interpolation",
+    "num_images",
+    "top1",
+    "top5",
+    "loss",
+    "gflops",
+    "gflops_dense",
+    "gflops_matching",
+    "flops_reduction",
+    "tokens_per_layer",
+    "img_per_s",
+}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "val", CLASSES, per_class=3)
+    (root / "val" / "fox" / "fox_2.JPEG").unlink()  # 8 images: unbalanced, not a multiple of the batch
+    make_image_folder(root / "train", CLASSES, per_class=3, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, num_classes=3)
+    path = tmp_path_factory.mktemp("weights") / "vit_t_3cls.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def run(*args: str) -> None:
+    with mock.patch("sys.argv", ["atm"]):
+        main(list(args))
+
+
+def eval_args(config: str, weights: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "validate",
+        "--config",
+        str(CONFIGS / config),
+        "--model.weights",
+        str(weights),
+        "--model.num_classes",
+        "3",
+        "--data.root",
+        str(root),
+        "--data.batch_size",
+        "3",
+        "--data.num_workers",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
+def metrics(run_dir: Path) -> dict:
+    (path,) = run_dir.glob("runs/*/version_*/metrics.json")
+    return json.loads(path.read_text())
+
+
+def reference(weights: Path, root: Path, merger) -> dict:
+    """top-1 and loss computed by hand: timm model, the same weights and preprocessing, batch 3."""
+    model = timm.create_model(NAME, num_classes=3)
+    model.load_state_dict(load_file(str(weights)))
+    patch(model.eval(), merger)
+    dm = ImageNetDataModule(
+        str(root), model_name=NAME, num_classes=3, batch_size=3, num_workers=0, crop_pct=0.9
+    )
+    dm.setup("validate")
+    with torch.no_grad():
+        pairs = [(model(x), y) for x, y in dm.val_dataloader()]
+    logits, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    return {
+        "top1": 100 * (logits.argmax(1) == targets).double().mean().item(),
+        "loss": F.cross_entropy(logits.double(), targets).item(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "merger"),
+    [
+        ("vit_t_dense.yaml", NoMerge()),
+        ("vit_t_tome.yaml", ToMe(r=13)),
+        ("vit_t_atm.yaml", ATM(alpha=1.0, beta=0.02, theta_min=0.86, split_layer=10)),
+    ],
+)
+def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights, config, merger) -> None:
+    monkeypatch.chdir(tmp_path)
+    run(*eval_args(config, weights, data_root))
+    row = metrics(tmp_path)
+    assert set(row) == ROW_KEYS
+    assert row["num_images"] == 8 and row["world_size"] == 1 and row["batch_size"] == 3
+    assert row["method"] == merger.name and row["crop_pct"] == 0.9 and row["weights"] == str(weights)
+    want = reference(weights, data_root, merger)
+    assert row["top1"] == pytest.approx(want["top1"], abs=1e-9)
+    assert row["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert len(row["tokens_per_layer"]) == 13 and row["tokens_per_layer"][0] == 197
+    if merger.merges:
+        assert row["flops_reduction"] > 0.05
+    else:
+        assert row["flops_reduction"] == 0.0
+
+
+def test_merger_from_the_shell(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    run(*eval_args("vit_t_dense.yaml", weights, data_root, "--model.merger", "ToMe", "--model.merger.r", "8"))
+    row = metrics(tmp_path)
+    assert row["method"] == "tome" and row["merger"]["r"] == 8
+    assert row["tokens_per_layer"] == [197 - 8 * i for i in range(13)]
+
+
+@pytest.mark.slow
+def test_fit_checkpoint_evaluates_identically_through_weights(
+    tmp_path, monkeypatch, data_root, weights
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    fit_args = eval_args(
+        "vit_t_tome.yaml",
+        weights,
+        data_root,
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_train_batches",
+        "2",
+    )
+    fit_args[0] = "fit"
+    with mock.patch("sys.argv", ["atm"]):
+        fitted = ATMCLI(args=fit_args)
+    (ckpt,) = tmp_path.glob("runs/vit_t_tome/version_0/checkpoints/*.ckpt")
+    fit_val = fitted.model.results["val"]
+    assert fit_val["num_images"] == 8
+    with mock.patch("sys.argv", ["atm"]):
+        evaluated = ATMCLI(args=eval_args("vit_t_tome.yaml", ckpt, data_root))
+    for name, tensor in fitted.model.model.state_dict().items():
+        assert torch.equal(tensor, evaluated.model.model.state_dict()[name]), name
+    row = metrics(tmp_path)
+    assert row["top1"] == fit_val["top1"]
+    assert row["loss"] == pytest.approx(fit_val["loss"], rel=1e-6)
+
+
+def test_ckpt_path_with_validate_is_refused(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(*eval_args("vit_t_atm.yaml", weights, data_root, "--ckpt_path", str(weights)))
+    assert exit_info.value.code != 0
+    assert f"--model.weights {weights}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [
+        (["--model.model_name", "vit_tiny_patch16_22"], ValueError, r"did you mean vit_tiny_patch16_224"),
+        (["--data.root", "/no/such/imagenet"], FileNotFoundError, r"/no/such/imagenet.*--data.root"),
+        (
+            ["--model.merger", "ToMe", "--model.merger.r", "-1"],
+            ValueError,
+            r"r must be a non-negative integer",
+        ),
+    ],
+)
+def test_errors_name_the_fix(tmp_path, monkeypatch, data_root, weights, extra, error, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, *extra))
+
+
+def test_dataset_size_mismatch_fails_loudly(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match=r"evaluated 6 images but the val set has 8"):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--trainer.limit_val_batches", "2"))
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_parse(config: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run("validate", "--config", str(CONFIGS / config), "--data.root", "R", "--print_config")
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["pretrained"] is True
+    assert len(printed["trainer"]["callbacks"]) == 2
+
+
+@pytest.mark.parametrize("short", ["deit_t", "deit_s", "deit_b", "vit_t"])
+def test_short_name_config_is_the_atm_config(short: str) -> None:
+    same = [yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()) for name in (short, f"{short}_atm")]
+    assert same[0] == same[1]

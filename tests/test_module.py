@@ -1,0 +1,130 @@
+"""TokenMergingModule: evaluation numbers equal a direct computation, per stage, with exact counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from atm_lightning import NoMerge, ToMe, merge_stats, patch
+from atm_lightning.data import ImageNetDataModule
+from atm_lightning.module import TokenMergingModule
+from tests.fakedata import make_image_folder
+
+NAME = "vit_tiny_patch16_224"
+CLASSES = ["cat", "dog", "fox"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "val", CLASSES, per_class=3)
+    (root / "val" / "fox" / "fox_2.JPEG").unlink()  # 8 images, unbalanced: constant guesses can't match
+    return root
+
+
+def datamodule(root: Path, batch_size: int = 3) -> ImageNetDataModule:
+    return ImageNetDataModule(str(root), model_name=NAME, num_classes=3, batch_size=batch_size, num_workers=0)
+
+
+def trainer() -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+
+
+def direct(module: TokenMergingModule, root: Path, merger) -> dict:
+    """Accuracy, loss and tokens from a fresh timm model with the module's weights, without Lightning."""
+    model = timm.create_model(NAME, num_classes=3)
+    model.load_state_dict(module.model.state_dict())
+    patch(model.eval(), merger)
+    dm = datamodule(root)
+    dm.setup("validate")
+    logits, targets, tokens, gflops = [], [], [], []
+    with torch.no_grad():
+        for images, labels in dm.val_dataloader():
+            logits.append(model(images))
+            targets.append(labels)
+            tokens.append(merge_stats(model).tokens)
+            gflops.append(merge_stats(model).gflops)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    return {
+        "top1": 100 * (logits.argmax(1) == targets).double().mean().item(),
+        "loss": F.cross_entropy(logits.double(), targets).item(),
+        "tokens_per_layer": torch.cat(tokens).double().mean(0).tolist(),
+        "gflops": torch.cat(gflops).double().mean().item(),
+    }
+
+
+def test_validate_matches_direct_computation(data_root: Path) -> None:
+    torch.manual_seed(0)
+    module = TokenMergingModule(NAME, num_classes=3, merger=ToMe(r=8))
+    t = trainer()
+    t.validate(module, datamodule=datamodule(data_root))
+    got, want = module.results["val"], direct(module, data_root, ToMe(r=8))
+    assert got["num_images"] == 8
+    assert got["top1"] == pytest.approx(want["top1"], abs=1e-9)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)  # float32 logits
+    assert got["top5"] == 100.0  # top-5 is capped at the 3 classes
+    assert got["tokens_per_layer"] == [197 - 8 * i for i in range(13)]
+    assert got["gflops_dense"] == pytest.approx(1.2536832 - 192 * 997 / 1e9, rel=1e-6)  # DeiT-T, 3-class head
+    assert got["gflops"] == pytest.approx(want["gflops"], rel=1e-12)
+    assert got["flops_reduction"] == pytest.approx(1 - want["gflops"] / got["gflops_dense"], rel=1e-6)
+    assert got["gflops"] == pytest.approx(got["gflops_dense"] * (1 - got["flops_reduction"]), rel=1e-9)
+    assert got["gflops_matching"] > 0
+    assert got["img_per_s"] > 0
+    logged = {k: float(v) for k, v in t.callback_metrics.items()}
+    assert logged["val/top1"] == pytest.approx(got["top1"], rel=1e-6)
+    assert logged["val/num_images"] == 8
+
+
+def test_val_and_test_keep_separate_results(data_root: Path) -> None:
+    torch.manual_seed(0)
+    module = TokenMergingModule(NAME, num_classes=3)
+    dm = datamodule(data_root, batch_size=5)
+    t = trainer()
+    t.validate(module, datamodule=dm)
+    t.test(module, datamodule=dm)
+    val, test = module.results["val"], module.results["test"]
+    assert val["num_images"] == test["num_images"] == 8  # metrics were reset between the stages
+    assert val["top1"] == test["top1"] and val["loss"] == pytest.approx(test["loss"], rel=1e-12)
+    assert val["flops_reduction"] == 0.0 and val["gflops_matching"] == 0.0
+    assert val["tokens_per_layer"] == [197.0] * 13
+
+
+def test_dense_module_is_the_timm_model() -> None:
+    torch.manual_seed(0)
+    module = TokenMergingModule(NAME, num_classes=3).eval()
+    plain = timm.create_model(NAME, num_classes=3).eval()
+    plain.load_state_dict(module.model.state_dict())
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(module(images), plain(images))
+    assert isinstance(module.merger, NoMerge)
+
+
+def test_training_step_learns_and_schedules_lr(data_root: Path, tmp_path: Path) -> None:
+    make_image_folder(data_root / "train", CLASSES, per_class=2)
+    torch.manual_seed(0)
+    module = TokenMergingModule(NAME, num_classes=3, merger=ToMe(r=4), lr=1e-3, warmup_steps=2)
+    before = module.model.head.weight.clone()
+    t = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    t.fit(module, datamodule=datamodule(data_root, batch_size=3))
+    assert not torch.equal(before, module.model.head.weight)
+    # Warm-up over steps 0-1, then cosine decay reaching 0 after step 3.
+    lrs = [group["lr"] for group in t.optimizers[0].param_groups]
+    assert lrs[0] == pytest.approx(0.0, abs=1e-12)
+    assert {"train/loss", "train/top1", "train/lr"} <= set(t.callback_metrics)

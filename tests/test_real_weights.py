@@ -1,0 +1,83 @@
+"""The shipped ATM operating point on real ImageNet weights and images (needs ../shared/data).
+
+ATM must keep top-1 at least equal to the dense model while cutting mean GFLOPs by 25% or more,
+and ToMe given at least as many GFLOPs must be less accurate. The operating point is read from
+``configs/vit_t_atm.yaml``, so the test checks what users run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from atm_lightning import ATM, merge_stats, patch
+from atm_lightning.data import ImageNetDataModule
+from atm_lightning.flops import ViTCost
+from atm_lightning.models import create_model
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vit_t_atm.yaml"
+BATCH = 100
+
+pytestmark = pytest.mark.shared
+
+
+def shipped_atm() -> ATM:
+    merger = yaml.safe_load(CONFIG.read_text())["model"]["merger"]
+    assert merger["class_path"] == "atm_lightning.merge.ATM"
+    return ATM(**merger["init_args"])
+
+
+@pytest.fixture(scope="module")
+def sample(shared_weights, shared_images):
+    datamodule = ImageNetDataModule(
+        root=str(shared_images.parent), model_name="vit_tiny_patch16_224", batch_size=BATCH, num_workers=0
+    )
+    datamodule.setup("validate")
+    images, labels = zip(*(datamodule.val_dataset[i] for i in range(len(datamodule.val_dataset))), strict=True)
+    model = create_model("vit_tiny_patch16_224", weights=str(shared_weights)).eval()
+    return model, torch.stack(images), torch.tensor(labels)
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, method, **settings) -> tuple[float, float]:
+    """Top-1 and mean GFLOPs per image."""
+    patch(model, method, **settings)
+    correct, gflops = 0, 0.0
+    for start in range(0, len(images), BATCH):
+        logits = model(images[start : start + BATCH])
+        correct += int((logits.argmax(-1) == labels[start : start + BATCH]).sum())
+        gflops += float(merge_stats(model).gflops.sum())
+    return correct / len(images), gflops / len(images)
+
+
+def tome_r_with_at_least(model, gflops: float) -> int:
+    """The largest constant ToMe r whose (input-independent) GFLOPs are still >= ``gflops``."""
+    cost = ViTCost.from_model(model)
+    best = 0
+    for r in range(1, 50):
+        tokens, n = [197], 197
+        for _ in range(cost.depth):
+            n -= min(r, (n - 1) // 2)
+            tokens.append(n)
+        if cost.image_macs(torch.tensor([tokens]))[0] / 1e9 >= gflops:
+            best = r
+    return best
+
+
+@pytest.mark.slow
+def test_shipped_atm_is_lossless_and_beats_tome(sample):
+    model, images, labels = sample
+    assert len(images) == 1000
+    top1_dense, gflops_dense = evaluate(model, images, labels, "none")
+    assert top1_dense == pytest.approx(0.819, abs=0.0015)  # data/README: 81.9% with timm's transform
+    top1_atm, gflops_atm = evaluate(model, images, labels, shipped_atm())
+    reduction = 1 - gflops_atm / gflops_dense
+    assert top1_atm >= top1_dense
+    assert reduction >= 0.25
+    r = tome_r_with_at_least(model, gflops_atm)
+    top1_tome, gflops_tome = evaluate(model, images, labels, "tome", r=r)
+    assert gflops_tome >= gflops_atm
+    assert top1_tome < top1_atm

@@ -1,0 +1,274 @@
+"""tools/benchmark.py, driven in-process on a few generated images and a small random ViT."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from atm_lightning import ATM, NoMerge, ToMe, merge_stats, patch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+_common = importlib.import_module("_common")
+benchmark = importlib.import_module("benchmark")
+
+MODEL = "vit_tiny_patch16_224"  # its name sets the eval transform (224 px); the fixture shrinks the net
+ATM_SPEC = "atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=4"
+SMALL_DEPTH = 4
+
+
+def draw_shapes(path: Path, num_rects: int, seed: int, size: int = 96) -> Path:
+    """A flat background with ``num_rects`` solid rectangles: more rectangles, fewer merges."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size), tuple(rng.randrange(40, 216) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(num_rects):
+        x, y = rng.randrange(size - 8), rng.randrange(size - 8)
+        w, h = rng.randrange(4, size // 3), rng.randrange(4, size // 3)
+        draw.rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(256) for _ in range(3)))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """benchmark.main sets torch's thread count; later tests keep the suite's setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def shapes_folder(tmp_path: Path) -> Path:
+    """Four images from flat to busy: 0, 1, 3 and 40 rectangles."""
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    for i, num_rects in enumerate((0, 1, 3, 40)):
+        draw_shapes(folder / f"img{i}_{num_rects}rects.png", num_rects, seed=i)
+    return folder
+
+
+@pytest.fixture
+def small_vit(monkeypatch: pytest.MonkeyPatch) -> Callable[[], nn.Module]:
+    """Make the tools build a 4-block, 64-wide ViT (same 224 px input), about 20x cheaper than
+    ViT-Ti; returns the factory so a test can rebuild the very same weights."""
+
+    def create(
+        model_name: str, pretrained: bool = False, weights: str | None = None, num_classes: int = 1000
+    ):
+        torch.manual_seed(0)
+        return timm.create_model(
+            model_name, depth=SMALL_DEPTH, embed_dim=64, num_heads=2, num_classes=num_classes
+        )
+
+    monkeypatch.setattr(_common, "create_model", create)
+    return lambda: create(MODEL).eval()
+
+
+def cli_error(tool, argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run a tool's CLI expecting a usage error; return its message."""
+    with pytest.raises(SystemExit) as exit_info:
+        _common.run_cli(tool.build_parser(), tool.main, argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("spec", "cls", "expected"),
+    [
+        ("dense", NoMerge, {}),
+        ("tome:r=13", ToMe, {"r": 13}),
+        ("tome:r=[1,2,3],prop_attn=false", ToMe, {"r": [1, 2, 3], "prop_attn": False}),
+        (
+            "atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=10",
+            ATM,
+            {"alpha": 1.0, "beta": 0.03, "theta_min": 0.7, "split_layer": 10, "batch_rule": "exact"},
+        ),
+        ("ATM:batch_rule=min", ATM, {"batch_rule": "min", "alpha": 1.0}),
+    ],
+)
+def test_parse_method_reads_inline_specs(spec: str, cls: type, expected: dict) -> None:
+    method = _common.parse_method(spec)
+    assert type(method.merger) is cls
+    assert method.label == spec
+    params = method.merger.params()
+    assert {key: params[key] for key in expected} == expected
+
+
+def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> None:
+    config = tmp_path / "vit_t_atm.yaml"
+    config.write_text(
+        "model:\n  model_name: vit_tiny_patch16_224\n  merger:\n    class_path: atm_lightning.merge.ATM\n"
+        "    init_args:\n      alpha: 0.98\n      beta: 0.02\n      theta_min: 0.86\n      split_layer: 9\n"
+    )
+    method = _common.parse_method(str(config))
+    assert method.label == "vit_t_atm"
+    assert isinstance(method.merger, ATM)
+    assert (method.merger.alpha, method.merger.theta_min, method.merger.split_layer) == (0.98, 0.86, 9)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("tame:r=3", "unknown method 'tame'"),
+        ("tome:r", "write settings as KEY=VALUE"),
+        ("tome:q=1", "Valid settings: ['r', 'prop_attn', 'trace_source']"),
+        ("tome:r=-1", "non-negative"),
+        ("atm:alpha=0.5,theta_min=0.9", "must be >= theta_min"),
+        ("atm:alpha=high", "finite number"),
+    ],
+)
+def test_parse_method_rejects_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match="bad settings|unknown method|KEY=VALUE") as err:
+        _common.parse_method(spec)
+    assert message in str(err.value)
+
+
+def test_parse_method_rejects_configs_without_a_merger(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _common.parse_method(str(tmp_path / "missing.yaml"))
+    config = tmp_path / "data_only.yaml"
+    config.write_text("data:\n  batch_size: 8\n")
+    with pytest.raises(ValueError, match="no model.merger.class_path"):
+        _common.parse_method(str(config))
+
+
+def test_table_rows_and_ratios_match_merge_stats(
+    tmp_path: Path, shapes_folder: Path, small_vit: Callable[[], nn.Module], capsys: pytest.CaptureFixture
+) -> None:
+    output = tmp_path / "bench.json"
+    argv = [
+        "--model", MODEL, "--random-init", "--data-root", str(shapes_folder), "--num-images", "4",
+        "--batch-sizes", "2", "4", "--runs", "2", "--warmup", "1", "--threads", "1",
+        "--methods", "tome:r=13", ATM_SPEC,
+        "--output", str(output),
+    ]  # fmt: skip
+    rows = benchmark.main(benchmark.build_parser().parse_args(argv))
+    printed = capsys.readouterr().out
+
+    # dense is added first; one row per method and batch size, in that order
+    assert [(r.method, r.batch_size) for r in rows] == [
+        (m, b) for b in (2, 4) for m in ("dense", "tome:r=13", ATM_SPEC)
+    ]
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert (
+        table[0] == "| method | batch | img/s | speed-up | GFLOPs | FLOPs ratio | realised | peak mem (MiB) |"
+    )
+    assert len(table) == 2 + len(rows)
+    assert "peak mem: CPU resident set size" in printed
+
+    # GFLOPs recomputed independently: same weights, same images, merge_stats per image
+    images, _ = _common.load_images(sorted(shapes_folder.iterdir()), MODEL)
+    model = small_vit()
+    expected = {}
+    for label in ("tome:r=13", ATM_SPEC):
+        patch(model, _common.parse_method(label).merger)
+        with torch.inference_mode():
+            model(images)
+        expected[label] = float(merge_stats(model).gflops.mean())
+    dense = merge_stats(model).gflops_dense
+    expected["dense"] = dense
+
+    for row in rows:
+        assert row.gflops == pytest.approx(expected[row.method], rel=1e-9)
+        assert row.flops_ratio == pytest.approx(dense / expected[row.method], rel=1e-9)
+        assert row.realised == pytest.approx(row.speedup / row.flops_ratio, rel=1e-12)
+        assert row.img_per_s > 0 and row.peak_mem_mb is not None and row.peak_mem_mb >= 0
+    for row in rows[::3]:
+        assert (row.method, row.speedup, row.flops_ratio, row.realised) == ("dense", 1.0, 1.0, 1.0)
+    atm_ratio = next(r.flops_ratio for r in rows if r.method == ATM_SPEC)
+    assert atm_ratio > 1.2  # the shapes merge, so the ratios above are not trivially 1
+
+    written = json.loads(output.read_text())
+    assert written["settings"]["num_images"] == 4
+    assert [r["flops_ratio"] for r in written["rows"]] == [r.flops_ratio for r in rows]
+
+
+def test_csv_output_has_one_line_per_row(tmp_path: Path) -> None:
+    rows = [
+        benchmark.Row("dense", 8, 100.0, 1.0, 1.25, 1.0, 1.0, 12.5),
+        benchmark.Row("tome:r=13", 8, 150.0, 1.5, 0.73, 1.71, 0.877, None),
+    ]
+    path = tmp_path / "out" / "bench.csv"
+    benchmark.write_rows(rows, path, settings={})
+    with path.open() as file:
+        read = list(csv.DictReader(file))
+    assert [r["method"] for r in read] == ["dense", "tome:r=13"]
+    assert read[1]["flops_ratio"] == "1.71" and read[1]["peak_mem_mb"] == ""
+
+
+class Allocates64MiB(nn.Module):
+    """Stands in for a forward pass whose activations need 64 MiB."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activations = torch.ones(16 * 2**20)  # float32: 64 MiB, every page written
+        time.sleep(0.02)  # longer than the 1 ms sampling interval
+        return activations.sum()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS sampling needs Linux /proc")
+def test_cpu_peak_memory_reads_the_rise_of_each_pass() -> None:
+    peaks = [benchmark.rss_peak_mb(Allocates64MiB(), [torch.zeros(1)]) for _ in range(2)]
+    assert all(56 < peak < 80 for peak in peaks), peaks
+
+
+def test_refuses_random_noise(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = torch.randint(0, 256, (96, 96, 3), dtype=torch.uint8, generator=generator)
+        Image.fromarray(pixels.numpy()).save(tmp_path / f"noise{i}.png")
+    argv = ["--random-init", "--data-root", str(tmp_path), "--num-images", "4", "--batch-sizes", "2"]
+    message = cli_error(benchmark, argv, capsys)
+    assert "look like random noise" in message and "use real photos" in message
+
+
+def test_accepts_real_photos_as_not_noise(shared_images: Path) -> None:
+    paths = _common.evenly_spaced(_common.image_paths([shared_images]), 8)
+    _common.check_not_noise(paths)  # does not raise
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data-root", "/nonexistent/val"], "/nonexistent/val does not exist"),
+        (["--batch-sizes", "0"], "--batch-sizes must all be >= 1, got [0]"),
+        (
+            ["--batch-sizes", "2", "8"],
+            "batch sizes [8] exceed --num-images 4; lower them or raise --num-images",
+        ),
+        (["--num-images", "9", "--batch-sizes", "2"], "found only 4; lower --num-images"),
+        (["--model", "vit_tinny_patch16_224"], "unknown timm model 'vit_tinny_patch16_224'"),
+        (["--methods", "tome:r=x"], "ToMe r must be a non-negative integer"),
+        (["--output", "bench.txt"], "must end in .csv or .json"),
+    ],
+)
+def test_user_errors_name_the_fix(
+    shapes_folder: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [
+        "--random-init",
+        "--data-root",
+        str(shapes_folder),
+        "--num-images",
+        "4",
+        "--batch-sizes",
+        "2",
+        *extra,
+    ]
+    assert message in cli_error(benchmark, argv, capsys)
+
+
+def test_needs_a_weights_source(shapes_folder: Path, capsys: pytest.CaptureFixture) -> None:
+    message = cli_error(benchmark, ["--data-root", str(shapes_folder)], capsys)
+    assert "one of the arguments --weights --pretrained --random-init is required" in message

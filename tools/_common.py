@@ -1,0 +1,233 @@
+"""Helpers shared by the tools: method specs, model loading, real images, and CLI error handling.
+
+The tools are thin scripts over ``atm_lightning``; what they have in common lives here so each
+script reads as its own measurement and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.functional import pil_to_tensor
+
+from atm_lightning import UnsupportedModelError
+from atm_lightning.data.datasets import IMAGE_EXTENSIONS, is_image
+from atm_lightning.data.transforms import eval_transform, resolve_eval_config
+from atm_lightning.merge import MERGERS, NoMerge, TokenMerger, make_merger
+from atm_lightning.models import create_model
+
+METHOD_HELP = (
+    "NAME[:KEY=VALUE,...] with NAME dense, tome or atm (e.g. 'tome:r=13', "
+    "'atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=10'; lists as 'tome:r=[8,8,...]'), "
+    "or a project config YAML whose model.merger gives the method (e.g. configs/vit_t_atm.yaml)"
+)
+_ALIASES = {"dense": "none"}
+# Below this neighbouring-pixel correlation an image is noise: photos score above 0.8.
+NOISE_CORRELATION = 0.5
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merging method as the user named it, with the policy it builds."""
+
+    label: str
+    merger: TokenMerger
+
+    @property
+    def dense(self) -> bool:
+        """The unmerged baseline (``tome:r=0`` is not: it still runs the merging code)."""
+        return type(self.merger) is NoMerge
+
+
+def parse_method(spec: str) -> Method:
+    """Build a :class:`Method` from ``NAME[:KEY=VALUE,...]`` or a config YAML path (see METHOD_HELP)."""
+    if spec.endswith((".yaml", ".yml")):
+        return Method(Path(spec).stem, _merger_from_config(Path(spec)))
+    name, _, settings = spec.partition(":")
+    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in MERGERS:
+        raise ValueError(f"unknown method {name!r} in {spec!r}; choose dense, tome or atm (e.g. 'tome:r=13')")
+    parsed = _parse_settings(settings, spec)
+    try:
+        return Method(spec, make_merger(key, **parsed))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"bad settings in {spec!r}: {err}") from None
+
+
+def _parse_settings(text: str, spec: str) -> dict[str, object]:
+    """``a=1,b=[2,3]`` -> {"a": 1, "b": [2, 3]}; values read as YAML scalars or lists."""
+    settings: dict[str, object] = {}
+    for item in _split_top_level(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(
+                f"cannot read {item!r} in {spec!r}; write settings as KEY=VALUE, e.g. 'tome:r=13'"
+            )
+        settings[key.strip()] = yaml.safe_load(value.strip())
+    return settings
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so per-block lists survive: ``r=[1,2],prop_attn=false``."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item.strip()]
+
+
+def _merger_from_config(path: Path) -> TokenMerger:
+    """The merger of a project config (``model.merger.class_path`` / ``init_args``)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"config {path} does not exist; pass a file from configs/ or an inline method"
+        )
+    merger = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("merger")
+    if not isinstance(merger, dict) or "class_path" not in merger:
+        raise ValueError(f"{path} has no model.merger.class_path; give the method inline, e.g. 'tome:r=13'")
+    by_class = {cls.__name__: name for name, cls in MERGERS.items()}
+    class_name = merger["class_path"].rsplit(".", 1)[-1]
+    if class_name not in by_class:
+        raise ValueError(f"{path}: merger {merger['class_path']!r} is not one of {sorted(by_class)}")
+    return make_merger(by_class[class_name], **(merger.get("init_args") or {}))
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--model`` plus exactly one weights source: merge counts on random weights mean little."""
+    parser.add_argument(
+        "--model", default="vit_tiny_patch16_224", help="timm model name (default: %(default)s)"
+    )
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument(
+        "--weights",
+        type=Path,
+        metavar="FILE",
+        help="local weights: .safetensors, .pth or an `atm fit` checkpoint",
+    )
+    weights.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm's published weights (needs the network or a hub cache)",
+    )
+    weights.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random weights, for smoke tests only (merging is not typical)",
+    )
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The model of ``--model``/``--weights``/``--pretrained``, in eval mode on ``device``."""
+    weights = str(args.weights) if args.weights is not None else None
+    return create_model(args.model, pretrained=args.pretrained, weights=weights).eval().to(device)
+
+
+def image_paths(inputs: Sequence[Path]) -> list[Path]:
+    """Image files among ``inputs``; folders are searched recursively, in sorted order."""
+    paths: list[Path] = []
+    for item in inputs:
+        if not item.exists():
+            raise FileNotFoundError(
+                f"{item} does not exist; check the path (a folder of images or image files)"
+            )
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if is_image(p))
+            if not found:
+                raise FileNotFoundError(
+                    f"no images (.JPEG, .png, ...) in {item}; point to a folder of images"
+                )
+            paths += found
+        elif is_image(item):
+            paths.append(item)
+        else:
+            raise ValueError(
+                f"{item} is not an image ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass images or folders"
+            )
+    return paths
+
+
+def evenly_spaced(paths: Sequence[Path], count: int) -> list[Path]:
+    """``count`` paths spread over the list, so a class-sorted folder gives varied content."""
+    if count > len(paths):
+        raise ValueError(f"asked for {count} images but found only {len(paths)}; lower --num-images")
+    return [paths[i * len(paths) // count] for i in range(count)]
+
+
+def load_images(paths: Sequence[Path], model_name: str) -> tuple[Tensor, dict]:
+    """[N, 3, H, W] images through the model's eval transform, and that transform's config."""
+    config = resolve_eval_config(model_name)
+    transform = eval_transform(config)
+    return torch.stack([transform(_open_rgb(path)) for path in paths]), config
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as file:
+            return file.convert("RGB")
+    except OSError as err:
+        raise ValueError(f"cannot read image {path} ({err}); replace or remove the file") from None
+
+
+def check_not_noise(paths: Sequence[Path]) -> None:
+    """Refuse image sets whose median image looks like random noise.
+
+    Token merging depends on content and noise merges almost nothing, so throughput measured on
+    it says nothing about real images.
+    """
+    correlations = torch.stack([neighbour_correlation(pil_to_tensor(_open_rgb(p)).float()) for p in paths])
+    median = float(correlations.median())
+    if median < NOISE_CORRELATION:
+        example = paths[int(correlations.argmin())]
+        raise ValueError(
+            f"the images look like random noise (median neighbouring-pixel correlation {median:.2f} < "
+            f"{NOISE_CORRELATION}, e.g. {example}); noise merges almost no tokens, so use real photos, "
+            f"e.g. an ImageNet val folder"
+        )
+
+
+def neighbour_correlation(image: Tensor) -> Tensor:
+    """Correlation of horizontally adjacent pixels of a [C, H, W] image, mean over channels.
+
+    Photos score near 1, i.i.d. noise near 0; a flat channel counts as perfectly smooth. Measured
+    before resizing, since interpolation would smooth noise.
+    """
+    left, right = image[:, :, :-1].flatten(1), image[:, :, 1:].flatten(1)
+    left, right = left - left.mean(1, keepdim=True), right - right.mean(1, keepdim=True)
+    denom = (left.square().sum(1) * right.square().sum(1)).sqrt()
+    corr = (left * right).sum(1) / denom
+    return torch.where(denom > 0, corr, torch.ones_like(corr)).mean()
+
+
+def unnormalize(images: Tensor, config: dict) -> Tensor:
+    """Undo the eval transform's normalisation, back to [0, 1] for painting and saving."""
+    mean = torch.tensor(config["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(config["std"]).view(1, -1, 1, 1)
+    return (images.cpu().float() * std + mean).clamp(0, 1)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show real defaults (not None/False) and keep the description's example commands as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None], argv=None) -> None:
+    """Parse ``argv`` and run ``main``; user mistakes end as one ``error:`` line, not a traceback."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, UnsupportedModelError) as err:
+        parser.error(str(err))
