@@ -1,12 +1,13 @@
 """atm-lightning: training-free token merging (ATM, ToMe) for timm Vision Transformers."""
 
-from .merge import ATM, NoMerge, ToMe, TokenMerger
+from .merge import ATM, NoMerge, TokenMerger, ToMe
 from .patch import MergeStats, UnsupportedModelError, merge_stats, patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ATM",
+    "EViT",
     "MergeStats",
     "NoMerge",
     "ToMe",

@@ -83,3 +83,14 @@ def test_merged_formula_plus_matching_equals_flop_counter(method):
     assert stats.tokens[0, -1] < 100
     analytic = round((stats.gflops[0].double().item() + stats.gflops_matching[0].double().item()) * 1e9)
     assert counted == analytic
+
+
+@torch.no_grad()
+def test_evit_flops_follow_the_same_counter():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    patch(model, "evit", keep_rate=0.7)
+    counted = _counted_macs(model, blocky_images(1))
+    stats = merge_stats(model)
+    analytic = round((stats.gflops[0].item() + stats.gflops_matching[0].item()) * 1e9)
+    assert counted == analytic

@@ -14,9 +14,12 @@ from atm_lightning.merge import (
     alternating_split,
     batch_min,
     best_matches,
+    class_attention,
+    keep_count,
     make_merger,
     merge_error,
     merge_tokens,
+    prune_inattentive,
     size_sorted_split,
     threshold_schedule,
     top_r,
@@ -169,3 +172,49 @@ def test_depth_dependent_checks():
     ATM(split_layer=13).check(12)
     with pytest.raises(TypeError, match="Valid settings"):
         make_merger("tome", alpha=1.0)
+
+
+def test_prune_keeps_most_attended_and_fuses_the_rest_by_attention():
+    x = torch.arange(6, dtype=torch.float32).view(1, 6, 1).repeat(2, 1, 2)
+    size = torch.tensor([[1.0, 1, 2, 1, 1, 1], [1.0, 1, 1, 1, 0, 0]])  # image 1 is padded
+    attention = torch.tensor([[0.3, 0.05, 0.3, 0.1, 0.15, 0.1], [0.4, 0.3, 0.1, 0.2, 0.0, 0.0]])
+    keep = keep_count(0.5, torch.tensor([5, 3]))
+    assert keep.tolist() == [3, 2]
+    source = torch.eye(6).expand(2, 6, 6)
+    out = prune_inattentive(x, size, source, attention, keep, num_protected=1)
+    assert out.count.tolist() == [5, 4]
+    # Image 0 keeps positions 2, 4 and one of the 0.1 ties, in position order; fuses 1 and the other.
+    assert out.x[0, :4, 0].tolist()[:2] == [0.0, 2.0]
+    kept = set(out.x[0, 1:4, 0].tolist())
+    assert {2.0, 4.0} <= kept
+    dropped = sorted({1.0, 2.0, 3.0, 4.0, 5.0} - kept)
+    w = attention[0, [int(v) for v in dropped]]
+    expected = (w * torch.tensor(dropped)).sum() / w.sum()
+    assert out.x[0, 4, 0].item() == pytest.approx(expected.item())
+    assert out.size[0].sum() == size[0].sum()
+    # Image 1 keeps 1 and 3, fuses 2 alone (weight irrelevant), then one padding slot.
+    assert out.x[1, :4, 0].tolist() == [0.0, 1.0, 3.0, 2.0]
+    assert out.size[1].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert out.source[0, 4].nonzero().flatten().tolist() == [int(v) for v in dropped]
+    assert out.source[1, 3].nonzero().flatten().tolist() == [2]
+
+
+def test_class_attention_is_a_head_averaged_distribution():
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 7, 4)
+    bias = torch.zeros(2, 1, 1, 7)
+    bias[1, ..., 5:] = float("-inf")
+    attn = class_attention(q, k, 0.5, bias)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2))
+    assert (attn[1, 5:] == 0).all()
+    manual = ((q * 0.5) @ k.transpose(-1, -2)).softmax(-1).mean(1)[:, 0]
+    torch.testing.assert_close(attn[0], manual[0])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"keep_rate": 0.0}, r"in \(0, 1\]"), ({"keep_rate": 1.5}, r"in \(0, 1\]"), ({"prune_layers": [0]}, ">= 1")],
+)
+def test_bad_evit_settings(settings, message):
+    with pytest.raises(ValueError, match=message):
+        make_merger("evit", **settings)

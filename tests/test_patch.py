@@ -276,3 +276,26 @@ def test_attention_stays_fused_with_proportional_bias(monkeypatch, images):
     model(images)
     assert len(masks) == 12 and masks[0] is None
     assert all(m is not None and m.shape == (4, 1, 1, 197 - 8 * i) for i, m in enumerate(masks) if i)
+
+
+@torch.no_grad()
+def test_evit_keep_rate_one_is_dense_and_pruning_follows_the_schedule(images):
+    model = MODELS["deit_tiny"]()
+    reference = model(images)
+    patch(model, "evit", keep_rate=1.0)
+    assert torch.equal(model(images), reference)
+    patch(model, "evit", keep_rate=0.7, trace_source=True)
+    logits = model(images)
+    stats = merge_stats(model)
+    # 196 patches -> ceil(0.7*196)=138 kept + 1 fused + class token, at blocks 4, 7 and 10.
+    assert stats.tokens[0].tolist() == [197] * 4 + [140] * 3 + [100] * 3 + [72] * 3
+    assert (stats.tokens == stats.tokens[:1]).all()
+    assert (stats.size.sum(1) == 197).all() and (stats.source.sum(1) == 1).all()
+    assert not torch.allclose(logits, reference)
+
+
+def test_evit_needs_a_class_token():
+    with pytest.raises(UnsupportedModelError, match="no class token"):
+        patch(MODELS["vit_tiny_avgpool"](), "evit", keep_rate=0.7)
+    with pytest.raises(ValueError, match="past the model's 12 blocks"):
+        patch(MODELS["deit_tiny"](), "evit", prune_layers=[4, 13])

@@ -14,6 +14,7 @@ from typing import Literal
 from torch import Tensor
 
 from .matching import Matches
+from .pruning import check_keep_rate
 from .selection import above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
 
 SplitKind = Literal["alternate", "size"]
@@ -23,6 +24,7 @@ class TokenMerger:
     """Base policy: merges nothing. Subclasses decide the split and the selection."""
 
     name: str = "none"
+    prunes: bool = False  # True: the policy prunes by class attention (EViT) instead of matching
 
     def __init__(self, prop_attn: bool = True, trace_source: bool = False) -> None:
         """
@@ -199,7 +201,63 @@ class ATM(TokenMerger):
         }
 
 
-MERGERS: dict[str, type[TokenMerger]] = {"none": NoMerge, "tome": ToMe, "atm": ATM}
+class EViT(TokenMerger):
+    """EViT (Liang et al. 2022): in chosen blocks keep the most class-attended tokens, fuse the rest."""
+
+    name = "evit"
+    prunes = True
+
+    def __init__(
+        self,
+        keep_rate: float = 0.7,
+        prune_layers: list[int] | None = None,
+        fuse_token: bool = True,
+        prop_attn: bool = False,
+        trace_source: bool = False,
+    ) -> None:
+        """
+        Args:
+            keep_rate: fraction of unprotected tokens kept in each pruning block, in (0, 1].
+            prune_layers: 1-indexed blocks that prune; default [4, 7, 10] as EViT does for
+                12-block DeiT.
+            fuse_token: fuse the pruned tokens into one attention-weighted token (else drop them).
+            prop_attn: proportional attention by token size (EViT itself has none).
+            trace_source: track which original patches each token holds.
+        """
+        super().__init__(prop_attn=prop_attn, trace_source=trace_source)
+        check_keep_rate(keep_rate)
+        layers = [4, 7, 10] if prune_layers is None else list(prune_layers)
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in layers):
+            raise ValueError(f"EViT prune_layers are 1-indexed block numbers >= 1, got {prune_layers!r}")
+        self.keep_rate = float(keep_rate)
+        self.prune_layers = sorted(set(layers))
+        self.fuse_token = fuse_token
+
+    @property
+    def merges(self) -> bool:
+        return self.keep_rate < 1.0 and bool(self.prune_layers)
+
+    def check(self, depth: int) -> None:
+        if self.prune_layers and self.prune_layers[-1] > depth:
+            raise ValueError(
+                f"EViT prune_layers {self.prune_layers} go past the model's {depth} blocks; use 1..{depth}"
+            )
+
+    def prunes_at(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-indexed) prunes."""
+        return layer + 1 in self.prune_layers
+
+    def params(self) -> dict:
+        return {
+            "method": self.name,
+            "keep_rate": self.keep_rate,
+            "prune_layers": self.prune_layers,
+            "fuse_token": self.fuse_token,
+            "prop_attn": self.prop_attn,
+        }
+
+
+MERGERS: dict[str, type[TokenMerger]] = {"none": NoMerge, "tome": ToMe, "atm": ATM, "evit": EViT}
 
 
 def make_merger(method: str | TokenMerger, **kwargs) -> TokenMerger:

@@ -20,11 +20,15 @@ from torch import Tensor, nn
 from ..flops import ViTCost
 from ..merge import (
     Matches,
+    Merged,
     Split,
     TokenMerger,
     alternating_split,
     best_matches,
+    class_attention,
+    keep_count,
     merge_tokens,
+    prune_inattentive,
     size_sorted_split,
 )
 from ..merge.merging import with_trash_row
@@ -62,20 +66,27 @@ class MergeTrace:
     sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
 
 
-class _KeyTap:
-    """Forward hook on ``attn.k_norm`` keeping the keys averaged over heads ([B, N, head_dim])."""
+class _QueryKeyTap:
+    """Forward hooks on ``attn.q_norm``/``attn.k_norm``: the last ops timm applies to q and k.
+
+    Keeps references to this block's per-head queries and keys ([B, H, N, d]) until taken.
+    """
 
     def __init__(self) -> None:
-        self.keys: Tensor | None = None
+        self.q: Tensor | None = None
+        self.k: Tensor | None = None
 
-    def __call__(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.keys = output.mean(dim=1)
+    def on_query(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.q = output
 
-    def take(self) -> Tensor:
-        keys, self.keys = self.keys, None
-        if keys is None:
-            raise RuntimeError("attention keys were not captured; was the block's attention replaced?")
-        return keys
+    def on_key(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.k = output
+
+    def take(self) -> tuple[Tensor, Tensor]:
+        q, k, self.q, self.k = self.q, self.k, None, None
+        if q is None or k is None:
+            raise RuntimeError("attention queries/keys were not captured; was the block's attention replaced?")
+        return q, k
 
 
 def _attention_bias(size: Tensor | None, prop_attn: bool, dtype: torch.dtype) -> Tensor | None:
@@ -94,7 +105,7 @@ class TokenMergingMixin:
 
     _merger: TokenMerger
     _merge_cost: ViTCost
-    _merge_taps: list[_KeyTap]
+    _merge_taps: list[_QueryKeyTap]
     _merge_record: bool
     _merge_ragged: str
     _merge_trace: MergeTrace | None
@@ -121,7 +132,6 @@ class TokenMergingMixin:
 
     def _merging_blocks(self, x: Tensor) -> Tensor:
         merger = self._merger
-        protected = self.num_prefix_tokens
         batch, n, _ = x.shape
         count = torch.full((batch,), n, device=x.device, dtype=torch.long)
         size: Tensor | None = None
@@ -136,20 +146,15 @@ class TokenMergingMixin:
         for layer, block in enumerate(self.blocks):
             bias = _attention_bias(size, merger.prop_attn, x.dtype)
             x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
-            keys = self._merge_taps[layer].take()
+            q, k = self._merge_taps[layer].take()
             if merger.merges:
                 weights = size if size is not None else x.new_ones(batch, x.shape[1])
-                if merger.split_kind(layer) == "size":
-                    split = size_sorted_split(weights, protected)
+                if merger.prunes:
+                    merged, cost = self._prune_step(layer, block, x, weights, source, q, k, bias, count)
                 else:
-                    split = alternating_split(weights > 0, protected)
-                matches = best_matches(with_trash_row(keys), split)
-                selected = merger.select(layer, matches, count - protected)
-                matching += self._merge_cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1))
-                if self._merge_record:
-                    records.append(_record(layer, merger, split, matches, selected, weights))
-                if bool(selected.any()):
-                    merged = merge_tokens(x, weights, source, split, matches, selected, protected)
+                    merged, cost = self._merge_step(layer, x, weights, source, k, count, records)
+                matching += cost
+                if merged is not None:
                     x, size, source, count = merged.x, merged.size, merged.source, merged.count
             x = self._mlp_residual(block, x, size, count)
             tokens.append(count)
@@ -159,6 +164,54 @@ class TokenMergingMixin:
         self._merge_trace = MergeTrace(torch.stack(tokens, dim=1), size, source, matching, records, sources)
         return x
 
+
+    def _merge_step(
+        self,
+        layer: int,
+        x: Tensor,
+        weights: Tensor,
+        source: Tensor | None,
+        k: Tensor,
+        count: Tensor,
+        records: list[LayerRecord],
+    ) -> tuple[Merged | None, Tensor]:
+        """ToMe/ATM: bipartite matching on head-averaged keys, then the policy's selection."""
+        merger, protected = self._merger, self.num_prefix_tokens
+        if merger.split_kind(layer) == "size":
+            split = size_sorted_split(weights, protected)
+        else:
+            split = alternating_split(weights > 0, protected)
+        matches = best_matches(with_trash_row(k.mean(dim=1)), split)
+        selected = merger.select(layer, matches, count - protected)
+        cost = self._merge_cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1))
+        if self._merge_record:
+            records.append(_record(layer, merger, split, matches, selected, weights))
+        if not bool(selected.any()):
+            return None, cost
+        return merge_tokens(x, weights, source, split, matches, selected, protected), cost
+
+    def _prune_step(
+        self,
+        layer: int,
+        block: Block,
+        x: Tensor,
+        weights: Tensor,
+        source: Tensor | None,
+        q: Tensor,
+        k: Tensor,
+        bias: Tensor | None,
+        count: Tensor,
+    ) -> tuple[Merged | None, Tensor]:
+        """EViT: keep the tokens the class token attends to most, fuse the rest."""
+        merger, protected = self._merger, self.num_prefix_tokens
+        if not merger.prunes_at(layer):
+            return None, torch.zeros_like(count, dtype=torch.float64)
+        attention = class_attention(q[:, :, :1], k, block.attn.scale, bias)
+        cost = (count * block.attn.num_heads * block.attn.head_dim).double()  # q_cls . k for every token
+        keep = keep_count(merger.keep_rate, count - protected)
+        if not bool((keep < count - protected).any()):
+            return None, cost
+        return prune_inattentive(x, weights, source, attention, keep, protected, merger.fuse_token), cost
 
     def _mlp_residual(self, block: Block, x: Tensor, size: Tensor | None, count: Tensor) -> Tensor:
         """``x + mlp(norm2(x))``; with ragged images, on the real tokens only (packed).
@@ -229,6 +282,14 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(f"cannot merge tokens in {label}: dynamic_img_size is not supported")
 
 
+def _check_policy_fits(model: nn.Module, merger: TokenMerger) -> None:
+    merger.check(len(model.blocks))
+    if merger.prunes and getattr(model, "cls_token", None) is None:
+        raise UnsupportedModelError(
+            f"{merger.name} prunes by class-token attention, but {type(model).__name__} has no class token"
+        )
+
+
 RAGGED_MODES = ("packed", "padded")
 
 
@@ -244,13 +305,14 @@ def apply(
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
     if not isinstance(model, TokenMergingMixin):
         check_supported(model)
-    merger.check(len(model.blocks))
+    _check_policy_fits(model, merger)
     if not isinstance(model, TokenMergingMixin):
         taps = []
         handles = []
         for block in model.blocks:
-            tap = _KeyTap()
-            handles.append(block.attn.k_norm.register_forward_hook(tap))
+            tap = _QueryKeyTap()
+            handles.append(block.attn.q_norm.register_forward_hook(tap.on_query))
+            handles.append(block.attn.k_norm.register_forward_hook(tap.on_key))
             taps.append(tap)
         model._merge_taps = taps
         model._merge_hooks = handles
