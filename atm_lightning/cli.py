@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
+from .calibrate import CalibrationTrainer
 from .data import ImageNetDataModule
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
@@ -30,6 +32,7 @@ class ATMCLI(LightningCLI):
         defaults = {
             "model_class": TokenMergingModule,
             "datamodule_class": ImageNetDataModule,
+            "trainer_class": CalibrationTrainer,
             "seed_everything_default": 0,
             "save_config_kwargs": {"overwrite": True},
             "trainer_defaults": {
@@ -37,6 +40,11 @@ class ATMCLI(LightningCLI):
             },
         }
         super().__init__(**{**defaults, **kwargs})
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands plus ``calibrate`` (see :class:`CalibrationTrainer`)."""
+        return {**LightningCLI.subcommands(), "calibrate": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model name picks the eval preprocessing and the head size the labels: one source each.
@@ -54,6 +62,11 @@ class ATMCLI(LightningCLI):
                 f"settings would silently override --model.merger. Evaluate it with "
                 f"--model.weights {self.config[subcommand]['ckpt_path']} instead"
             )
+
+    def before_calibrate(self) -> None:
+        # The calibrated file is this very config with a new merger, so it validates as given.
+        dumped = yaml.safe_load(self.parser.dump(self.config, skip_check=True))
+        self.trainer.calibration_base_config = dumped["calibrate"]
 
     def after_validate(self) -> None:
         self._report("val")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -19,7 +19,11 @@ _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "hu
 
 
 def create_model(
-    model_name: str, pretrained: bool = False, weights: str | None = None, num_classes: int = 1000
+    model_name: str,
+    pretrained: bool = False,
+    weights: str | None = None,
+    num_classes: int = 1000,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A timm model, randomly initialised, from timm's hub cache, or from a local weights file.
 
@@ -30,16 +34,19 @@ def create_model(
         weights: local file: ``.safetensors``, a ``.pth``/``.pt`` state dict (bare, or under a
             ``model``/``state_dict`` key), or a checkpoint written by ``atm fit``.
         num_classes: classifier size; timm files with another head get a fresh one.
+        model_kwargs: further timm constructor arguments, e.g. ``img_size``, ``patch_size``, ``depth``
+            for a small ViT trained from scratch.
     """
     check_model_name(model_name)
+    kwargs = model_kwargs or {}
     if weights is None:
-        return _from_timm(model_name, pretrained, num_classes)
+        return _from_timm(model_name, pretrained, num_classes, kwargs)
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path} (check --model.weights)")
     state = _lightning_state_dict(path)
     if state is not None:
-        model = timm.create_model(model_name, num_classes=num_classes)
+        model = timm.create_model(model_name, num_classes=num_classes, **kwargs)
         _check_shapes(model, state, path, model_name)
         model.load_state_dict(state, strict=True)
         return model
@@ -52,7 +59,7 @@ def create_model(
         overlay["num_classes"] = head.shape[0]
     try:
         return timm.create_model(
-            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
         )
     except RuntimeError as err:
         if "size mismatch" not in str(err):
@@ -69,9 +76,9 @@ def check_model_name(model_name: str) -> None:
     raise ValueError(f"unknown timm model {model_name!r}{hint}")
 
 
-def _from_timm(model_name: str, pretrained: bool, num_classes: int) -> nn.Module:
+def _from_timm(model_name: str, pretrained: bool, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as err:
         if not pretrained:
             raise

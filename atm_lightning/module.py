@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .merge import NoMerge, TokenMerger
 from .models import create_model
 from .patch import merge_stats, patch
+from .training import build_mixup, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
 
 
 class Float64Sum(Metric):
@@ -110,10 +111,18 @@ class TokenMergingModule(LightningModule):
             checkpoint); use this, not ``--ckpt_path``, to evaluate a checkpoint.
         num_classes: classifier size.
         merger: token-merging policy, e.g. ``ATM``, ``ToMe`` or ``NoMerge`` (dense, with FLOPs accounting).
-        lr: peak AdamW learning rate for ``fit``.
-        weight_decay: AdamW weight decay.
+        lr: AdamW base learning rate for ``fit``, at a global batch of ``lr_base_batch`` images.
+        weight_decay: AdamW weight decay (never on norms, biases, position embedding, class token).
         label_smoothing: label smoothing of the training loss.
         warmup_steps: optimizer steps of linear warm-up before the cosine decay to 0.
+        warmup_epochs: the warm-up in epochs instead (may be fractional); use one of the two.
+        lr_base_batch: the peak lr is ``lr * global_batch / lr_base_batch`` (DeiT: 512), with
+            global_batch = batch size x devices x gradient accumulation; None uses ``lr`` as is.
+        mixup_alpha: timm Mixup alpha for training (DeiT: 0.8); 0 with ``cutmix_alpha`` 0 disables mixing.
+        cutmix_alpha: timm CutMix alpha for training (DeiT: 1.0).
+        drop_path_rate: stochastic depth of the last block, rising linearly from 0 (DeiT: 0.1).
+        model_kwargs: further timm constructor arguments, e.g. ``{img_size: 32, patch_size: 4,
+            depth: 4}`` for a small ViT trained from scratch (set ``data.img_size`` to match).
     """
 
     def __init__(
@@ -127,11 +136,26 @@ class TokenMergingModule(LightningModule):
         weight_decay: float = 0.05,
         label_smoothing: float = 0.1,
         warmup_steps: int = 0,
+        warmup_epochs: float = 0.0,
+        lr_base_batch: int | None = 512,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        drop_path_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if warmup_steps and warmup_epochs:
+            raise ValueError(
+                f"give the warm-up in steps or in epochs, not both (warmup_steps={warmup_steps}, "
+                f"warmup_epochs={warmup_epochs}); set the other to 0"
+            )
         self.save_hyperparameters()
         self.merger = merger
-        self.model = patch(create_model(model_name, pretrained, weights, num_classes), merger)
+        model = create_model(model_name, pretrained, weights, num_classes, model_kwargs)
+        model = set_drop_path(model, drop_path_rate)
+        self.model = patch(model, merger)
+        self.mixup = build_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
+        self.criterion = train_criterion(self.mixup, label_smoothing)
         depth = len(self.model.blocks)
         self.val_metrics = EvalMetrics(num_classes, depth)
         self.test_metrics = EvalMetrics(num_classes, depth)
@@ -143,11 +167,21 @@ class TokenMergingModule(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        self.train_top1(logits, targets)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/top1", self.train_top1, on_step=True, on_epoch=True)
+        if self.mixup is None:
+            logits = self.model(images)
+            self.train_top1(logits, targets)
+            self.log("train/top1", self.train_top1, on_step=True, on_epoch=True)
+        else:
+            if len(images) % 2:
+                raise ValueError(
+                    f"mixup/cutmix pair each image with another of its batch, so the per-device batch "
+                    f"must be even (got {len(images)}); set --data.batch_size to an even number"
+                )
+            # Mixed images have no single true label: no training accuracy.
+            images, targets = self.mixup(images, targets)
+            logits = self.model(images)
+        loss = self.criterion(logits, targets)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -194,16 +228,27 @@ class TokenMergingModule(LightningModule):
             self.log(f"{stage}/{key}", float(results[key]), sync_dist=True, reduce_fx="max")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total - 1, self.hparams.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        total = self.trainer.estimated_stepping_batches
+        if math.isinf(total):
+            raise ValueError("the cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps")
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()  # the batch size and epoch length are read off the loader
+        hp = self.hparams
+        lr = hp.lr if hp.lr_base_batch is None else scaled_lr(hp.lr, self._global_batch(), hp.lr_base_batch)
+        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr)
+        warmup = hp.warmup_steps or round(hp.warmup_epochs * self._steps_per_epoch())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, int(total)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _global_batch(self) -> int:
+        """Images per optimizer step over all devices, for the lr scaling rule."""
+        batch_size = getattr(self.trainer.train_dataloader, "batch_size", None)
+        if batch_size is None:
+            raise ValueError(
+                "cannot read the training batch size for lr scaling (the train dataloader has no "
+                "batch_size); set --model.lr_base_batch null and give the peak lr as --model.lr"
+            )
+        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)

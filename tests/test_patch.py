@@ -299,3 +299,20 @@ def test_evit_needs_a_class_token():
         patch(MODELS["vit_tiny_avgpool"](), "evit", keep_rate=0.7)
     with pytest.raises(ValueError, match="past the model's 12 blocks"):
         patch(MODELS["deit_tiny"](), "evit", prune_layers=[4, 13])
+
+
+@pytest.mark.parametrize("name", ["deit_tiny", "vit_tiny_avgpool"])
+@torch.no_grad()
+def test_packed_and_padded_ragged_batches_agree(name):
+    """Skipping padding tokens in the MLP changes no result, only the work done."""
+    model = MODELS[name]()
+    batch = blocky_images(6, seed=4)
+    patch(model, "atm", ragged="padded", **ATM_LENIENT)
+    padded = model(batch)
+    padded_tokens = merge_stats(model).tokens
+    assert len(set(padded_tokens[:, -1].tolist())) > 1
+    patch(model, "atm", ragged="packed", **ATM_LENIENT)
+    torch.testing.assert_close(model(batch), padded, atol=1e-4, rtol=1e-4)
+    assert torch.equal(merge_stats(model).tokens, padded_tokens)
+    with pytest.raises(ValueError, match="ragged must be one of"):
+        patch(model, "atm", ragged="nested", **ATM_LENIENT)

@@ -22,10 +22,12 @@ from atm_lightning.data.datasets import IMAGE_EXTENSIONS, is_image
 from atm_lightning.data.transforms import eval_transform, resolve_eval_config
 from atm_lightning.merge import MERGERS, NoMerge, TokenMerger, make_merger
 from atm_lightning.models import create_model
+from atm_lightning.patch import RAGGED_MODES
 
 METHOD_HELP = (
-    "NAME[:KEY=VALUE,...] with NAME dense, tome or atm (e.g. 'tome:r=13', "
-    "'atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=10'; lists as 'tome:r=[8,8,...]'), "
+    "NAME[:KEY=VALUE,...] with NAME dense, tome, atm or evit (e.g. 'tome:r=13', "
+    "'atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=10', 'evit:keep_rate=0.7'; lists as "
+    "'tome:r=[8,8,...]'; add 'ragged=padded' to run ragged batches padded instead of packed), "
     "or a project config YAML whose model.merger gives the method (e.g. configs/vit_t_atm.yaml)"
 )
 _ALIASES = {"dense": "none"}
@@ -39,6 +41,7 @@ class Method:
 
     label: str
     merger: TokenMerger
+    ragged: str = "packed"  # how images left with different token counts run (patch's ``ragged``)
 
     @property
     def dense(self) -> bool:
@@ -53,10 +56,13 @@ def parse_method(spec: str) -> Method:
     name, _, settings = spec.partition(":")
     key = _ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in MERGERS:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; choose dense, tome or atm (e.g. 'tome:r=13')")
+        raise ValueError(f"unknown method {name!r} in {spec!r}; choose dense, tome, atm or evit (e.g. 'tome:r=13')")
     parsed = _parse_settings(settings, spec)
+    ragged = str(parsed.pop("ragged", "packed"))
+    if ragged not in RAGGED_MODES:
+        raise ValueError(f"bad settings in {spec!r}: ragged must be one of {RAGGED_MODES}")
     try:
-        return Method(spec, make_merger(key, **parsed))
+        return Method(spec, make_merger(key, **parsed), ragged)
     except (TypeError, ValueError) as err:
         raise ValueError(f"bad settings in {spec!r}: {err}") from None
 

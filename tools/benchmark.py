@@ -193,12 +193,12 @@ def use(model: nn.Module, method: Method) -> None:
     if method.dense:
         unpatch(model)
     else:
-        patch(model, method.merger)
+        patch(model, method.merger, ragged=method.ragged)
 
 
 def mean_gflops(model: nn.Module, method: Method, batches: list[Tensor]) -> tuple[float, float]:
     """Mean per-image GFLOPs of ``method`` over the batches, and the dense model's GFLOPs."""
-    patch(model, method.merger)
+    patch(model, method.merger, ragged=method.ragged)
     total = 0.0
     with torch.inference_mode():
         for batch in batches:

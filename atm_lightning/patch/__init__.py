@@ -6,7 +6,15 @@ from torch import nn
 
 from ..merge import TokenMerger, make_merger
 from .stats import MergeStats, merge_stats
-from .timm_vit import LayerRecord, MergeTrace, UnsupportedModelError, apply, check_supported, remove
+from .timm_vit import (
+    RAGGED_MODES,
+    LayerRecord,
+    MergeTrace,
+    UnsupportedModelError,
+    apply,
+    check_supported,
+    remove,
+)
 
 
 def patch(
@@ -37,6 +45,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
+    "RAGGED_MODES",
     "LayerRecord",
     "MergeStats",
     "MergeTrace",
