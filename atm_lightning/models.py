@@ -15,6 +15,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from .merge import MERGERS
+
 _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 
 
@@ -88,12 +90,22 @@ def _from_timm(model_name: str, pretrained: bool, num_classes: int, kwargs: dict
         ) from err
 
 
+def allow_merger_unpickling() -> None:
+    """Let ``torch.load(weights_only=True)`` rebuild our merge policies (plain settings only).
+
+    A checkpoint keeps the merger among its hyperparameters, and both this module and Lightning
+    (``load_from_checkpoint``, resuming ``fit``) read checkpoints with ``weights_only=True``.
+    Registered once, globally: a scoped ``safe_globals`` block would drop them again on exit.
+    """
+    torch.serialization.add_safe_globals(list(MERGERS.values()))
+
+
+allow_merger_unpickling()
+
+
 def _load(path: Path) -> object:
     """``torch.load`` restricted to tensors, plain data and this project's merger classes."""
-    from .merge import MERGERS
-
-    with torch.serialization.safe_globals(list(MERGERS.values())):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:

@@ -119,10 +119,12 @@ def reference(weights: Path, root: Path, merger) -> dict:
     [
         ("vit_t_dense.yaml", NoMerge()),
         ("vit_t_tome.yaml", ToMe(r=13)),
-        ("vit_t_atm.yaml", ATM(alpha=1.0, beta=0.02, theta_min=0.86, split_layer=10)),
+        ("vit_t_atm.yaml", None),  # the shipped operating point, read from the config
     ],
 )
 def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights, config, merger) -> None:
+    if merger is None:
+        merger = ATM(**yaml.safe_load((CONFIGS / config).read_text())["model"]["merger"]["init_args"])
     monkeypatch.chdir(tmp_path)
     run(*eval_args(config, weights, data_root))
     row = metrics(tmp_path)

@@ -18,7 +18,8 @@ class EMA(Callback):
     Validation and test run with the EMA weights (so ``val/top1`` and the best checkpoint are the
     EMA's), and checkpoints store the EMA weights as the module's ``state_dict``: ``atm validate
     --model.weights ckpt`` evaluates exactly what was validated. The raw weights travel in this
-    callback's checkpoint state, and ``atm fit --ckpt_path`` puts them back into the model.
+    callback's checkpoint state, and resuming (``atm fit --ckpt_path``) with this callback puts
+    them back into the model; resumed without it, training would go on from the EMA weights.
     The average lives in this callback, never in module buffers, so DDP has nothing extra to
     broadcast; every rank updates it identically from identical weights.
 

@@ -9,6 +9,7 @@ the additive ``attn_mask`` timm's Attention already forwards to ``scaled_dot_pro
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +146,7 @@ class TokenMergingMixin:
 
         for layer, block in enumerate(self.blocks):
             bias = _attention_bias(size, merger.prop_attn, x.dtype)
-            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
-            q, k = self._merge_taps[layer].take()
+            x, q, k = self._attention_residual(block, self._merge_taps[layer], x, bias, count)
             if merger.merges:
                 weights = size if size is not None else x.new_ones(batch, x.shape[1])
                 if merger.prunes:
@@ -212,6 +212,40 @@ class TokenMergingMixin:
         if not bool((keep < count - protected).any()):
             return None, cost
         return prune_inattentive(x, weights, source, attention, keep, protected, merger.fuse_token), cost
+
+    def _attention_residual(
+        self, block: Block, tap: _QueryKeyTap, x: Tensor, bias: Tensor | None, count: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``x + attn(norm1(x))`` and the block's per-head queries and keys ([B, H, N, d]).
+
+        With ragged images, padding would cost attention its full length, so images are sorted
+        by token count and run in a few groups, each cut to its own longest image.
+        """
+        groups = self._length_groups(count, x.shape[1]) if bias is not None else None
+        if groups is None:
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
+            return (x, *tap.take())
+        out = x.clone()
+        heads, head_dim = block.attn.num_heads, block.attn.head_dim
+        q = x.new_zeros(x.shape[0], heads, x.shape[1], head_dim)
+        k = torch.zeros_like(q)
+        for rows, length in groups:
+            part = x[rows, :length]
+            out[rows, :length] = part + block.ls1(block.attn(block.norm1(part), attn_mask=bias[rows, ..., :length]))
+            q[rows, :, :length], k[rows, :, :length] = tap.take()
+        return out, q, k
+
+    def _length_groups(self, count: Tensor, width: int) -> list[tuple[Tensor, int]] | None:
+        """Up to 4 groups of images with similar token counts, or None when grouping saves little."""
+        if self._merge_ragged == "padded" or self.training or count.numel() < 4:
+            return None
+        lengths, order = count.sort(descending=True)
+        lengths_host = lengths.tolist()
+        if sum(lengths_host) >= 0.95 * width * len(lengths_host):
+            return None
+        num_groups = 4 if len(lengths_host) >= 16 else 2
+        bounds = [round(i * len(lengths_host) / num_groups) for i in range(num_groups + 1)]
+        return [(order[a:b], lengths_host[a]) for a, b in itertools.pairwise(bounds) if b > a]
 
     def _mlp_residual(self, block: Block, x: Tensor, size: Tensor | None, count: Tensor) -> Tensor:
         """``x + mlp(norm2(x))``; with ragged images, on the real tokens only (packed).
