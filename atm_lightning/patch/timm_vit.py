@@ -70,7 +70,8 @@ class MergeTrace:
 class _QueryKeyTap:
     """Forward hooks on ``attn.q_norm``/``attn.k_norm``: the last ops timm applies to q and k.
 
-    Keeps references to this block's per-head queries and keys ([B, H, N, d]) until taken.
+    Keeps this block's class-token query ([B, H, 1, d]; EViT needs no other) and per-head keys
+    ([B, H, N, d]) until taken.
     """
 
     def __init__(self) -> None:
@@ -78,7 +79,7 @@ class _QueryKeyTap:
         self.k: Tensor | None = None
 
     def on_query(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.q = output
+        self.q = output[:, :, :1]
 
     def on_key(self, module: nn.Module, args: Any, output: Tensor) -> None:
         self.k = output
@@ -206,7 +207,7 @@ class TokenMergingMixin:
         merger, protected = self._merger, self.num_prefix_tokens
         if not merger.prunes_at(layer):
             return None, torch.zeros_like(count, dtype=torch.float64)
-        attention = class_attention(q[:, :, :1], k, block.attn.scale, bias)
+        attention = class_attention(q, k, block.attn.scale, bias)
         cost = (count * block.attn.num_heads * block.attn.head_dim).double()  # q_cls . k for every token
         keep = keep_count(merger.keep_rate, count - protected)
         if not bool((keep < count - protected).any()):
@@ -216,7 +217,7 @@ class TokenMergingMixin:
     def _attention_residual(
         self, block: Block, tap: _QueryKeyTap, x: Tensor, bias: Tensor | None, count: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``x + attn(norm1(x))`` and the block's per-head queries and keys ([B, H, N, d]).
+        """``x + attn(norm1(x))``, the class-token query [B, H, 1, d] and per-head keys [B, H, N, d].
 
         With ragged images, padding would cost attention its full length, so images are sorted
         by token count and run in a few groups, each cut to its own longest image.
@@ -227,12 +228,12 @@ class TokenMergingMixin:
             return (x, *tap.take())
         out = x.clone()
         heads, head_dim = block.attn.num_heads, block.attn.head_dim
-        q = x.new_zeros(x.shape[0], heads, x.shape[1], head_dim)
-        k = torch.zeros_like(q)
+        q = x.new_zeros(x.shape[0], heads, 1, head_dim)
+        k = x.new_zeros(x.shape[0], heads, x.shape[1], head_dim)
         for rows, length in groups:
             part = x[rows, :length]
             out[rows, :length] = part + block.ls1(block.attn(block.norm1(part), attn_mask=bias[rows, ..., :length]))
-            q[rows, :, :length], k[rows, :, :length] = tap.take()
+            q[rows], k[rows, :, :length] = tap.take()
         return out, q, k
 
     def _length_groups(self, count: Tensor, width: int) -> list[tuple[Tensor, int]] | None:
