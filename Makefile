@@ -11,3 +11,7 @@ test-all: setup
 
 lint:
 	ruff check atm_lightning tests tools
+
+# Offline end to end on scikit-learn digits (a few minutes on 2 CPU cores); writes runs/demo/.
+demo: setup
+	HF_HUB_OFFLINE=1 python tools/demo.py

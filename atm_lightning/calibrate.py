@@ -6,13 +6,13 @@ once, and caches its log-probabilities and the preprocessed images. Each candida
 costs one merged forward pass over the cache, scored by how little it changes the dense model:
 KL(dense || merged) averaged over images (label-free), with top-1 agreement beside it.
 
-The search space is one-dimensional per schedule *shape*. A shape fixes ``split_layer`` and the
-block where the threshold decays to its floor (``decay_layer``); ``alpha`` stays 1 (block 1 merges
-only exact duplicates). The *level* is the gap ``1 - theta_min``, and ``beta`` follows from it,
-``beta = ln(1 + gap) / (decay_layer - 1)``, so every block's threshold falls as the gap grows and the
-FLOPs reduction rises with it. The level is solved in log space (pretrained models want gaps near
-0.2, random ones near 0.005) by bracketing then regula falsi, for a few shapes; the point with the
-lowest KL among those within the tolerance of the target wins.
+The search space is one-dimensional per schedule *shape*. A shape fixes ``split_layer``, the block
+where the threshold decays to its floor (``decay_layer``) and how far block 1's threshold sits below
+1 (``alpha_drop``). The *level* is the gap ``1 - theta_min``; ``alpha = 1 - alpha_drop * gap`` and
+``beta = ln(1 + alpha - theta_min) / (decay_layer - 1)`` follow from it, so every block's threshold
+falls as the gap grows and the FLOPs reduction rises with it. The level is solved in log space
+(pretrained ViTs want gaps near 0.2, random ones near 0.005) by secant steps, for a few shapes; the
+point with the lowest KL among those within the tolerance of the target wins.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ FIRST_SLOPE = 0.3  # reduction gained per unit of log gap, ViT-Ti near 30 %
 # Options of the calibrate subcommand itself, left out of the written config.
 CALIBRATE_OPTIONS = (
     "target_reduction", "tolerance", "num_images", "seed", "use_labels", "output",
-    "split_layers", "decay_layers", "max_evals",
+    "split_layers", "decay_layers", "alpha_drops", "max_evals",
 )
 
 
@@ -58,13 +58,16 @@ class Shape:
 
     split_layer: int  # first block (1-indexed) with the size-sorted split
     decay_layer: int  # block (1-indexed) whose threshold first reaches theta_min
+    alpha_drop: float  # alpha = 1 - alpha_drop * gap: 0 keeps block 1 strict, more merges there too
 
     def merger(self, log_gap: float, base: ATM) -> ATM:
         """The ATM policy of this shape at level ``log_gap``, rounded to readable values."""
-        theta_min = round(1.0 - math.exp(log_gap), 5)
-        beta = float(f"{math.log(2.0 - theta_min) / (self.decay_layer - 1):.4g}")
+        gap = math.exp(log_gap)
+        alpha = round(1.0 - self.alpha_drop * gap, 5)
+        theta_min = min(alpha, round(1.0 - gap, 5))
+        beta = max(0.0, float(f"{math.log(1.0 + alpha - theta_min) / (self.decay_layer - 1):.4g}"))
         return ATM(
-            alpha=1.0,
+            alpha=alpha,
             beta=beta,
             theta_min=theta_min,
             split_layer=self.split_layer,
@@ -73,11 +76,6 @@ class Shape:
         )
 
 
-def default_shapes(depth: int) -> list[Shape]:
-    """Two split layers near the end times an early and a late decay: the grid that mattered on ViT-Ti."""
-    splits = sorted({max(1, depth - 2), max(1, depth - 1)})
-    decays = sorted({max(2, round(depth / 2)), max(2, depth - 2)})
-    return [Shape(s, d) for s in splits for d in decays]
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class Point:
     def describe(self) -> str:
         m = self.merger
         text = (
-            f"split_layer={m.split_layer} beta={m.beta:.4g} theta_min={m.theta_min:.5g}: "
+            f"alpha={m.alpha:.5g} beta={m.beta:.4g} theta_min={m.theta_min:.5g} split_layer={m.split_layer}: "
             f"reduction {100 * self.reduction:.1f}%  KL {self.kl:.4f}  agreement {100 * self.agreement:.1f}%"
         )
         return text + (f"  top-1 {100 * self.top1:.1f}%" if self.top1 is not None else "")
@@ -307,6 +305,7 @@ class CalibrationTrainer(Trainer):
         output: str = "calibrated.yaml",
         split_layers: list[int] | None = None,
         decay_layers: list[int] | None = None,
+        alpha_drops: list[float] | None = None,
         max_evals: int = 8,
     ) -> Calibration:
         """Find ATM thresholds that save target_reduction of the FLOPs while changing predictions least.
@@ -323,8 +322,9 @@ class CalibrationTrainer(Trainer):
             use_labels: also score top-1 accuracy, and pick the most accurate point (KL breaks ties).
             output: YAML config to write, usable as ``atm validate --config OUTPUT --data.root R``.
             split_layers: candidate ATM split layers (1-indexed); default: depth-2 and depth-1.
-            decay_layers: candidate blocks where the threshold reaches its floor; default: depth/2
-                and depth-2.
+            decay_layers: candidate blocks where the threshold reaches its floor; default: depth-2.
+            alpha_drops: candidate first thresholds, as alpha = 1 - alpha_drop * (1 - theta_min);
+                default: 0 (block 1 merges only exact duplicates) and 0.5.
             max_evals: evaluations allowed per schedule shape.
         """
         check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
@@ -335,19 +335,11 @@ class CalibrationTrainer(Trainer):
         device = self.strategy.root_device
         model = model.eval().to(device)
         base = model.merger if isinstance(model.merger, ATM) else ATM()
-        shapes = candidate_shapes(len(model.model.blocks), split_layers, decay_layers)
+        shapes = candidate_shapes(len(model.model.blocks), split_layers, decay_layers, alpha_drops)
         samples = calibration_samples(datamodule, num_images, seed)
         cal = load_calibration_set(model, datamodule, samples, device, progress)
-        bar = tqdm(total=len(shapes) * max_evals, desc="calibrate", disable=not progress)
-
-        def score(merger: ATM) -> Point:
-            point = evaluate(model, cal, merger, use_labels)
-            bar.update()
-            bar.write(point.describe())
-            return point
-
+        score = progress_scorer(model, cal, use_labels, len(shapes) * max_evals, progress)
         result = search(score, shapes, base, target_reduction, tolerance, max_evals, use_labels)
-        bar.close()
         patch(model.model, model.merger)
         if use_labels:
             result.dense_top1 = float((cal.dense_log_probs.argmax(-1) == cal.labels).double().mean())
@@ -364,6 +356,21 @@ class CalibrationTrainer(Trainer):
         return result
 
 
+def progress_scorer(
+    module: TokenMergingModule, cal: CalibrationSet, use_labels: bool, most: int, progress: bool
+) -> Callable[[ATM], Point]:
+    """:func:`evaluate` that advances a bar (of at most ``most`` points) and prints each point."""
+    bar = tqdm(total=most, desc="calibrate", disable=not progress, leave=False)
+
+    def score(merger: ATM) -> Point:
+        point = evaluate(module, cal, merger, use_labels)
+        bar.update()
+        tqdm.write(point.describe())
+        return point
+
+    return score
+
+
 def check_calibrate_args(target: float, tolerance: float, num_images: int, max_evals: int) -> None:
     """Fail before decoding any image when the request cannot work out."""
     if not 0.0 < target < 1.0:
@@ -374,18 +381,29 @@ def check_calibrate_args(target: float, tolerance: float, num_images: int, max_e
         raise ValueError(f"--num_images must be >= 1 and --max_evals >= 2; got {num_images} and {max_evals}")
 
 
-def candidate_shapes(depth: int, split_layers: list[int] | None, decay_layers: list[int] | None) -> list[Shape]:
-    """The shape grid: the given split and decay layers, each defaulting to :func:`default_shapes`."""
-    defaults = default_shapes(depth)
-    splits = split_layers or sorted({s.split_layer for s in defaults})
-    decays = decay_layers or sorted({s.decay_layer for s in defaults})
+def candidate_shapes(
+    depth: int,
+    split_layers: list[int] | None = None,
+    decay_layers: list[int] | None = None,
+    alpha_drops: list[float] | None = None,
+) -> list[Shape]:
+    """The grid of schedule shapes; each axis defaults to values that mattered on ViT-Ti and DeiT.
+
+    Split layers near the end (depth-2, depth-1), the threshold reaching its floor at depth-2, and
+    block 1 strict or merging near-duplicates (alpha_drop 0, 0.5): four shapes. On ViT-Ti the
+    decay layer and alpha barely move the KL-vs-reduction curve; on images with blank background
+    merging duplicates in block 1 is what keeps high reductions lossless.
+    """
+    splits = split_layers or sorted({max(1, depth - 2), max(1, depth - 1)})
+    decays = decay_layers or [max(2, depth - 2)]
+    drops = alpha_drops or [0.0, 0.5]
     bad = [d for d in decays if not 2 <= d <= depth] + [s for s in splits if not 1 <= s <= depth + 1]
-    if bad:
+    if bad or not all(0.0 <= a < 1.0 for a in drops):
         raise ValueError(
-            f"--split_layers must lie in 1..{depth + 1} and --decay_layers in 2..{depth} "
-            f"for this {depth}-block model; got {bad}"
+            f"--split_layers must lie in 1..{depth + 1}, --decay_layers in 2..{depth} for this "
+            f"{depth}-block model, and --alpha_drops in [0, 1); got {split_layers}, {decay_layers}, {alpha_drops}"
         )
-    return [Shape(s, d) for s in splits for d in decays]
+    return [Shape(s, d, a) for a in drops for s in splits for d in decays]
 
 
 def unreached_message(result: Calibration) -> str:

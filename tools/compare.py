@@ -181,9 +181,7 @@ def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> tup
     args += ["--trainer.logger", json.dumps(logger)]
     if run.weights is not None:
         args += ["--model.weights", run.weights]
-    with warnings.catch_warnings():  # compare's own sys.argv is not meant for LightningCLI
-        warnings.filterwarnings("ignore", message=".*args.*command line arguments.*")
-        cli = ATMCLI(args=args, run=False)
+    cli = atm_cli(args, run=False)
     recorder = PredictionRecorder()
     cli.trainer.callbacks.append(recorder)
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
@@ -191,6 +189,13 @@ def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> tup
     row = json.loads((Path(cli.trainer.log_dir) / METRICS_FILE).read_text())
     row["metrics_path"] = str(Path(cli.trainer.log_dir) / METRICS_FILE)
     return row, torch.cat(recorder.predictions)
+
+
+def atm_cli(args: list[str], run: bool = True) -> ATMCLI:
+    """The `atm` CLI in-process with ``args``; this script's own command line is not for it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args.*command line arguments.*")
+        return ATMCLI(args=args, run=run)
 
 
 def merger_config(merger: TokenMerger) -> dict[str, Any]:
@@ -258,7 +263,7 @@ def markdown_table(rows: list[Row]) -> str:
     for r in rows:
         agreement = "n/a" if r.agreement_pct is None else f"{r.agreement_pct:.1f}%"
         lines.append(
-            f"| {r.method} | {r.params} | {r.gflops:.3f} | {r.reduction_pct:.1f}% | {r.top1:.2f} | "
+            f"| {r.method} | {r.params} | {r.gflops:.4g} | {r.reduction_pct:.1f}% | {r.top1:.2f} | "
             f"{r.top5:.2f} | {agreement} | {r.img_per_s:.1f} | {'*' if r.pareto else ''} |"
         )
     return "\n".join(lines)
@@ -286,7 +291,10 @@ def plot(rows: list[Row], path: Path) -> None:
         if members:
             ax.plot([r.gflops for r in members], [r.top1 for r in members], "o", color=colour, label=family)
     front = sorted((r for r in rows if r.pareto), key=lambda r: r.gflops)
-    ax.plot([r.gflops for r in front], [r.top1 for r in front], "--", color="grey", label="Pareto front")
+    ax.plot(
+        [r.gflops for r in front], [r.top1 for r in front], "--o", color="grey", markerfacecolor="none",
+        markersize=12, label="Pareto front",
+    )
     for r in rows:
         ax.annotate(r.method, (r.gflops, r.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("GFLOPs per image (multiply-adds)")

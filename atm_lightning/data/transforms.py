@@ -51,7 +51,12 @@ def eval_transform(config: dict[str, Any]) -> Callable:
 
 
 def train_transform(
-    config: dict[str, Any], auto_augment: str | None, re_prob: float, color_jitter: float, hflip: float
+    config: dict[str, Any],
+    auto_augment: str | None,
+    re_prob: float,
+    color_jitter: float,
+    hflip: float,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> Callable:
     """DeiT-style augmentation (random resized crop, RandAugment, random erasing) at the eval resolution."""
     return create_transform(
@@ -64,4 +69,5 @@ def train_transform(
         re_prob=re_prob,
         color_jitter=color_jitter,
         hflip=hflip,
+        scale=crop_scale,
     )

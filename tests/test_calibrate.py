@@ -1,0 +1,153 @@
+"""`atm calibrate`: the level search, and the real subcommand on generated images and a model it has never seen."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from atm_lightning.calibrate import LOG_GAP_BOUNDS, Shape, candidate_shapes, solve_level
+from atm_lightning.cli import main
+from atm_lightning.merge import ATM
+from tests.fakedata import make_image_folder
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NAME = "vit_tiny_patch16_224"
+CLASSES = ["ant", "bee", "cat"]
+NUM_CLASSES = 200  # a head no shipped config knows
+# ViT-Ti's blocks at 96 px, 6 deep: 37 tokens, fast enough for the suite.
+SMALL = {"img_size": 96, "depth": 6}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and val/ hold the same 12 images, so the reduction found must reappear in validate."""
+    root = tmp_path_factory.mktemp("data")
+    make_image_folder(root / "train", CLASSES, per_class=4)
+    shutil.copytree(root / "train", root / "val")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, num_classes=NUM_CLASSES, **SMALL)
+    path = tmp_path_factory.mktemp("weights") / "vit_t_200cls.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def run(*args: str) -> None:
+    with mock.patch("sys.argv", ["atm"]):
+        main(list(args))
+
+
+def common(weights: Path, root: Path) -> list[str]:
+    return [
+        "--model.model_name", NAME,
+        "--model.weights", str(weights),
+        "--model.num_classes", str(NUM_CLASSES),
+        "--model.model_kwargs", json.dumps(SMALL),
+        "--data.img_size", str(SMALL["img_size"]),
+        "--data.root", str(root),
+        "--data.batch_size", "5",
+        "--data.num_workers", "0",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "sub" / "my_atm.yaml"
+    args = ["--target_reduction", "0.3", "--tolerance", "0.02", "--use_labels", "true", "--output", str(output)]
+    run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "KL" in line]
+    chosen = float(re.search(r"reduction ([\d.]+)%", lines[-1]).group(1))
+    assert lines[-1].startswith("chosen:") and len(lines) >= 3  # one line per evaluated point
+    assert abs(chosen - 30.0) <= 2.0
+
+    text = output.read_text()
+    config = yaml.safe_load(text)
+    assert text.startswith("# Calibrated by `atm calibrate`") and f"12 images of {data_root / 'train'}" in text
+    assert config["model"]["merger"]["class_path"] == "atm_lightning.merge.ATM"
+    assert config["model"]["weights"] == str(weights) and config["model"]["num_classes"] == NUM_CLASSES
+    assert "root" not in config["data"] and "target_reduction" not in config
+    atm = ATM(**config["model"]["merger"]["init_args"])
+    assert 0.99 < atm.theta_min < 1.0  # a random ViT's keys are all alike
+
+    # The file is used as is; only the data root is new. val/ holds the calibration images.
+    run("validate", "--config", str(output), "--data.root", str(data_root))
+    (metrics,) = tmp_path.glob("runs/*/version_*/metrics.json")
+    row = json.loads(metrics.read_text())
+    assert row["num_images"] == 12 and row["method"] == "atm"
+    assert 100 * row["flops_reduction"] == pytest.approx(chosen, abs=0.051)
+
+
+def test_missing_train_split_says_why_training_images(tmp_path, monkeypatch, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "only_val" / "val", CLASSES, per_class=1)
+    with pytest.raises(FileNotFoundError, match=r"training images.*--data.train_split"):
+        run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, tmp_path / "only_val"))
+
+
+def test_unreachable_target_names_the_reductions_seen(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["--target_reduction", "0.95", "--max_evals", "3", "--split_layers", "[5]", "--alpha_drops", "[0.0]"]
+    with pytest.raises(RuntimeError, match=r"no schedule came within 1.0 pp of the target 95.0% \(reductions seen"):
+        run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args)
+
+
+def test_help_describes_the_subcommand(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run("calibrate", "--help")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Find ATM thresholds" in out and "--target_reduction" in out and "--use_labels" in out
+
+
+def test_solve_level_hits_a_monotone_curve_in_few_evaluations() -> None:
+    calls = []
+
+    def error(x: float) -> float:  # a sigmoid-shaped reduction curve, root at x = -2.9
+        calls.append(x)
+        return 1 / (1 + math.exp(-2 * (x + 3))) - 0.55
+
+    x, slope = solve_level(error, start=math.log(0.2), slope=0.3, tolerance=0.01, max_evals=8)
+    assert abs(error(x)) <= 0.01 and slope > 0
+    assert len(calls) <= 6
+
+
+def test_solve_level_gives_up_when_the_target_is_out_of_reach() -> None:
+    assert solve_level(lambda x: -0.5, start=0.0, slope=0.3, tolerance=0.01, max_evals=20) is None
+    assert solve_level(lambda x: 0.5, start=0.0, slope=0.3, tolerance=0.01, max_evals=3) is None
+
+
+def test_thresholds_fall_in_every_block_as_the_level_rises() -> None:
+    for shape in candidate_shapes(12):
+        levels = torch.linspace(*LOG_GAP_BOUNDS, 25).tolist()
+        schedules = [shape.merger(x, ATM()).thresholds(12) for x in levels]
+        for lower, higher in itertools.pairwise(schedules):
+            assert all(b <= a for a, b in zip(lower, higher))
+        assert schedules[0][0] >= 0.9999 and schedules[-1][-1] <= -0.9
+
+
+def test_shape_reproduces_the_vit_ti_reference_schedule() -> None:
+    atm = Shape(split_layer=11, decay_layer=10, alpha_drop=0.0).merger(math.log(0.2), ATM())
+    assert (atm.alpha, atm.theta_min, atm.split_layer) == (1.0, 0.8, 11)
+    assert atm.beta == pytest.approx(math.log(1.2) / 9, rel=1e-3)  # ~0.0203: the known operating point
+
+
+def test_bad_grid_is_refused_with_the_valid_range() -> None:
+    with pytest.raises(ValueError, match=r"--decay_layers in 2..12"):
+        candidate_shapes(12, decay_layers=[13])

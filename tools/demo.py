@@ -1,0 +1,102 @@
+"""The researcher's workflow end to end, offline, in a few minutes on 2 CPU cores (``make demo``).
+
+1. Write scikit-learn's 1797 handwritten digits as an ImageFolder, each digit on a blank canvas.
+2. ``atm fit`` a small ViT on the training split (configs/demo/digits_vit.yaml).
+3. ``atm calibrate`` ATM on the *training* images for a FLOPs target.
+4. ``tools/compare.py``: dense, ToMe and the calibrated ATM on the val images: table, CSV, plot.
+
+ATM's thresholds merge the uniform background, so it saves FLOPs where ToMe, which merges a fixed
+count in every image, has to start merging strokes. Everything is written under OUTPUT; each step
+prints the shell command it runs in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from pathlib import Path
+
+import torch
+from _common import HelpFormatter
+from compare import Row, atm_cli
+from compare import cli as compare_cli
+from digits_data import write_digits
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "digits_vit.yaml"
+FAST = {"limit": None, "epochs": 5, "calibration_images": 200, "tome_r": ["8", "12"]}
+FULL = {"limit": None, "epochs": 15, "calibration_images": 600, "tome_r": ["4", "8", "12", "16"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python tools/demo.py", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder for data, runs and results")
+    parser.add_argument("--fast", action="store_true", help="5 epochs, fewer calibration images and ToMe points: the test suite's variant")
+    parser.add_argument("--target", type=float, default=0.6, help="ATM's FLOPs reduction target for calibrate")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: all cores, or 1 when other processes load them)"
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[Row]:
+    torch.set_num_threads(args.threads or default_threads())
+    plan = FAST if args.fast else FULL
+    out = args.output
+    counts = write_digits(out / "digits", limit=plan["limit"])
+    print(f"wrote {counts['train']} training and {counts['val']} val digits to {out / 'digits'}")
+    common = ["--config", str(CONFIG), "--data.root", str(out / "digits"), "--trainer.enable_progress_bar", "false"]
+    checkpoint = fit(common, out, plan["epochs"])
+    calibrated = out / "digits_atm.yaml"
+    calibrate(common, checkpoint, calibrated, args.target, plan["calibration_images"])
+    compare_args = [
+        *common,
+        "--model.weights",
+        checkpoint,
+        "--tome_r",
+        *plan["tome_r"],
+        "--atm",
+        str(calibrated),
+        "--output",
+        str(out / "compare"),
+    ]
+    announce("python tools/compare.py", compare_args)
+    return compare_cli(compare_args)
+
+
+def default_threads() -> int:
+    """All cores on an idle machine; one when others keep them busy (OpenMP spin-waits then cost most)."""
+    cores = os.cpu_count() or 1
+    return 1 if os.getloadavg()[0] >= cores - 0.5 else cores
+
+
+def fit(common: list[str], out: Path, epochs: int) -> str:
+    """Train the small ViT; returns its checkpoint."""
+    args = ["fit", *common, "--trainer.max_epochs", str(epochs)]
+    args += ["--trainer.logger.init_args.save_dir", str(out / "runs")]
+    announce("atm", args)
+    cli = atm_cli(args)
+    top1 = cli.model.results["val"]["top1"]
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path
+    print(f"trained: val top-1 {top1:.1f}% after {epochs} epochs; checkpoint {checkpoint}")
+    return checkpoint
+
+
+def calibrate(common: list[str], checkpoint: str, output: Path, target: float, num_images: int) -> None:
+    """ATM's operating point for the trained model, from its training images."""
+    args = ["calibrate", *common, "--model.weights", checkpoint, "--target_reduction", str(target)]
+    args += ["--num_images", str(num_images), "--output", str(output)]
+    announce("atm", args)
+    atm_cli(args)
+
+
+def announce(program: str, args: list[str]) -> None:
+    print(f"\n$ {program} {shlex.join(args)}", flush=True)
+
+
+def cli(argv: list[str] | None = None) -> list[Row]:
+    return main(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()
