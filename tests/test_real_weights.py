@@ -7,18 +7,22 @@ and ToMe given at least as many GFLOPs must be less accurate. The operating poin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import yaml
 
 from atm_lightning import ATM, merge_stats, patch
+from atm_lightning.cli import main
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.flops import ViTCost
 from atm_lightning.models import create_model
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vit_t_atm.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG = CONFIGS / "vit_t_atm.yaml"
 BATCH = 100
 
 pytestmark = pytest.mark.shared
@@ -67,11 +71,32 @@ def tome_r_with_at_least(model, gflops: float) -> int:
     return best
 
 
+@pytest.fixture(scope="module")
+def dense(sample) -> tuple[float, float]:
+    return evaluate(*sample, "none")
+
+
 @pytest.mark.slow
-def test_shipped_atm_is_lossless_and_beats_tome(sample):
+def test_atm_validate_reports_the_engine_top1(sample, dense, shared_weights, shared_images, tmp_path, monkeypatch):
+    """The user path (`atm validate` with the dense config) gives the engine's dense top-1 exactly."""
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", str(CONFIGS / "vit_t_dense.yaml"), "--model.weights", str(shared_weights)]
+    args += ["--data.root", str(shared_images.parent), "--data.batch_size", str(BATCH), "--data.num_workers", "0"]
+    args += ["--trainer.callbacks", "[]"]
+    with mock.patch("sys.argv", ["atm"]):
+        main(args)
+    (metrics,) = tmp_path.glob("runs/**/metrics.json")
+    row = json.loads(metrics.read_text())
+    assert row["num_images"] == 1000
+    assert row["top1"] == pytest.approx(100 * dense[0], abs=1e-9)
+    assert row["gflops"] == pytest.approx(dense[1], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_shipped_atm_is_lossless_and_beats_tome(sample, dense):
     model, images, labels = sample
     assert len(images) == 1000
-    top1_dense, gflops_dense = evaluate(model, images, labels, "none")
+    top1_dense, gflops_dense = dense
     assert top1_dense == pytest.approx(0.819, abs=0.0015)  # data/README: 81.9% with timm's transform
     top1_atm, gflops_atm = evaluate(model, images, labels, shipped_atm())
     reduction = 1 - gflops_atm / gflops_dense

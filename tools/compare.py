@@ -137,7 +137,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
     runs += [Run(f"ToMe r={r}", "ToMe", ToMe(r=r)) for r in args.tome_r]
     for spec in args.atm:
         method = parse_method(spec)
-        runs.append(Run(method.label if spec.endswith((".yaml", ".yml")) else "ATM", "ATM", method.merger))
+        family = type(method.merger).__name__  # ATM, or another method given inline (ToMe, EViT)
+        runs.append(Run(method.label if spec.endswith((".yaml", ".yml")) else family, family, method.merger))
     runs += [parse_checkpoint(spec) for spec in args.checkpoint]
     return runs
 
@@ -285,7 +286,14 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colours = {"dense": "black", "ToMe": "tab:blue", "ATM": "tab:red", "checkpoint": "tab:green"}
+    colours = {
+        "dense": "black",
+        "ToMe": "tab:blue",
+        "ATM": "tab:red",
+        "EViT": "tab:orange",
+        "NoMerge": "black",
+        "checkpoint": "tab:green",
+    }
     for family, colour in colours.items():
         members = [r for r in rows if r.family == family]
         if members:
