@@ -76,7 +76,6 @@ def dense(sample) -> tuple[float, float]:
     return evaluate(*sample, "none")
 
 
-@pytest.mark.slow
 def test_atm_validate_reports_the_engine_top1(sample, dense, shared_weights, shared_images, tmp_path, monkeypatch):
     """The user path (`atm validate` with the dense config) gives the engine's dense top-1 exactly."""
     monkeypatch.chdir(tmp_path)
@@ -88,11 +87,10 @@ def test_atm_validate_reports_the_engine_top1(sample, dense, shared_weights, sha
     (metrics,) = tmp_path.glob("runs/**/metrics.json")
     row = json.loads(metrics.read_text())
     assert row["num_images"] == 1000
-    assert row["top1"] == pytest.approx(100 * dense[0], abs=1e-9)
+    assert row["top1"] == pytest.approx(100 * dense[0], abs=1e-4)  # float32 metric; one image = 0.1
     assert row["gflops"] == pytest.approx(dense[1], rel=1e-9)
 
 
-@pytest.mark.slow
 def test_shipped_atm_is_lossless_and_beats_tome(sample, dense):
     model, images, labels = sample
     assert len(images) == 1000
