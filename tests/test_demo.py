@@ -39,8 +39,12 @@ def test_fast_demo_trains_and_atm_merges_the_background(tmp_path, monkeypatch) -
     monkeypatch.chdir(tmp_path)
     rows = demo.cli(["--fast", "--output", str(tmp_path / "demo")])
     by_family = {r.family: r for r in rows}
-    assert [r.family for r in rows] == ["dense", "ToMe", "ToMe", "ATM"]
-    dense, atm = by_family["dense"], by_family["ATM"]
+    assert [r.family for r in rows] == ["dense", "ToMe", "ToMe", "ATM", "checkpoint"]
+    dense, atm, tome_ft = by_family["dense"], by_family["ATM"], by_family["checkpoint"]
+    # The ToMe-fine-tuned model runs ToMe r=12, so it costs exactly what off-the-shelf r=12 costs.
+    tome12 = next(r for r in rows if r.method == "ToMe r=12")
+    assert tome_ft.method == "tome_ft_r12" and tome_ft.gflops == tome12.gflops
+    assert tome_ft.top1 > 50
     assert dense.top1 > 50  # 10 classes: chance is 10 %
     assert dense.num_images == 364
     assert abs(atm.reduction_pct - 60) <= 1.5  # calibrated on training images, measured on val

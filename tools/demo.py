@@ -2,8 +2,10 @@
 
 1. Write scikit-learn's 1797 handwritten digits as an ImageFolder, each digit on a blank canvas.
 2. ``atm fit`` a small ViT on the training split (configs/demo/digits_vit.yaml).
-3. ``atm calibrate`` ATM on the *training* images for a FLOPs target.
-4. ``tools/compare.py``: dense, ToMe and the calibrated ATM on the val images: table, CSV, plot.
+3. ``atm fit`` it a few epochs more with ToMe merging active: the trained baseline (ToMe-ft).
+4. ``atm calibrate`` ATM on the *training* images for a FLOPs target.
+5. ``tools/compare.py``: dense, ToMe off the shelf, ToMe-ft and the training-free calibrated ATM on
+   the val images: table, CSV, plot.
 
 ATM's thresholds merge the uniform background, so it saves FLOPs where ToMe, which merges a fixed
 count in every image, has to start merging strokes. Everything is written under OUTPUT; each step
@@ -24,8 +26,18 @@ from compare import cli as compare_cli
 from digits_data import write_digits
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "digits_vit.yaml"
-FAST = {"limit": None, "epochs": 5, "calibration_images": 200, "tome_r": ["8", "12"]}
-FULL = {"limit": None, "epochs": 15, "calibration_images": 600, "tome_r": ["4", "8", "12", "16"]}
+FAST = {"limit": None, "epochs": 5, "ft_epochs": 2, "ft_r": 12, "calibration_images": 200, "tome_r": ["8", "12"]}
+FULL = {
+    "limit": None,
+    "epochs": 15,
+    "ft_epochs": 3,
+    "ft_r": 16,
+    "calibration_images": 600,
+    "tome_r": ["4", "8", "12", "16"],
+}
+# Fine-tuning from the trained model: a lower peak lr than from scratch, and no proportional
+# attention while training, as ToMe advises (the same setting is used to evaluate it).
+FT_LR = "5e-4"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +59,7 @@ def main(args: argparse.Namespace) -> list[Row]:
     print(f"wrote {counts['train']} training and {counts['val']} val digits to {out / 'digits'}")
     common = ["--config", str(CONFIG), "--data.root", str(out / "digits"), "--trainer.enable_progress_bar", "false"]
     checkpoint = fit(common, out, plan["epochs"])
+    tome_ft = fit(common, out, plan["ft_epochs"], name="digits_vit_tome_ft", extra=tome_ft_args(checkpoint, plan["ft_r"]))
     calibrated = out / "digits_atm.yaml"
     calibrate(common, checkpoint, calibrated, args.target, plan["calibration_images"])
     compare_args = [
@@ -57,6 +70,8 @@ def main(args: argparse.Namespace) -> list[Row]:
         *plan["tome_r"],
         "--atm",
         str(calibrated),
+        "--checkpoint",
+        f"tome_ft_r{plan['ft_r']}={tome_ft}:tome:r={plan['ft_r']},prop_attn=false",
         "--output",
         str(out / "compare"),
     ]
@@ -70,16 +85,22 @@ def default_threads() -> int:
     return 1 if os.getloadavg()[0] >= cores - 0.5 else cores
 
 
-def fit(common: list[str], out: Path, epochs: int) -> str:
-    """Train the small ViT; returns its checkpoint."""
-    args = ["fit", *common, "--trainer.max_epochs", str(epochs)]
-    args += ["--trainer.logger.init_args.save_dir", str(out / "runs")]
+def fit(common: list[str], out: Path, epochs: int, name: str = "digits_vit", extra: tuple[str, ...] = ()) -> str:
+    """Train the small ViT (or fine-tune it, with ``extra`` settings); returns its checkpoint."""
+    args = ["fit", *common, "--trainer.max_epochs", str(epochs), *extra]
+    args += ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name", name]
     announce("atm", args)
     cli = atm_cli(args)
     top1 = cli.model.results["val"]["top1"]
     checkpoint = cli.trainer.checkpoint_callback.best_model_path
     print(f"trained: val top-1 {top1:.1f}% after {epochs} epochs; checkpoint {checkpoint}")
     return checkpoint
+
+
+def tome_ft_args(checkpoint: str, r: int) -> tuple[str, ...]:
+    """Fine-tune ``checkpoint`` with ToMe r merges per block active."""
+    return ("--model.weights", checkpoint, "--model.merger", "ToMe", "--model.merger.r", str(r),
+            "--model.merger.prop_attn", "false", "--model.lr", FT_LR, "--model.warmup_steps", "0")
 
 
 def calibrate(common: list[str], checkpoint: str, output: Path, target: float, num_images: int) -> None:
