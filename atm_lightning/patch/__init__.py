@@ -32,8 +32,9 @@ def patch(
         method: ``"atm"``, ``"tome"`` or ``"none"`` (dense, with token/FLOPs accounting), or a
             :class:`~atm_lightning.merge.TokenMerger` instance.
         record_merges: keep every block's merge decisions in :func:`merge_stats` (tests, debugging).
-        ragged: ``"packed"`` (default) skips padding tokens where images of a batch kept
-            different numbers of tokens; ``"padded"`` computes them too (same results, for comparison).
+        ragged: ``"packed"`` (default) skips most padding where images of a batch kept different
+            numbers of tokens (MLP on real tokens, attention grouped by length); ``"padded"``
+            computes it all (same results, for comparison).
         **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
     """
     return apply(model, make_merger(method, **settings), record_merges=record_merges, ragged=ragged)

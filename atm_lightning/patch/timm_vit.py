@@ -333,8 +333,9 @@ def apply(
 ) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
-    ``ragged`` chooses how images with different token counts run: ``packed`` skips padding
-    tokens in the MLP, ``padded`` runs every layer on the padded batch (for comparison).
+    ``ragged`` chooses how images with different token counts run: ``packed`` runs the MLP on
+    real tokens only and attention in groups of similar length, ``padded`` runs every layer on
+    the padded batch (for comparison). Training always runs padded.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
