@@ -132,6 +132,72 @@ def test_merge_conserves_mass_and_pads_ragged_images():
     assert torch.equal(out.x[1], x[1]) and torch.equal(out.size[1], size[1])
 
 
+def _merge_one_image(x, size, source, split, matches, selected, b, protected):
+    """Straightforward per-image merge: the definition merge_tokens must equal."""
+    a_pos = [int(p) for p, ok in zip(split.a_idx[b], split.a_ok[b]) if ok]
+    b_pos = [int(p) for p, ok in zip(split.b_idx[b], split.b_ok[b]) if ok]
+    chosen = {a_pos[i]: b_pos[int(matches.dst[b, i])] for i in range(len(a_pos)) if selected[b, i]}
+    prefix = [p for p in range(protected) if size[b, p] > 0]
+    rest = [p for p in a_pos if p not in chosen]
+    order = prefix + rest + b_pos if chosen else sorted(prefix + rest + b_pos)
+    rows, sizes, sources = [], [], []
+    for p in order:
+        takers = [a for a, d in chosen.items() if d == p]
+        total = size[b, p] + sum(size[b, a] for a in takers)
+        if takers:
+            rows.append((size[b, p] * x[b, p] + sum(size[b, a] * x[b, a] for a in takers)) / total)
+        else:
+            rows.append(x[b, p])
+        sizes.append(total)
+        if source is not None:
+            sources.append(source[b, p] + sum((source[b, a] for a in takers), torch.zeros_like(source[b, p])))
+    return torch.stack(rows), torch.stack(sizes), torch.stack(sources) if sources else None
+
+
+@pytest.mark.parametrize(("sort_images", "packed"), [(False, False), (True, False), (True, True)])
+def test_merge_tokens_equals_per_image_definition(sort_images, packed):
+    """Batched merge (ragged images, padding, reordering, packed rows, gradients) equals a per-image loop."""
+    torch.manual_seed(5)
+    batch, n, dim = 5, 13, 6
+    size = torch.randint(1, 5, (batch, n)).float()
+    size[1, 9:] = 0  # ragged: images 1 and 3 already carry padding
+    size[3, 6:] = 0
+    x = (torch.randn(batch, n, dim) * (size > 0)[..., None]).requires_grad_()
+    source = torch.rand(batch, n, 7) * (size > 0)[..., None]
+    split = alternating_split(size > 0, num_protected=2)
+    matches = best_matches(with_trash_row(torch.randn(batch, n, 4)), split)
+    selected = torch.rand(split.a_idx.shape) < 0.6
+    selected[2] = False  # one image merges nothing
+    x_in = x[size > 0] if packed else x  # packed: the real tokens of each image, one image after another
+    out = merge_tokens(x_in, size, source, split, matches, selected, 2, sort_images=sort_images, pack=packed)
+    out_x = out.x
+    if packed:  # unpack to compare: image i's tokens follow those of images before it
+        assert out.x.shape == (int(out.count.sum()), dim)
+        out_x = torch.zeros(batch, out.size.shape[1], dim).masked_scatter(out.size[..., None] > 0, out.x)
+
+    order = out.image_order if sort_images else torch.arange(batch)
+    if sort_images:
+        assert sorted(order.tolist()) == list(range(batch))
+        assert out.count.tolist() == sorted(out.count.tolist(), reverse=True)
+    else:
+        assert out.image_order is None
+    weights = torch.randn(out_x.shape)
+    expected_loss = 0.0
+    for row, b in enumerate(order.tolist()):
+        ex, es, esrc = _merge_one_image(x, size, source, split, matches, selected & split.a_ok, b, 2)
+        count = len(es)
+        assert out.count[row] == count
+        torch.testing.assert_close(out_x[row, :count], ex)
+        torch.testing.assert_close(out.size[row, :count], es)
+        torch.testing.assert_close(out.source[row, :count], esrc)
+        assert (out_x[row, count:] == 0).all() and (out.size[row, count:] == 0).all()
+        assert (out.source[row, count:] == 0).all()
+        expected_loss = expected_loss + (ex * weights[row, :count]).sum()
+    (grad,) = torch.autograd.grad((out_x * weights).sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected_loss, x)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_theorem1_identity():
     torch.manual_seed(2)
     x_i, x_j = torch.randn(100, 16, dtype=torch.float64), torch.randn(100, 16, dtype=torch.float64)

@@ -160,7 +160,7 @@ def test_table_rows_and_ratios_match_merge_stats(
         "--model", MODEL, "--random-init", "--data-root", str(shapes_folder), "--num-images", "4",
         "--batch-sizes", "2", "4", "--runs", "2", "--warmup", "1", "--threads", "1",
         "--methods", "tome:r=13", ATM_SPEC,
-        "--output", str(output),
+        "--output", str(output), "--malloc", "default",  # keep: would change this test process's allocator
     ]  # fmt: skip
     rows = benchmark.main(benchmark.build_parser().parse_args(argv))
     printed = capsys.readouterr().out
@@ -201,6 +201,18 @@ def test_table_rows_and_ratios_match_merge_stats(
     written = json.loads(output.read_text())
     assert written["settings"]["num_images"] == 4
     assert [r["flops_ratio"] for r in written["rows"]] == [r.flops_ratio for r in rows]
+
+
+def test_methods_take_turns_batch_by_batch(small_vit: Callable[[], nn.Module]) -> None:
+    """Every batch runs under every method before the next batch, so drift hits all alike."""
+    model = small_vit()
+    seen: list[str] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(getattr(m, "_merger", NoMerge()).name))
+    methods = [_common.parse_method(spec) for spec in ("dense", "tome:r=13")]
+    batches = list(torch.zeros(6, 3, 224, 224).split(2))
+    seconds = benchmark.interleaved_runs(model, methods, batches, runs=2)
+    assert seen == ["none", "tome"] * 6
+    assert [len(s) for s in seconds] == [2, 2] and all(t > 0 for s in seconds for t in s)
 
 
 def test_csv_output_has_one_line_per_row(tmp_path: Path) -> None:

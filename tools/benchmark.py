@@ -21,6 +21,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (torch.set_num_threads)")
     parser.add_argument(
+        "--malloc",
+        choices=MALLOC_MODES,
+        default="keep",
+        help="keep: glibc reuses freed memory instead of returning it to the OS (mallopt M_MMAP_MAX=0, "
+        "M_TRIM_THRESHOLD=2 GiB), so CPU passes time the model, not page faults (which cost dense ViT-Ti "
+        "a quarter of its time on a 2-core VM); default: the allocator as configured",
+    )
+    parser.add_argument(
         "--output", type=Path, metavar="FILE", help="also write the rows to a .csv or .json file"
     )
     return parser
@@ -126,7 +135,9 @@ def main(args: argparse.Namespace) -> list[Row]:
     check_not_noise(paths)
     images, _ = load_images(paths, args.model)
     model = load_model(args, device)
-    rows = benchmark(model, images.to(device), methods, args.batch_sizes, args.warmup, args.runs)
+    keep = device.type == "cpu" and args.malloc == "keep"
+    before_timing = (lambda: keep_freed_memory() or print("mallopt unavailable: --malloc keep ignored")) if keep else None
+    rows = benchmark(model, images.to(device), methods, args.batch_sizes, args.warmup, args.runs, before_timing)
     print(header(args, device, len(paths)) + busy)
     print(markdown_table(rows))
     if args.output is not None:
@@ -169,19 +180,31 @@ def with_dense(methods: list[Method]) -> list[Method]:
 
 
 def benchmark(
-    model: nn.Module, images: Tensor, methods: list[Method], batch_sizes: list[int], warmup: int, runs: int
+    model: nn.Module,
+    images: Tensor,
+    methods: list[Method],
+    batch_sizes: list[int],
+    warmup: int,
+    runs: int,
+    before_timing: Callable[[], object] | None = None,
 ) -> list[Row]:
-    """Measure every method at every batch size; ``methods[0]`` is the dense baseline."""
+    """Measure every method at every batch size; ``methods[0]`` is the dense baseline.
+
+    FLOPs and memory are measured first for all batch sizes, then ``before_timing`` runs (the
+    allocator setting of ``--malloc``, which would distort memory), then the timed passes.
+    """
+    all_batches = [list(images.split(batch_size)) for batch_size in batch_sizes]
+    flops = [[mean_gflops(model, method, batches) for method in methods] for batches in all_batches]
+    memory = [[warm_up_then_peak_memory(model, m, batches, warmup) for m in methods] for batches in all_batches]
+    if before_timing is not None:
+        before_timing()
     rows = []
-    for batch_size in batch_sizes:
-        batches = list(images.split(batch_size))
-        flops = [mean_gflops(model, method, batches) for method in methods]
-        memory = [warm_up_then_peak_memory(model, method, batches, warmup) for method in methods]
+    for batch_size, batches, size_flops, size_memory in zip(batch_sizes, all_batches, flops, memory):
         seconds = interleaved_runs(model, methods, batches, runs)
         num_images = sum(len(b) for b in batches)
         results = [
             Measurement(num_images / statistics.median(s), gflops, dense, peak)
-            for s, (gflops, dense), peak in zip(seconds, flops, memory)
+            for s, (gflops, dense), peak in zip(seconds, size_flops, size_memory)
         ]
         rows += [to_row(method, batch_size, result, results[0]) for method, result in zip(methods, results)]
     unpatch(model)
@@ -221,24 +244,29 @@ def warm_up_then_peak_memory(
 def interleaved_runs(
     model: nn.Module, methods: list[Method], batches: list[Tensor], runs: int
 ) -> list[list[float]]:
-    """Seconds per pass, ``runs`` per method, taking turns so that drifting load on a shared
-    machine affects every method alike rather than whichever ran last."""
-    seconds: list[list[float]] = [[] for _ in methods]
+    """Seconds per pass, ``runs`` per method. Methods take turns batch by batch, so that a
+    machine whose speed drifts (shared VMs do, by 10% within a minute) affects all alike."""
+    seconds: list[list[float]] = [[0.0] * runs for _ in methods]
     with torch.inference_mode():
-        for _ in range(runs):
-            for method, times in zip(methods, seconds):
-                use(model, method)
-                times.append(timed_pass(model, batches))
+        for run in range(runs):
+            for batch in batches:
+                for method, times in zip(methods, seconds):
+                    use(model, method)
+                    times[run] += timed_forward(model, batch)
     return seconds
 
 
 def timed_pass(model: nn.Module, batches: list[Tensor]) -> float:
-    """Seconds for one forward over every batch (CUDA synchronised at both ends)."""
-    synchronize(batches[0].device)
+    """Seconds for one forward over every batch."""
+    return sum(timed_forward(model, batch) for batch in batches)
+
+
+def timed_forward(model: nn.Module, batch: Tensor) -> float:
+    """Seconds for one forward (CUDA synchronised at both ends)."""
+    synchronize(batch.device)
     start = time.perf_counter()
-    for batch in batches:
-        model(batch)
-    synchronize(batches[0].device)
+    model(batch)
+    synchronize(batch.device)
     return time.perf_counter() - start
 
 
@@ -289,6 +317,25 @@ def rss_bytes() -> int:
     """Current resident set size. Unlike ``ru_maxrss``, a lifetime high-water mark that cannot
     show the peak of a method measured after a hungrier one, it can be sampled around one pass."""
     return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+MALLOC_MODES = ("keep", "default")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse: no mmap for large blocks, no trimming of the heap.
+
+    By default glibc maps every block over 32 MiB (ViT activations at batch 64) afresh and unmaps
+    it when freed, so each forward page-faults its activations in again; how much that costs
+    depends on the VM, not on the model, and it would drown the differences being measured.
+    Returns False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def release_freed_memory() -> None:
@@ -344,8 +391,8 @@ def header(args: argparse.Namespace, device: torch.device, num_images: int) -> s
             f"{num_images} images from {args.data_root}"
         ),
         (
-            f"img/s: median of {args.runs} passes over all images (methods take turns), after "
-            f"{args.warmup} warm-up batches; dense is timm's unpatched forward"
+            f"img/s: median of {args.runs} passes over all images (methods take turns batch by batch), after "
+            f"{args.warmup} warm-up batches; dense is timm's unpatched forward; malloc: {args.malloc}"
         ),
         (
             "GFLOPs: mean analytic multiply-adds per image (merge_stats, matching excluded); "

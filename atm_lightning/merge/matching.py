@@ -88,14 +88,17 @@ def best_matches(metric: Tensor, split: Split) -> Matches:
     raw head-averaged keys.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    dim = metric.shape[-1]
-    a = metric.gather(1, split.a_idx[..., None].expand(-1, -1, dim))
-    b = metric.gather(1, split.b_idx[..., None].expand(-1, -1, dim))
-    scores = a @ b.transpose(-1, -2)
-    scores = scores.masked_fill(~split.b_ok[:, None, :], float("-inf"))
-    if scores.shape[-1] == 0:
+    batch, rows, dim = metric.shape
+    flat = metric.reshape(-1, dim)
+    offset = torch.arange(batch, device=metric.device)[:, None] * rows
+    a = flat.index_select(0, (split.a_idx + offset).view(-1)).view(batch, -1, dim)
+    b = flat.index_select(0, (split.b_idx + offset).view(-1)).view(batch, -1, dim)
+    if b.shape[1] == 0:
         empty = torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype)
         return Matches(empty, torch.zeros_like(split.a_idx))
+    scores = a @ b.transpose(-1, -2)
+    if not bool(split.b_ok.all()):
+        scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
     similarity, dst = scores.max(dim=-1)
     similarity = similarity.masked_fill(~split.a_ok, float("-inf"))
     return Matches(similarity, dst)

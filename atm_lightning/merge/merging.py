@@ -22,10 +22,11 @@ _PROTECTED, _UNMERGED_SOURCE, _DESTINATION, _DROPPED = 0, 1, 2, 3
 class Merged:
     """Tokens after one merge step."""
 
-    x: Tensor  # [B, N', C]
+    x: Tensor  # [B, N', C], or [T, C] packed (merge_tokens(pack=True))
     size: Tensor  # [B, N'] float, 0 marks padding
     source: Tensor | None  # [B, N', T0] float, which original patches each token holds
     count: Tensor  # [B] long, real tokens per image
+    image_order: Tensor | None = None  # [B] long: output image i is input image image_order[i]
 
 
 def with_trash_row(t: Tensor) -> Tensor:
@@ -34,15 +35,31 @@ def with_trash_row(t: Tensor) -> Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-def _sum_into_destinations(values: Tensor, split: Split, dst_pos: Tensor, selected: Tensor) -> Tensor:
-    """Add the rows of selected sources onto their destination rows (values include the trash row)."""
-    tail = values.shape[2:]
-    src_rows = values.gather(1, _expand(split.a_idx, tail)) * _expand(selected, tail).to(values.dtype)
-    return values.scatter_add(1, _expand(dst_pos, tail), src_rows)
+def _output_order(
+    size: Tensor, split: Split, selected: Tensor, num_protected: int
+) -> tuple[Tensor, Tensor]:
+    """Per image, the input positions of its output tokens in order, and its real-token count.
 
-
-def _expand(index: Tensor, tail: tuple[int, ...]) -> Tensor:
-    return index.view(*index.shape, *([1] * len(tail))).expand(*index.shape, *tail)
+    Returns ``order`` [B, keep] (positions in [0, N]; entries past an image's count are not real)
+    and ``count`` [B]. The order is ``[protected, unmerged sources, destinations]``; an image that
+    merges nothing keeps its own order, exactly as if the step had been skipped for it alone: this
+    is what makes results independent of batch-mates.
+    """
+    batch, n = size.shape
+    group = torch.full((batch, n + 1), _DROPPED, device=size.device, dtype=torch.long)
+    group[:, :num_protected] = _PROTECTED
+    group[:, :n][size == 0] = _DROPPED
+    merged_any = selected.any(dim=1, keepdim=True)
+    a_group = torch.where(split.a_ok & ~selected, _UNMERGED_SOURCE, _DROPPED)
+    b_group = torch.where(split.b_ok, torch.where(merged_any, _DESTINATION, _UNMERGED_SOURCE), _DROPPED)
+    group = group.scatter_reduce(1, split.a_idx, a_group, reduce="amin")
+    group = group.scatter_reduce(1, split.b_idx, b_group, reduce="amin")
+    group[:, n] = _DROPPED
+    count = (group < _DROPPED).sum(dim=1)
+    keep = int(count.max())
+    positions = torch.arange(n + 1, device=size.device)
+    order = (group * (n + 1) + positions).argsort(dim=1)[:, :keep]
+    return order, count
 
 
 def merge_tokens(
@@ -53,51 +70,97 @@ def merge_tokens(
     matches: Matches,
     selected: Tensor,
     num_protected: int,
+    sort_images: bool = False,
+    pack: bool = False,
 ) -> Merged:
     """Merge each selected source into its matched destination.
 
     The destination becomes the size-weighted mean of itself and everything merged into it and
     its size the sum, so a token always equals the mean of the patches it stands for.
     Destinations that received nothing are copied unchanged (no ``x*s/s`` rounding).
+
+    The tokens are moved once (one row gather into the output); only the merged pairs are
+    touched again, so the step costs little more than a copy however many tokens merge.
+
+    ``x`` is padded [B, N, C], or packed [T, C]: each image's real tokens (``size > 0``, always a
+    prefix of its row of ``size``) one image after the other. ``pack=True`` returns ``Merged.x``
+    packed the same way. ``sort_images=True`` also reorders the images by descending token
+    count, so that images of similar length sit next to each other (see ``Merged.image_order``).
     """
-    batch, n, _ = x.shape
+    batch, n = size.shape
+    dim = x.shape[-1]
+    device = x.device
+    flat_x = x.reshape(-1, dim)
+    in_count = (size > 0).sum(dim=1)
+    in_start = _row_starts(in_count) if x.dim() == 2 else torch.arange(batch, device=device) * n
     selected = selected & split.a_ok
-    dst_pos = split.b_idx.gather(1, matches.dst)  # [B, Na] destination positions
-    dst_pos = torch.where(selected, dst_pos, n)  # unselected sources add nothing, into the trash
-
+    dst_pos = torch.where(selected, split.b_idx.gather(1, matches.dst), n)  # [B, Na]; trash if unselected
     size_t = with_trash_row(size)
-    new_size = _sum_into_destinations(size_t, split, dst_pos, selected)
-    weighted = _sum_into_destinations(with_trash_row(x * size[..., None]), split, dst_pos, selected)
-    received = new_size != size_t
-    new_x = torch.where(received[..., None], weighted / new_size.clamp_min(1e-12)[..., None], with_trash_row(x))
-    new_source = None
-    if source is not None:
-        new_source = _sum_into_destinations(with_trash_row(source), split, dst_pos, selected)
+    new_size = size_t.scatter_add(1, dst_pos, size_t.gather(1, split.a_idx) * selected)
 
-    group = torch.full((batch, n + 1), _DROPPED, device=x.device, dtype=torch.long)
-    group[:, :num_protected] = _PROTECTED
-    group[:, :n][size == 0] = _DROPPED
-    # An image that merges nothing keeps its order, exactly as if the step had been skipped for
-    # it alone: this is what makes results independent of batch-mates.
-    merged_any = selected.any(dim=1, keepdim=True)
-    a_group = torch.where(split.a_ok & ~selected, _UNMERGED_SOURCE, _DROPPED)
-    b_group = torch.where(split.b_ok, torch.where(merged_any, _DESTINATION, _UNMERGED_SOURCE), _DROPPED)
-    group = group.scatter_reduce(1, split.a_idx, a_group, reduce="amin")
-    group = group.scatter_reduce(1, split.b_idx, b_group, reduce="amin")
-    group[:, n] = _DROPPED
+    order, count = _output_order(size, split, selected, num_protected)
+    keep = order.shape[1]
+    in_image = torch.arange(batch, device=device)  # input image of each output row
+    image_order = None
+    if sort_images:
+        image_order = in_image = count.argsort(descending=True, stable=True)
+        order, count, new_size_out = order[in_image], count[in_image], new_size[in_image]
+    else:
+        new_size_out = new_size
+    out_image = torch.empty_like(in_image).index_copy_(0, in_image, torch.arange(batch, device=device))
+    real = torch.arange(keep, device=device)[None, :] < count[:, None]
+    out_size = new_size_out.gather(1, order) * real
 
-    count = (group < _DROPPED).sum(dim=1)
-    keep = int(count.max())
-    positions = torch.arange(n + 1, device=x.device)
-    order = (group * (n + 1) + positions).argsort(dim=1)[:, :keep]
-    real = torch.arange(keep, device=x.device)[None, :] < count[:, None]
-
-    out_size = new_size.gather(1, order) * real
-    out_x = new_x.gather(1, _expand(order, new_x.shape[2:])) * real[..., None]
+    # Input row of every output slot; slots that are not real point anywhere valid and are dropped.
+    rows = (in_start[in_image, None] + order.clamp(max=n - 1)).clamp(max=len(flat_x) - 1)
+    out_start = _row_starts(count) if pack else torch.arange(batch, device=device) * keep
+    if pack:
+        out_x = flat_x.index_select(0, rows[real])
+    else:
+        out_x = _zero_padding(flat_x.index_select(0, rows.view(-1)), real).view(batch, keep, dim)
     out_source = None
-    if new_source is not None:
-        out_source = new_source.gather(1, _expand(order, new_source.shape[2:])) * real[..., None]
-    return Merged(out_x, out_size, out_source, count)
+    if source is not None:
+        source_rows = (in_image[:, None] * n + order.clamp(max=n - 1)).view(-1)
+        source = source.reshape(-1, source.shape[-1])
+        out_source = _zero_padding(source.index_select(0, source_rows), real).view(batch, keep, -1)
+    pairs = selected.nonzero()  # [S, 2] (input image, source slot) of every merged pair
+    if len(pairs) == 0:
+        return Merged(out_x, out_size, out_source, count, image_order)
+
+    # Output row of every input position (positions that are not real are never looked up).
+    slots = torch.arange(keep, device=device)
+    out_slot = torch.zeros(batch, n + 1, device=device, dtype=torch.long)
+    out_slot.scatter_(1, order, out_start[:, None] + slots)
+    image, slot = pairs.unbind(1)
+    src_pos = split.a_idx[image, slot]
+    dst_rows = out_slot[out_image[image], dst_pos[image, slot]]
+
+    # Destinations that took in sources: size-weighted mean of themselves and their sources.
+    rec_image, rec_pos = (new_size != size_t)[:, :n].nonzero().unbind(1)
+    rec_rows = out_slot[out_image[rec_image], rec_pos]
+    flat = out_x.view(-1, dim)
+    rank = torch.zeros(len(flat), device=device, dtype=torch.long)
+    rank[rec_rows] = torch.arange(len(rec_rows), device=device)
+    weighted = flat_x.index_select(0, in_start[image] + src_pos) * size[image, src_pos, None].to(x.dtype)
+    sums = flat.index_select(0, rec_rows) * size[rec_image, rec_pos, None].to(x.dtype)
+    sums = sums.index_add_(0, rank[dst_rows], weighted)
+    flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(x.dtype))
+    if out_source is not None:
+        pad_slot = torch.zeros(batch, n + 1, device=device, dtype=torch.long)
+        pad_slot.scatter_(1, order, (torch.arange(batch, device=device) * keep)[:, None] + slots)
+        dst_pad = pad_slot[out_image[image], dst_pos[image, slot]]
+        out_source.view(-1, source.shape[-1]).index_add_(0, dst_pad, source.index_select(0, image * n + src_pos))
+    return Merged(out_x, out_size, out_source, count, image_order)
+
+
+def _row_starts(count: Tensor) -> Tensor:
+    """First packed row of each image when images hold ``count`` tokens one after the other."""
+    return count.cumsum(0) - count
+
+
+def _zero_padding(rows: Tensor, real: Tensor) -> Tensor:
+    """``rows`` [B*keep, C] with the rows of padding slots (``~real`` [B, keep]) set to zero."""
+    return rows.index_fill_(0, (~real).view(-1).nonzero().squeeze(1), 0)
 
 
 def merge_error(x_i: Tensor, x_j: Tensor, n_i: float, n_j: float) -> tuple[Tensor, Tensor]:
