@@ -192,6 +192,7 @@ def test_table_rows_and_ratios_match_merge_stats(
         assert row.gflops == pytest.approx(expected[row.method], rel=1e-9)
         assert row.flops_ratio == pytest.approx(dense / expected[row.method], rel=1e-9)
         assert row.realised == pytest.approx(row.speedup / row.flops_ratio, rel=1e-12)
+        assert row.realised_min <= row.realised * (1 + 1e-12) and row.realised * (1 - 1e-12) <= row.realised_max
         assert row.img_per_s > 0 and row.peak_mem_mb is not None and row.peak_mem_mb >= 0
     for row in rows[::3]:
         assert (row.method, row.speedup, row.flops_ratio, row.realised) == ("dense", 1.0, 1.0, 1.0)

@@ -58,6 +58,8 @@ class Row:
     flops_ratio: float  # dense GFLOPs / method GFLOPs: the speed-up the FLOPs promise
     realised: float  # speedup / flops_ratio: how much of that promise the hardware delivers
     peak_mem_mb: float | None  # rise above the level before one pass (see memory_note)
+    realised_min: float | None = None  # lowest and highest realised fraction of single runs,
+    realised_max: float | None = None  # each against dense in the same run (batches interleaved)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Measurement:
     gflops: float
     gflops_dense: float
     peak_mem_mb: float | None
+    seconds: tuple[float, ...] = ()  # per run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +206,7 @@ def benchmark(
         seconds = interleaved_runs(model, methods, batches, runs)
         num_images = sum(len(b) for b in batches)
         results = [
-            Measurement(num_images / statistics.median(s), gflops, dense, peak)
+            Measurement(num_images / statistics.median(s), gflops, dense, peak, tuple(s))
             for s, (gflops, dense), peak in zip(seconds, size_flops, size_memory)
         ]
         rows += [to_row(method, batch_size, result, results[0]) for method, result in zip(methods, results)]
@@ -359,6 +362,7 @@ def memory_note(device: torch.device) -> str:
 def to_row(method: Method, batch_size: int, result: Measurement, dense: Measurement) -> Row:
     speedup = result.img_per_s / dense.img_per_s
     flops_ratio = result.gflops_dense / result.gflops
+    per_run = [d / t / flops_ratio for d, t in zip(dense.seconds, result.seconds)]
     return Row(
         method=method.label,
         batch_size=batch_size,
@@ -368,6 +372,8 @@ def to_row(method: Method, batch_size: int, result: Measurement, dense: Measurem
         flops_ratio=flops_ratio,
         realised=speedup / flops_ratio,
         peak_mem_mb=result.peak_mem_mb,
+        realised_min=min(per_run, default=None),
+        realised_max=max(per_run, default=None),
     )
 
 
@@ -396,7 +402,8 @@ def header(args: argparse.Namespace, device: torch.device, num_images: int) -> s
         ),
         (
             "GFLOPs: mean analytic multiply-adds per image (merge_stats, matching excluded); "
-            "FLOPs ratio = dense GFLOPs / GFLOPs; realised = speed-up / FLOPs ratio"
+            "FLOPs ratio = dense GFLOPs / GFLOPs; realised = speed-up / FLOPs ratio "
+            "(in brackets: lowest-highest over single runs)"
         ),
         memory_note(device),
     ]
@@ -410,9 +417,12 @@ def markdown_table(rows: list[Row]) -> str:
     ]
     for r in rows:
         memory = "n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
+        spread = ""
+        if r.realised_min is not None and r.realised_max is not None and r.realised_min != r.realised_max:
+            spread = f" ({r.realised_min:.0%}-{r.realised_max:.0%})"
         lines.append(
             f"| {r.method} | {r.batch_size} | {r.img_per_s:.1f} | {r.speedup:.2f}x | {r.gflops:.3f} | "
-            f"{r.flops_ratio:.2f}x | {r.realised:.0%} | {memory} |"
+            f"{r.flops_ratio:.2f}x | {r.realised:.0%}{spread} | {memory} |"
         )
     return "\n".join(lines)
 

@@ -181,7 +181,8 @@ class TokenMergingMixin:
                         if layout is None:  # no padding left: packed rows are the padded batch
                             x = x.view(batch, size.shape[1], -1)
             # Token-wise, so the same on the padded batch or the packed real tokens.
-            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            update = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+            x = x + update if torch.is_grad_enabled() else x.add_(update)
             tokens.append(_in_input_order(count, image_order))
             if source is not None:
                 sources.append(_in_input_order(source, image_order))
