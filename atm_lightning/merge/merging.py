@@ -91,8 +91,7 @@ def merge_tokens(
     dim = x.shape[-1]
     device = x.device
     flat_x = x.reshape(-1, dim)
-    in_count = (size > 0).sum(dim=1)
-    in_start = _row_starts(in_count) if x.dim() == 2 else torch.arange(batch, device=device) * n
+    in_start = _row_starts((size > 0).sum(dim=1)) if x.dim() == 2 else torch.arange(batch, device=device) * n
     selected = selected & split.a_ok
     dst_pos = torch.where(selected, split.b_idx.gather(1, matches.dst), n)  # [B, Na]; trash if unselected
     size_t = with_trash_row(size)
@@ -113,7 +112,8 @@ def merge_tokens(
 
     # Input row of every output slot; slots that are not real point anywhere valid and are dropped.
     rows = (in_start[in_image, None] + order.clamp(max=n - 1)).clamp(max=len(flat_x) - 1)
-    out_start = _row_starts(count) if pack else torch.arange(batch, device=device) * keep
+    padded_start = torch.arange(batch, device=device) * keep
+    out_start = _row_starts(count) if pack else padded_start
     if pack:
         out_x = flat_x.index_select(0, rows[real])
     else:
@@ -127,10 +127,7 @@ def merge_tokens(
     if len(pairs) == 0:
         return Merged(out_x, out_size, out_source, count, image_order)
 
-    # Output row of every input position (positions that are not real are never looked up).
-    slots = torch.arange(keep, device=device)
-    out_slot = torch.zeros(batch, n + 1, device=device, dtype=torch.long)
-    out_slot.scatter_(1, order, out_start[:, None] + slots)
+    out_slot = _slot_of_position(order, out_start, n)
     image, slot = pairs.unbind(1)
     src_pos = split.a_idx[image, slot]
     dst_rows = out_slot[out_image[image], dst_pos[image, slot]]
@@ -145,12 +142,18 @@ def merge_tokens(
     sums = flat.index_select(0, rec_rows) * size[rec_image, rec_pos, None].to(x.dtype)
     sums = sums.index_add_(0, rank[dst_rows], weighted)
     flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(x.dtype))
-    if out_source is not None:
-        pad_slot = torch.zeros(batch, n + 1, device=device, dtype=torch.long)
-        pad_slot.scatter_(1, order, (torch.arange(batch, device=device) * keep)[:, None] + slots)
+    if out_source is not None:  # source stays padded even when x is packed
+        pad_slot = _slot_of_position(order, padded_start, n) if pack else out_slot
         dst_pad = pad_slot[out_image[image], dst_pos[image, slot]]
         out_source.view(-1, source.shape[-1]).index_add_(0, dst_pad, source.index_select(0, image * n + src_pos))
     return Merged(out_x, out_size, out_source, count, image_order)
+
+
+def _slot_of_position(order: Tensor, starts: Tensor, n: int) -> Tensor:
+    """[B, N+1]: the flat output row of every input position (output row ``i`` begins at
+    ``starts[i]``); positions that are not real are never looked up."""
+    slots = starts[:, None] + torch.arange(order.shape[1], device=order.device)
+    return torch.zeros(order.shape[0], n + 1, device=order.device, dtype=torch.long).scatter_(1, order, slots)
 
 
 def _row_starts(count: Tensor) -> Tensor:

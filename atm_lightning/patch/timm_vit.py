@@ -161,8 +161,9 @@ class TokenMergingMixin:
             if layout is None:
                 x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=bias)))
                 q, k = tap.take()
-            else:
-                x, q, k = _packed_attention_residual(block, tap, x, bias, layout, merger.prunes)
+            else:  # only merge steps pack (pruning keeps equal counts), so no query is needed
+                x, k = _packed_attention_residual(block, tap, x, bias, layout)
+                q = None
             if merger.merges:
                 weights = size if size is not None else x.new_ones(batch, x.shape[1])
                 if merger.prunes:
@@ -181,8 +182,7 @@ class TokenMergingMixin:
                         if layout is None:  # no padding left: packed rows are the padded batch
                             x = x.view(batch, size.shape[1], -1)
             # Token-wise, so the same on the padded batch or the packed real tokens.
-            update = block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-            x = x + update if torch.is_grad_enabled() else x.add_(update)
+            x = _add_residual(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
             tokens.append(_in_input_order(count, image_order))
             if source is not None:
                 sources.append(_in_input_order(source, image_order))
@@ -214,7 +214,9 @@ class TokenMergingMixin:
         record = _record(layer, merger, split, matches, selected, weights) if self._merge_record else None
         if not bool(selected.any()):
             return None, cost, record
-        merged = merge_tokens(x, weights, source, split, matches, selected, protected, packed, pack=packed)
+        merged = merge_tokens(
+            x, weights, source, split, matches, selected, protected, sort_images=packed, pack=packed
+        )
         return merged, cost, record
 
     def _prune_step(
@@ -242,21 +244,19 @@ class TokenMergingMixin:
 
 
 def _packed_attention_residual(
-    block: Block, tap: _QueryKeyTap, x: Tensor, bias: Tensor, layout: RaggedLayout, per_head: bool
-) -> tuple[Tensor, Tensor | None, Tensor]:
+    block: Block, tap: _QueryKeyTap, x: Tensor, bias: Tensor, layout: RaggedLayout
+) -> tuple[Tensor, Tensor]:
     """``x + attn(norm1(x))`` for packed tokens ``x`` [T, C]: the linear layers on the real tokens,
     the score/softmax/value part per group of images, each padded to its longest image.
 
     It runs the pieces of timm's ``Attention`` (qkv, q/k norms, gate, norm, proj) around
     ``scaled_dot_product_attention`` with the block's additive mask, which is what timm's fused
-    path computes. Also returns the class-token query [B, H, 1, d] and keys [B, H, W, d] when
-    ``per_head`` (EViT), else no query and the keys averaged over heads ([B, 1, W, d]).
+    path computes. Also returns the keys averaged over heads, [B, 1, W, d], for matching.
     """
     attn = block.attn
     batch, width = bias.shape[0], bias.shape[-1]
     heads, head_dim = attn.num_heads, attn.head_dim
-    query = x.new_zeros(batch, heads, 1, head_dim) if per_head else None
-    key = x.new_zeros(batch, heads if per_head else 1, width, head_dim)
+    key = x.new_zeros(batch, 1, width, head_dim)
     h = block.norm1(x)
     qkv = attn.qkv(h)
     mixed = qkv.new_empty(len(x), heads * head_dim)
@@ -270,17 +270,17 @@ def _packed_attention_residual(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
         # The fused CPU kernel writes [G, L, H, d] memory, so this reshape is a view, not a copy.
         torch.index_select(out.transpose(1, 2).reshape(rows * length, -1), 0, group.slots, out=mixed[group.packed])
-        q_cls, keys = tap.take()
-        if per_head:
-            query[group.start : group.stop] = q_cls
-            key[group.start : group.stop, :, :length] = keys
-        else:
-            key[group.start : group.stop, 0, :length] = head_mean(keys)
+        key[group.start : group.stop, 0, :length] = head_mean(tap.take()[1])
     mixed = attn.norm(mixed)
     if getattr(attn, "gate", None) is not None:
         mixed = mixed * attn.gate(h).sigmoid()
     update = block.ls1(attn.proj_drop(attn.proj(mixed)))
-    return (x + update if torch.is_grad_enabled() else x.add_(update)), query, key
+    return _add_residual(x, update), key
+
+
+def _add_residual(x: Tensor, update: Tensor) -> Tensor:
+    """``x + update``, in place when no graph is recorded (saves an allocation per layer)."""
+    return x + update if torch.is_grad_enabled() else x.add_(update)
 
 
 def head_mean(k: Tensor) -> Tensor:
@@ -303,8 +303,9 @@ def _in_input_order(value: Any, image_order: Tensor | None) -> Any:
     if value is None or image_order is None:
         return value
     if isinstance(value, LayerRecord):
+        tensors = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return dataclasses.replace(
-            value, **{f.name: _in_input_order(getattr(value, f.name), image_order) for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), Tensor)}
+            value, **{name: _in_input_order(t, image_order) for name, t in tensors.items() if isinstance(t, Tensor)}
         )
     return torch.empty_like(value).index_copy_(0, image_order, value)
 
@@ -379,9 +380,9 @@ def apply(
 ) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
-    ``ragged`` chooses how images with different token counts run: ``packed`` runs the MLP on
-    real tokens only and attention in groups of similar length, ``padded`` runs every layer on
-    the padded batch (for comparison). Training always runs padded.
+    ``ragged`` chooses how images with different token counts run: ``packed`` runs norms, linear
+    layers and the MLP on real tokens only and attention in groups of similar length, ``padded``
+    runs every layer on the padded batch (for comparison). Training always runs padded.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
