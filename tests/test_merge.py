@@ -36,6 +36,12 @@ def test_alternating_split_matches_tome_positions():
     split = alternating_split(valid, num_protected=2)
     assert split.a_idx.tolist() == [[2, 4, 6]]
     assert split.b_idx.tolist() == [[3, 5, 7]]
+    # The slices name the same positions, for every protected count (registers: up to 5).
+    positions = torch.arange(9)
+    for protected in range(6):
+        split = alternating_split(torch.ones(2, 9, dtype=torch.bool), num_protected=protected)
+        assert positions[split.a_slice].tolist() == split.a_idx[0].tolist()
+        assert positions[split.b_slice].tolist() == split.b_idx[0].tolist()
 
 
 def test_alternating_split_points_padding_at_trash_slot():
@@ -73,6 +79,27 @@ def test_best_matches_masks_missing_slots():
     cos_2_3 = (0.1) / math.sqrt(0.82)
     assert matches.similarity[0, 0].item() == pytest.approx(cos_2_3, abs=1e-6)
     assert split.b_idx[0, matches.dst[0, 0]].item() == 3
+
+
+def test_matches_keep_every_score_and_find_destinations_lazily():
+    """Similarity is the row maximum over real destinations; ``dst_of`` equals the full ``dst``."""
+    torch.manual_seed(2)
+    size = torch.ones(4, 15)
+    size[1, 10:] = 0
+    size[3, 4:] = 0
+    split = alternating_split(size > 0, num_protected=1)
+    matches = best_matches(torch.randn(4, 15, 6), split)
+    real_scores = matches.scores.masked_fill(~split.a_ok[..., None], float("-inf"))
+    values, indices = real_scores.max(dim=-1)
+    assert torch.equal(matches.similarity, values)
+    assert torch.equal(matches.dst[split.a_ok], indices[split.a_ok])
+    assert (matches.scores[~split.b_ok[:, None, :].expand_as(matches.scores)] == float("-inf")).all()
+    image, slot = split.a_ok.nonzero().unbind(1)
+    assert torch.equal(matches.dst_of(image, slot), matches.dst[image, slot])
+    assert matches.dst_of(image[:0], slot[:0]).shape == (0,)
+    # Ties go to the first destination, as in max(dim).
+    tie = best_matches(torch.ones(1, 5, 2), alternating_split(torch.ones(1, 5, dtype=bool), 1))
+    assert tie.dst.tolist() == [[0, 0]] and tie.dst_of(torch.tensor([0]), torch.tensor([1])).tolist() == [0]
 
 
 def test_threshold_schedule_follows_formula_and_floor():

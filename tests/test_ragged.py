@@ -19,7 +19,8 @@ def test_attention_groups_are_the_cheapest_split():
     """The dynamic programme finds the optimum a brute force over every split finds."""
     g = torch.Generator().manual_seed(0)
     for _ in range(30):
-        lengths = sorted(torch.randint(10, 198, (7,), generator=g).tolist(), reverse=True)
+        # Few distinct values, so runs of equal lengths (where no range may start) are common.
+        lengths = sorted(torch.randint(10, 198, (4,), generator=g).tolist() * 2, reverse=True)[:7]
         ranges = attention_groups(lengths, channels=192)
         assert ranges[0][0] == 0 and ranges[-1][1] == 7
         assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))

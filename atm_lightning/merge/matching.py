@@ -23,6 +23,10 @@ class Split:
     a_ok: Tensor  # [B, Na] bool, real source slots
     b_idx: Tensor  # [B, Nb] long
     b_ok: Tensor  # [B, Nb] bool
+    # The same positions as slices when they are one arithmetic run for every image (the
+    # alternating split): matching then reads A and B as views instead of gathering them.
+    a_slice: slice | None = None
+    b_slice: slice | None = None
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,24 @@ class Matches:
     """Each source's best destination and the cosine similarity to it."""
 
     similarity: Tensor  # [B, Na] float, -inf for slots that are not real
-    dst: Tensor  # [B, Na] long, slot index into Split.b_idx
+    scores: Tensor  # [B, Na, Nb] float, cosine similarity of every pair, -inf where B is not real
+
+    @property
+    def dst(self) -> Tensor:
+        """[B, Na] long: slot (into ``Split.b_idx``) of every source's best destination."""
+        if self.scores.shape[-1] == 0:
+            return torch.zeros(self.similarity.shape, device=self.scores.device, dtype=torch.long)
+        return self.scores.argmax(dim=-1)
+
+    def dst_of(self, image: Tensor, slot: Tensor) -> Tensor:
+        """``dst[image, slot]``, computed for those sources only.
+
+        Only the few sources that merge need their destination; ``max`` with indices over all
+        scores costs ten times ``amax`` on CPU. Ties go to the first slot either way.
+        """
+        if len(image) == 0 or self.scores.shape[-1] == 0:
+            return torch.zeros_like(image)
+        return self.scores[image, slot].argmax(dim=-1)
 
 
 def alternating_split(valid: Tensor, num_protected: int) -> Split:
@@ -48,7 +69,9 @@ def alternating_split(valid: Tensor, num_protected: int) -> Split:
     trash = torch.full((), n, device=valid.device, dtype=torch.long)
     a_idx = torch.where(a_ok, a_pos.expand(batch, -1), trash)
     b_idx = torch.where(b_ok, b_pos.expand(batch, -1), trash)
-    return Split(a_idx, a_ok, b_idx, b_ok)
+    a_slice = slice(num_protected + num_protected % 2, n, 2)  # even positions past the protected
+    b_slice = slice(num_protected + (num_protected + 1) % 2, n, 2)  # odd ones
+    return Split(a_idx, a_ok, b_idx, b_ok, a_slice, b_slice)
 
 
 def size_sorted_split(size: Tensor, num_protected: int) -> Split:
@@ -82,23 +105,24 @@ def size_sorted_split(size: Tensor, num_protected: int) -> Split:
 
 
 def best_matches(metric: Tensor, split: Split) -> Matches:
-    """Cosine similarity of every source to every destination, reduced to each source's best.
+    """Cosine similarity of every source to every destination, and each source's best.
 
-    ``metric`` is [B, N+1, D] (with the trash row); it is L2-normalised here so callers can pass
-    raw head-averaged keys.
+    ``metric`` is [B, N, D] (a trash row N may be appended but is not needed: slots that are not
+    real are masked). It is L2-normalised here so callers can pass raw head-averaged keys.
     """
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     batch, rows, dim = metric.shape
-    flat = metric.reshape(-1, dim)
-    offset = torch.arange(batch, device=metric.device)[:, None] * rows
-    a = flat.index_select(0, (split.a_idx + offset).view(-1)).view(batch, -1, dim)
-    b = flat.index_select(0, (split.b_idx + offset).view(-1)).view(batch, -1, dim)
-    if b.shape[1] == 0:
-        empty = torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype)
-        return Matches(empty, torch.zeros_like(split.a_idx))
+    if split.a_slice is not None and split.b_slice is not None:
+        a, b = metric[:, split.a_slice], metric[:, split.b_slice]
+    else:
+        flat = metric.reshape(-1, dim)
+        offset = torch.arange(batch, device=metric.device)[:, None] * rows
+        a = flat.index_select(0, (split.a_idx.clamp(max=rows - 1) + offset).view(-1)).view(batch, -1, dim)
+        b = flat.index_select(0, (split.b_idx.clamp(max=rows - 1) + offset).view(-1)).view(batch, -1, dim)
     scores = a @ b.transpose(-1, -2)
+    if b.shape[1] == 0:
+        return Matches(torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype), scores)
     if not bool(split.b_ok.all()):
         scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
-    similarity, dst = scores.max(dim=-1)
-    similarity = similarity.masked_fill(~split.a_ok, float("-inf"))
-    return Matches(similarity, dst)
+    similarity = scores.amax(dim=-1).masked_fill_(~split.a_ok, float("-inf"))
+    return Matches(similarity, scores)

@@ -93,9 +93,10 @@ def merge_tokens(
     flat_x = x.reshape(-1, dim)
     in_start = _row_starts((size > 0).sum(dim=1)) if x.dim() == 2 else torch.arange(batch, device=device) * n
     selected = selected & split.a_ok
-    dst_pos = torch.where(selected, split.b_idx.gather(1, matches.dst), n)  # [B, Na]; trash if unselected
-    size_t = with_trash_row(size)
-    new_size = size_t.scatter_add(1, dst_pos, size_t.gather(1, split.a_idx) * selected)
+    image, slot = selected.nonzero().unbind(1)  # every merged pair: input image, source slot
+    src_pos = split.a_idx[image, slot]
+    dst_pos = split.b_idx[image, matches.dst_of(image, slot)]
+    new_size = size.index_put((image, dst_pos), size[image, src_pos], accumulate=True)
 
     order, count = _output_order(size, split, selected, num_protected)
     keep = order.shape[1]
@@ -108,7 +109,7 @@ def merge_tokens(
         new_size_out = new_size
     out_image = torch.empty_like(in_image).index_copy_(0, in_image, torch.arange(batch, device=device))
     real = torch.arange(keep, device=device)[None, :] < count[:, None]
-    out_size = new_size_out.gather(1, order) * real
+    out_size = new_size_out.gather(1, order.clamp(max=n - 1)) * real
 
     # Input row of every output slot; slots that are not real point anywhere valid and are dropped.
     rows = (in_start[in_image, None] + order.clamp(max=n - 1)).clamp(max=len(flat_x) - 1)
@@ -123,17 +124,14 @@ def merge_tokens(
         source_rows = (in_image[:, None] * n + order.clamp(max=n - 1)).view(-1)
         source = source.reshape(-1, source.shape[-1])
         out_source = _zero_padding(source.index_select(0, source_rows), real).view(batch, keep, -1)
-    pairs = selected.nonzero()  # [S, 2] (input image, source slot) of every merged pair
-    if len(pairs) == 0:
+    if len(image) == 0:
         return Merged(out_x, out_size, out_source, count, image_order)
 
     out_slot = _slot_of_position(order, out_start, n)
-    image, slot = pairs.unbind(1)
-    src_pos = split.a_idx[image, slot]
-    dst_rows = out_slot[out_image[image], dst_pos[image, slot]]
+    dst_rows = out_slot[out_image[image], dst_pos]
 
     # Destinations that took in sources: size-weighted mean of themselves and their sources.
-    rec_image, rec_pos = (new_size != size_t)[:, :n].nonzero().unbind(1)
+    rec_image, rec_pos = (new_size != size).nonzero().unbind(1)
     rec_rows = out_slot[out_image[rec_image], rec_pos]
     flat = out_x.view(-1, dim)
     rank = torch.zeros(len(flat), device=device, dtype=torch.long)
@@ -144,7 +142,7 @@ def merge_tokens(
     flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(x.dtype))
     if out_source is not None:  # source stays padded even when x is packed
         pad_slot = _slot_of_position(order, padded_start, n) if pack else out_slot
-        dst_pad = pad_slot[out_image[image], dst_pos[image, slot]]
+        dst_pad = pad_slot[out_image[image], dst_pos]
         out_source.view(-1, source.shape[-1]).index_add_(0, dst_pad, source.index_select(0, image * n + src_pos))
     return Merged(out_x, out_size, out_source, count, image_order)
 

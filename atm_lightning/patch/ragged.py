@@ -45,49 +45,55 @@ def ragged_layout(count: Tensor, width: int, channels: int) -> RaggedLayout | No
     """Layout for images with ``count`` [B] real tokens (sorted descending), or None when none is padded.
 
     ``channels`` (the attention width) sets how dear a padded attention score is against the
-    fixed cost of one more attention call.
+    fixed cost of one more attention call. The indices are built on the host (the counts are
+    needed there anyway to choose the groups) and moved to ``count``'s device in one copy.
     """
     lengths = count.tolist()
     if all(n == width for n in lengths):
         return None
     if any(a < b for a, b in itertools.pairwise(lengths)):
         raise ValueError(f"ragged execution needs images sorted by descending token count, got {lengths}")
-    device = count.device
-    real = torch.arange(width, device=device)[None, :] < count[:, None]
-    real_rows = real.view(-1).nonzero().squeeze(1)
-    groups = []
-    offset = 0
-    for start, stop in attention_groups(lengths, channels):
-        length = lengths[start]
-        block = real[start:stop, :length]
-        rows = block.reshape(-1).nonzero().squeeze(1)
+    counts = np.asarray(lengths)
+    positions = np.arange(width)
+    real = positions < counts[:, None]  # [B, W]
+    first = np.cumsum(counts) - counts  # packed row of each image's first token
+    ranges = attention_groups(lengths, channels)
+    pieces = [np.flatnonzero(real)]
+    for start, stop in ranges:
+        block = real[start:stop, : lengths[start]]
+        pieces.append(np.flatnonzero(block))
         # Packed row of slot j of image i: its own token j, or its first token where it has none.
-        first = offset + torch.cat([count.new_zeros(1), count[start : stop - 1].cumsum(0)])
-        slot = torch.arange(length, device=device)
-        gather = (first[:, None] + torch.where(block, slot, 0)).reshape(-1)
-        groups.append(AttentionGroup(start, stop, length, slice(offset, offset + len(rows)), rows, gather))
-        offset += len(rows)
-    return RaggedLayout(real_rows, groups)
+        pieces.append((first[start:stop, None] + np.where(block, positions[: lengths[start]], 0)).ravel())
+    indices = torch.from_numpy(np.concatenate(pieces)).to(count.device).split([len(p) for p in pieces])
+    groups = []
+    for (start, stop), slots, gather in zip(ranges, indices[1::2], indices[2::2], strict=True):
+        packed = slice(int(first[start]), int(first[start]) + len(slots))
+        groups.append(AttentionGroup(start, stop, lengths[start], packed, slots, gather))
+    return RaggedLayout(indices[0], groups)
 
 
 def attention_groups(lengths: list[int], channels: int) -> list[tuple[int, int]]:
     """Split rows with descending ``lengths`` into ranges minimising padded attention work.
 
     Dynamic programming over the sorted lengths: a range costs its padded score matrices
-    (``rows * length**2 * 2 * channels`` multiply-adds) plus :data:`GROUP_OVERHEAD_MACS`.
+    (``rows * length**2 * 2 * channels`` multiply-adds) plus :data:`GROUP_OVERHEAD_MACS`. Ranges
+    only start where the length changes: moving a start back to the beginning of its run of
+    equal lengths never costs more (the rows it adds pay the same padding as before).
     """
     num = len(lengths)
-    area = np.asarray(lengths, dtype=np.float64) ** 2 * 2 * channels  # padded scores per row of a range
-    best = np.zeros(num + 1)  # best[j]: cheapest split of rows [0, j)
-    cut = [0] * (num + 1)  # cut[j]: where the last range of that split starts
-    for j in range(1, num + 1):
-        # A last range [i, j) costs (j - i) rows padded to lengths[i] (the longest: sorted).
-        costs = best[:j] + (j - np.arange(j)) * area[:j] + GROUP_OVERHEAD_MACS
+    starts = [i for i in range(num) if i == 0 or lengths[i] != lengths[i - 1]]
+    bounds = np.asarray([*starts, num])  # candidate range boundaries, as row indices
+    area = np.asarray([lengths[i] for i in starts], dtype=np.float64) ** 2 * 2 * channels
+    best = np.zeros(len(bounds))  # best[j]: cheapest split of rows [0, bounds[j])
+    cut = [0] * len(bounds)  # cut[j]: boundary index where the last range of that split starts
+    for j in range(1, len(bounds)):
+        # A last range [bounds[i], bounds[j]) costs its rows padded to lengths[bounds[i]] (sorted).
+        costs = best[:j] + (bounds[j] - bounds[:j]) * area[:j] + GROUP_OVERHEAD_MACS
         cut[j] = int(costs.argmin())
         best[j] = costs[cut[j]]
     ranges = []
-    j = num
+    j = len(bounds) - 1
     while j > 0:
-        ranges.append((cut[j], j))
+        ranges.append((int(bounds[cut[j]]), int(bounds[j])))
         j = cut[j]
     return ranges[::-1]
