@@ -380,3 +380,18 @@ def test_head_mean_is_the_mean_over_heads_bit_for_bit():
     timm_vit.head_mean(k.transpose(1, 2), dim=2, out=out[:, :10])  # [B, N, H, d] into a slice
     assert torch.equal(out[:, :10], k.mean(1)) and (out[:, 10:] == 0).all()
     assert torch.equal(timm_vit.head_mean(k[:, :1]), k[:, 0])
+
+
+def test_packed_inference_keeps_gradients_for_saliency():
+    """Eval mode with gradients on (saliency maps, attacks) runs the packed path and backpropagates
+    the same input gradient as the padded path."""
+    model = MODELS["deit_tiny"]()
+    batch = blocky_images(4, seed=4)
+    grads = {}
+    for ragged_mode in ("padded", "packed"):
+        patch(model, "atm", ragged=ragged_mode, **ATM_LENIENT)
+        images = batch.clone().requires_grad_()
+        model(images)[:, 0].sum().backward()
+        grads[ragged_mode] = images.grad
+        assert len(set(merge_stats(model).tokens[:, -1].tolist())) > 1  # ragged: packing was used
+    torch.testing.assert_close(grads["packed"], grads["padded"], atol=1e-5, rtol=1e-4)

@@ -277,7 +277,11 @@ def _packed_attention_residual(
             out = out.transpose(1, 2)
             head_mean(k, out=key[group.start : group.stop, 0, :length])
         tap.take()  # the hooks saw these keys too; drop them
-        torch.index_select(out.reshape(rows * length, -1), 0, group.slots, out=mixed[group.packed])
+        real = out.reshape(rows * length, -1)
+        if torch.is_grad_enabled():  # ``out=`` ops record no gradient
+            mixed[group.packed] = real.index_select(0, group.slots)
+        else:
+            torch.index_select(real, 0, group.slots, out=mixed[group.packed])
     mixed = attn.norm(mixed)
     if getattr(attn, "gate", None) is not None:
         mixed = mixed * attn.gate(h).sigmoid()
@@ -322,8 +326,10 @@ def head_mean(k: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor:
     adding the head slices in order is the same arithmetic on contiguous rows.
     """
     heads = k.unbind(dim)
+    if out is not None and (len(heads) == 1 or (torch.is_grad_enabled() and k.requires_grad)):
+        return out.copy_(head_mean(k, dim))  # ``out=`` ops record no gradient
     if len(heads) == 1:
-        return heads[0] if out is None else out.copy_(heads[0])
+        return heads[0]
     total = torch.add(heads[0], heads[1], out=out)
     for head in heads[2:]:
         total.add_(head)
