@@ -96,7 +96,8 @@ def merge_tokens(
     image, slot = selected.nonzero().unbind(1)  # every merged pair: input image, source slot
     src_pos = split.a_idx[image, slot]
     dst_pos = split.b_idx[image, matches.dst_of(image, slot)]
-    new_size = size.index_put((image, dst_pos), size[image, src_pos], accumulate=True)
+    src_size = size[image, src_pos]
+    new_size = size.index_put((image, dst_pos), src_size, accumulate=True)
 
     order, count = _output_order(size, split, selected, num_protected)
     keep = order.shape[1]
@@ -109,10 +110,12 @@ def merge_tokens(
         new_size_out = new_size
     out_image = torch.empty_like(in_image).index_copy_(0, in_image, torch.arange(batch, device=device))
     real = torch.arange(keep, device=device)[None, :] < count[:, None]
-    out_size = new_size_out.gather(1, order.clamp(max=n - 1)) * real
+    # Slots that are not real may hold the trash position N: point them at any real column (dropped).
+    position = order.clamp(max=n - 1)
+    out_size = new_size_out.gather(1, position) * real
 
     # Input row of every output slot; slots that are not real point anywhere valid and are dropped.
-    rows = (in_start[in_image, None] + order.clamp(max=n - 1)).clamp(max=len(flat_x) - 1)
+    rows = (in_start[in_image, None] + position).clamp(max=len(flat_x) - 1)
     padded_start = torch.arange(batch, device=device) * keep
     out_start = _row_starts(count) if pack else padded_start
     if pack:
@@ -121,7 +124,7 @@ def merge_tokens(
         out_x = _zero_padding(flat_x.index_select(0, rows.view(-1)), real).view(batch, keep, dim)
     out_source = None
     if source is not None:
-        source_rows = (in_image[:, None] * n + order.clamp(max=n - 1)).view(-1)
+        source_rows = (in_image[:, None] * n + position).view(-1)
         source = source.reshape(-1, source.shape[-1])
         out_source = _zero_padding(source.index_select(0, source_rows), real).view(batch, keep, -1)
     if len(image) == 0:
@@ -136,7 +139,7 @@ def merge_tokens(
     flat = out_x.view(-1, dim)
     rank = torch.zeros(len(flat), device=device, dtype=torch.long)
     rank[rec_rows] = torch.arange(len(rec_rows), device=device)
-    weighted = flat_x.index_select(0, in_start[image] + src_pos) * size[image, src_pos, None].to(x.dtype)
+    weighted = flat_x.index_select(0, in_start[image] + src_pos) * src_size[:, None].to(x.dtype)
     sums = flat.index_select(0, rec_rows) * size[rec_image, rec_pos, None].to(x.dtype)
     sums = sums.index_add_(0, rank[dst_rows], weighted)
     flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(x.dtype))
