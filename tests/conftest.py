@@ -38,3 +38,11 @@ def shared_images() -> Path:
     if not shared_available():
         pytest.skip("../shared/data is absent")
     return SHARED_IMAGES
+
+
+@pytest.fixture
+def restore_threads():
+    """For tests of tools whose main() calls torch.set_num_threads: later tests keep the suite's setting."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -16,12 +15,7 @@ demo = importlib.import_module("demo")
 digits_data = importlib.import_module("digits_data")
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """demo.main sets torch's thread count; later tests keep the suite's setting."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets torch's thread count
 
 
 def test_digits_are_written_on_a_blank_canvas(tmp_path) -> None:

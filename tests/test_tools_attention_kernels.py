@@ -13,11 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 attention_kernels = importlib.import_module("attention_kernels")
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets torch's thread count
 
 
 def test_kernels_agree_and_table_names_the_patch_choice(capsys):

@@ -41,12 +41,7 @@ def draw_shapes(path: Path, num_rects: int, seed: int, size: int = 96) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """benchmark.main sets torch's thread count; later tests keep the suite's setting."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets torch's thread count
 
 
 @pytest.fixture
