@@ -1,6 +1,6 @@
-"""atm-lightning: training-free token merging (ATM, ToMe) for timm Vision Transformers."""
+"""atm-lightning: training-free token merging (ATM, ToMe, EViT) for timm Vision Transformers."""
 
-from .merge import ATM, NoMerge, TokenMerger, ToMe
+from .merge import ATM, EViT, NoMerge, TokenMerger, ToMe
 from .patch import MergeStats, UnsupportedModelError, merge_stats, patch, unpatch
 
 __version__ = "0.1.0"

@@ -38,7 +38,7 @@ def test_merged_gflops_sum_the_formula_over_observed_tokens():
     assert stats.gflops_dense == pytest.approx(1_253_683_200 / 1e9)
     for i in range(3):
         t = stats.tokens[i].tolist()
-        macs = sum(_block_formula(t[l], t[l + 1], 192) for l in range(12)) + 196 * 768 * 192 + 192 * 1000
+        macs = sum(_block_formula(t[b], t[b + 1], 192) for b in range(12)) + 196 * 768 * 192 + 192 * 1000
         assert stats.gflops[i].item() == pytest.approx(macs / 1e9, rel=1e-6)
     assert (stats.flops_reduction > 0.2).all()
 

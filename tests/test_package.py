@@ -1,0 +1,23 @@
+"""The public API: every name a package exports can be imported."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PACKAGES = [
+    "atm_lightning",
+    "atm_lightning.callbacks",
+    "atm_lightning.data",
+    "atm_lightning.merge",
+    "atm_lightning.patch",
+]
+
+
+@pytest.mark.parametrize("name", PACKAGES)
+def test_star_import_gives_every_name_in_all(name: str) -> None:
+    namespace: dict = {}
+    exec(f"from {name} import *", namespace)  # raised AttributeError when __all__ named EViT unimported
+    module = importlib.import_module(name)
+    assert set(module.__all__) <= set(namespace)
