@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import random
 from pathlib import Path
 from types import SimpleNamespace
+
+import numpy as np
 
 import lightning.pytorch as pl
 import pytest
@@ -11,9 +16,12 @@ import torch
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from PIL import Image
 from torchvision.transforms import CenterCrop, Resize
 
 from atm_lightning.data import BatchAlignedDistributedSampler, ImageNetDataModule
+from atm_lightning.data import transforms
+from atm_lightning.data.transforms import resolve_eval_config, train_transform
 from tests.fakedata import IMAGENET_WNIDS, make_flat_val, make_image_folder
 
 
@@ -123,6 +131,46 @@ def test_img_size_and_other_model_config(tmp_path: Path) -> None:
     dm.setup("validate")
     assert first_transform(dm.val_dataset, CenterCrop).size == (96, 96)
     assert dm.val_dataset[0][0].shape == (3, 96, 96)
+
+
+DEIT_AUGMENT = {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25, "color_jitter": 0.3, "hflip": 0.5}
+
+
+def shipped_train_transform(img_size: int = 32):
+    """The `*_ft.yaml` configs' augmentation (the DataModule defaults), at a small size for speed."""
+    return train_transform(resolve_eval_config("deit_tiny_patch16_224", img_size=img_size), **DEIT_AUGMENT)
+
+
+def test_posterize_at_magnitude_10_keeps_no_bits_as_black() -> None:
+    # rand-m9-mstd0.5-inc1 keeps 4 - int(m / 10 * 4) bits: 0 at the magnitude ceiling of 10, which
+    # Pillow 13 refuses (ValueError) and older Pillow turned into a black image.
+    (randaugment,) = [t for t in shipped_train_transform().transforms if isinstance(t, RandAugment)]
+    (op,) = [op for op in randaugment.ops if op.name == "PosterizeIncreasing"]
+    op = copy.deepcopy(op)
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    image = Image.new("RGB", (20, 10), (200, 120, 40))
+    black = op(image)
+    assert black.mode == "RGB" and black.size == (20, 10) and black.getextrema() == ((0, 0),) * 3
+    assert pickle.loads(pickle.dumps(op))(image).getextrema() == ((0, 0),) * 3  # DataLoader workers
+    op.magnitude = 5  # 2 bits kept: timm's own posterize, unchanged
+    assert op(image).getpixel((0, 0)) == (192, 64, 0)
+
+
+def test_shipped_augmentation_survives_2000_draws(monkeypatch) -> None:
+    zero_bits = []
+    posterize = transforms.posterize
+
+    def counting(image, bits_to_keep, **kwargs):
+        zero_bits.append(bits_to_keep <= 0)
+        return posterize(image, bits_to_keep, **kwargs)
+
+    monkeypatch.setattr(transforms, "posterize", counting)
+    transform = shipped_train_transform()
+    image = Image.new("RGB", (48, 48), (120, 80, 200))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    for _ in range(2000):
+        assert transform(image).shape == (3, 32, 32)
+    assert sum(zero_bits) >= 2  # seed 0 draws the 0-bit case 3 times (first at draw 35)
 
 
 def test_validate_needs_no_train_split_and_fit_builds_augmented_train(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 import timm
+from PIL import Image
+from timm.data import auto_augment as timm_augment
 from timm.data import create_transform, resolve_data_config
 
 
@@ -59,7 +61,7 @@ def train_transform(
     crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> Callable:
     """DeiT-style augmentation (random resized crop, RandAugment, random erasing) at the eval resolution."""
-    return create_transform(
+    transform = create_transform(
         input_size=config["input_size"],
         is_training=True,
         interpolation=config["interpolation"],
@@ -71,3 +73,30 @@ def train_transform(
         hflip=hflip,
         scale=crop_scale,
     )
+    return allow_zero_bit_posterize(transform)
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving the all-black image Pillow gave before version 13.
+
+    RandAugment's increasing posterize keeps ``4 - int(magnitude / 10 * 4)`` bits, so a magnitude
+    drawn at its ceiling of 10 (``rand-m9-mstd0.5-inc1``: about 1 image in 650) asks for 0 bits, which
+    Pillow 13 refuses with a ValueError that ended training runs. Older Pillow masked every bit
+    away, so returning black keeps the DeiT recipe's distribution exactly.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return timm_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+def allow_zero_bit_posterize(transform: Callable) -> Callable:
+    """Point the posterize ops of timm's RandAugment, AutoAugment and AugMix in ``transform`` at
+    :func:`posterize` (a module-level function, so DataLoader workers can still pickle them)."""
+    for stage in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(stage, "ops", []))
+        for sub_policy in getattr(stage, "policy", []):
+            ops += sub_policy
+        for op in ops:
+            if getattr(op, "aug_fn", None) is timm_augment.posterize:
+                op.aug_fn = posterize
+    return transform
