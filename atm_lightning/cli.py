@@ -20,6 +20,8 @@ from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
 
 EVAL_SUBCOMMANDS = ("validate", "test")
+# Subcommands whose numbers come from the model's predictions, so a random new head is refused.
+PREDICTING_SUBCOMMANDS = (*EVAL_SUBCOMMANDS, "calibrate")
 
 
 class ATMCLI(LightningCLI):
@@ -61,6 +63,12 @@ class ATMCLI(LightningCLI):
                 f"--ckpt_path is for resuming fit only; with {subcommand}, a checkpoint's saved "
                 f"settings would silently override --model.merger. Evaluate it with "
                 f"--model.weights {self.config[subcommand]['ckpt_path']} instead"
+            )
+        if subcommand in PREDICTING_SUBCOMMANDS and self.config[subcommand].model.new_head:
+            parser.error(
+                f"--model.new_head true gives the model an untrained classifier, so {subcommand} would "
+                f"report chance-level predictions; it is for fit (fine-tuning to another label set). "
+                f"Drop it and set --model.num_classes to the classes of the weights' head"
             )
 
     def before_calibrate(self) -> None:

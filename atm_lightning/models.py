@@ -7,6 +7,7 @@ saved hyperparameters silently override the merge settings given on the command 
 from __future__ import annotations
 
 import difflib
+import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,49 +25,110 @@ def create_model(
     model_name: str,
     pretrained: bool = False,
     weights: str | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = 1000,
     model_kwargs: dict[str, Any] | None = None,
+    new_head: bool = False,
 ) -> nn.Module:
     """A timm model, randomly initialised, from timm's hub cache, or from a local weights file.
 
     Args:
         model_name: timm architecture name, e.g. ``deit_tiny_patch16_224``.
-        pretrained: load timm's published weights (needs the network or a filled hub cache);
-            ignored when ``weights`` is given.
+        pretrained: load timm's published weights (needs the network or a hub cache); ignored
+            when ``weights`` is given.
         weights: local file: ``.safetensors``, a ``.pth``/``.pt`` state dict (bare, or under a
             ``model``/``state_dict`` key), or a checkpoint written by ``atm fit``.
-        num_classes: classifier size; timm files with another head get a fresh one.
+        num_classes: classifier size. With weights it must equal theirs (a random head would
+            report chance accuracy as a result) unless ``new_head``; None takes the weights' own.
         model_kwargs: further timm constructor arguments, e.g. ``img_size``, ``patch_size``, ``depth``
             for a small ViT trained from scratch.
+        new_head: replace the weights' classifier with a new, randomly initialised one of
+            ``num_classes`` outputs, to fine-tune to another label set.
     """
     check_model_name(model_name)
     kwargs = model_kwargs or {}
+    if new_head and num_classes is None:
+        raise ValueError("a new head needs its number of classes; set num_classes")
+    if weights is None and not pretrained:
+        classes = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(model_name, **classes, **kwargs)
     if weights is None:
-        return _from_timm(model_name, pretrained, num_classes, kwargs)
-    path = Path(weights).expanduser()
+        found = _pretrained_classes(model_name)
+        classes = _classes_to_load(found, num_classes, new_head, f"timm's pretrained weights of {model_name}")
+        model = _from_timm(model_name, classes, kwargs)
+    else:
+        model = _from_file(model_name, Path(weights).expanduser(), num_classes, new_head, kwargs)
+    if new_head:
+        _replace_head(model, num_classes)
+    return model
+
+
+def _from_file(
+    model_name: str, path: Path, num_classes: int | None, new_head: bool, kwargs: dict[str, Any]
+) -> nn.Module:
+    """The model with the file's weights, classifier included, exactly as they are."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path} (check --model.weights)")
     state = _lightning_state_dict(path)
     if state is not None:
-        model = timm.create_model(model_name, num_classes=num_classes, **kwargs)
+        classes = _classes_to_load(_head_classes(state), num_classes, new_head, f"the weights in {path}")
+        model = timm.create_model(model_name, num_classes=classes, **kwargs)
         _check_shapes(model, state, path, model_name)
-        model.load_state_dict(state, strict=True)
+        _load_into(model, state, path)
         return model
     state = _read_state_dict(path)
+    classes = _classes_to_load(_head_classes(state), num_classes, new_head, f"the weights in {path}")
     # timm resets the head when num_classes differs from the *config's* class count, so tell it
-    # the file's: a 10-class file then loads its head into a 10-class model.
-    overlay = {"file": str(path)}
-    head = state.get("head.weight")
-    if head is not None and head.ndim == 2:
-        overlay["num_classes"] = head.shape[0]
+    # the file's: a 10-class file then loads its head into a 10-class model, strictly.
+    overlay = {"file": str(path), "num_classes": classes}
     try:
         return timm.create_model(
-            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
+            model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=classes, **kwargs
         )
     except RuntimeError as err:
-        if "size mismatch" not in str(err):
-            raise
-        raise ValueError(_mismatch_message(state, path, model_name)) from None
+        if "size mismatch" in str(err):
+            raise ValueError(_mismatch_message(state, path, model_name)) from None
+        raise ValueError(f"weights in {path} do not load into {model_name}: {_first_line(err)}") from err
+
+
+def _head_classes(state: dict[str, Tensor]) -> int | None:
+    """Outputs of the classifier in a timm state dict; None when it has none."""
+    head = state.get("head.weight")
+    return head.shape[0] if head is not None and head.ndim == 2 else None
+
+
+def _pretrained_classes(model_name: str) -> int | None:
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    return cfg.num_classes if cfg is not None else None
+
+
+def _classes_to_load(found: int | None, num_classes: int | None, new_head: bool, source: str) -> int:
+    """The classifier size that loads ``source`` exactly: its own, if the caller may have it.
+
+    A weights file with another head size used to load with a fresh random head, which reported
+    chance accuracy as a result; now that takes an explicit ``new_head``.
+    """
+    if new_head or num_classes is None or found == num_classes:
+        return found or 0
+    if found is None:
+        raise ValueError(
+            f"{source} have no classifier (no head.weight), but --model.num_classes is {num_classes}; "
+            f"to fine-tune a new {num_classes}-class head on them pass --model.new_head true"
+        )
+    raise ValueError(
+        f"{source} have a {found}-class classifier but --model.num_classes is {num_classes}; "
+        f"pass --model.num_classes {found} to use it, or --model.new_head true to replace it with "
+        f"a new, untrained {num_classes}-class head for fine-tuning to another label set"
+    )
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """A new classifier of ``num_classes`` outputs, initialised as timm initialises a new ViT's."""
+    model.reset_classifier(num_classes)
+    heads = model.get_classifier()
+    for head in heads if isinstance(heads, tuple) else (heads,):
+        if isinstance(head, nn.Linear):
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
 
 
 def check_model_name(model_name: str) -> None:
@@ -78,12 +140,10 @@ def check_model_name(model_name: str) -> None:
     raise ValueError(f"unknown timm model {model_name!r}{hint}")
 
 
-def _from_timm(model_name: str, pretrained: bool, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _from_timm(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        return timm.create_model(model_name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as err:
-        if not pretrained:
-            raise
         raise RuntimeError(
             f"could not fetch pretrained weights for {model_name} ({type(err).__name__}); offline or "
             f"without a hub cache, pass --model.weights with a local .safetensors/.pth file"
@@ -105,20 +165,61 @@ allow_merger_unpickling()
 
 def _load(path: Path) -> object:
     """``torch.load`` restricted to tensors, plain data and this project's merger classes."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise _unreadable(path, "a PyTorch checkpoint (.pth/.pt/.ckpt)", err) from err
+        raise ValueError(
+            f"{path} holds Python objects that torch.load(weights_only=True) will not create "
+            f"({_reason(err)}); save a plain state dict (torch.save(model.state_dict(), ...)) or a "
+            f".safetensors file and pass that as --model.weights"
+        ) from err
+    except (RuntimeError, OSError, EOFError) as err:
+        raise _unreadable(path, "a PyTorch checkpoint (.pth/.pt/.ckpt)", err) from err
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     """The tensors of a weights file, unwrapped from ``model``/``state_dict`` keys."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:
+            raise _unreadable(path, "a safetensors file", err) from err
     data = _load(path)
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
+    if not isinstance(data, dict) or not any(isinstance(v, Tensor) for v in data.values()):
+        keys = sorted(map(str, data))[:5] if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{path} holds no state dict of tensors (found {keys}); pass a file saved with "
+            f"torch.save(model.state_dict(), ...), a .safetensors file or an `atm fit` checkpoint"
+        )
     return data
+
+
+def _unreadable(path: Path, kind: str, err: BaseException) -> ValueError:
+    reason = _reason(err)
+    return ValueError(
+        f"cannot read {path} as {kind} ({type(err).__name__}{': ' if reason else ''}{reason}); the file is damaged, "
+        f"truncated or of another format: download or export it again, or fix --model.weights"
+    )
+
+
+def _reason(err: BaseException) -> str:
+    """The informative line of a library error (torch's unpickler puts it after a preamble)."""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    return _first_line(text)
+
+
+def _first_line(err: BaseException | str) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def _lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
@@ -141,6 +242,13 @@ def _check_shapes(model: nn.Module, state: dict[str, Tensor], path: Path, model_
     expected = model.state_dict()
     if any(k in expected and expected[k].shape != v.shape for k, v in state.items()):
         raise ValueError(_mismatch_message(state, path, model_name, model))
+
+
+def _load_into(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"the weights in {path} do not load into the model: {_first_line(err)}") from err
 
 
 class _Arch(NamedTuple):

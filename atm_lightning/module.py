@@ -109,7 +109,10 @@ class TokenMergingModule(LightningModule):
             use ``weights``).
         weights: local weights file (``.safetensors``, ``.pth`` state dict, or an ``atm fit``
             checkpoint); use this, not ``--ckpt_path``, to evaluate a checkpoint.
-        num_classes: classifier size.
+        num_classes: classifier size; must equal the weights' (a random head would report chance
+            accuracy as a result), unless ``new_head``.
+        new_head: replace the weights' classifier with a new, untrained one of ``num_classes``
+            outputs, to fine-tune to another label set (``fit`` only).
         merger: token-merging policy, e.g. ``ATM``, ``ToMe`` or ``NoMerge`` (dense, with FLOPs accounting).
         lr: AdamW base learning rate for ``fit``, at a global batch of ``lr_base_batch`` images.
         weight_decay: AdamW weight decay (never on norms, biases, position embedding, class token).
@@ -131,6 +134,7 @@ class TokenMergingModule(LightningModule):
         pretrained: bool = False,
         weights: str | None = None,
         num_classes: int = 1000,
+        new_head: bool = False,
         merger: TokenMerger = NoMerge(),  # noqa: B008 - policies are plain immutable settings
         lr: float = 5e-4,
         weight_decay: float = 0.05,
@@ -151,7 +155,7 @@ class TokenMergingModule(LightningModule):
             )
         self.save_hyperparameters()
         self.merger = merger
-        model = create_model(model_name, pretrained, weights, num_classes, model_kwargs)
+        model = create_model(model_name, pretrained, weights, num_classes, model_kwargs, new_head=new_head)
         model = set_drop_path(model, drop_path_rate)
         self.model = patch(model, merger)
         self.mixup = build_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)

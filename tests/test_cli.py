@@ -204,6 +204,20 @@ def test_errors_name_the_fix(tmp_path, monkeypatch, data_root, weights, extra, e
         run(*eval_args("vit_t_dense.yaml", weights, data_root, *extra))
 
 
+def test_weights_with_another_head_size_are_refused(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)  # was: exit 0, top-1 of a random head, metrics.json written
+    with pytest.raises(ValueError, match=r"3-class classifier but --model.num_classes is 5; pass --model.num"):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--model.num_classes", "5"))
+    assert not list(tmp_path.glob("runs/*/*/metrics.json"))
+
+
+def test_new_head_is_refused_outside_fit(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--model.new_head", "true"))
+    assert "untrained classifier, so validate would report chance-level" in capsys.readouterr().err
+
+
 def test_dataset_size_mismatch_fails_loudly(tmp_path, monkeypatch, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError, match=r"evaluated 6 images but the val set has 8"):

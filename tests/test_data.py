@@ -287,8 +287,10 @@ def test_corrupt_image_is_named_when_loaded(tmp_path: Path) -> None:
 
 def test_folders_that_do_not_fit_the_head(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "val", ["a", "b", "c"], per_class=1)
-    with pytest.raises(ValueError, match=r"not ImageNet-1k wnids.*--data.class_names"):
+    with pytest.raises(ValueError, match=r"not ImageNet-1k wnids.*--data.class_names") as error:
         datamodule(tmp_path).setup("validate")
+    # data.num_classes follows model.num_classes in the CLI, which refuses it as an option.
+    assert "--model.num_classes" in str(error.value) and "--data.num_classes" not in str(error.value)
     with pytest.raises(ValueError, match="found 3 classes in the class folders but num_classes=2"):
         datamodule(tmp_path, num_classes=2).setup("validate")
     names = tmp_path / "classes.txt"

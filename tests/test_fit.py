@@ -367,6 +367,26 @@ def test_ft_configs_train_with_the_deit_recipe(config: str, capsys) -> None:
     assert printed["trainer"]["precision"] == "bf16-mixed"
 
 
+def test_fit_a_new_head_on_1000_class_weights(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    imagenet = timm.create_model(NAME, depth=2)
+    weights = tmp_path / "deit_t_1000.pth"
+    torch.save(imagenet.state_dict(), weights)
+    args = ("--model.weights", str(weights), "--model.model_kwargs", '{"depth": 2}', "--trainer.max_steps", "1")
+    with pytest.raises(ValueError, match=r"1000-class classifier but --model.num_classes is 3"):
+        cli(*cpu_args("deit_t_tome_ft.yaml", data_root, *args))
+    fitted = cli(*cpu_args("deit_t_tome_ft.yaml", data_root, *args, "--model.new_head", "true"))
+    assert fitted.trainer.global_step == 1
+    (last,) = tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt")
+    tuned = create_model(NAME, weights=str(last), num_classes=3, model_kwargs={"depth": 2})
+    assert tuned.head.out_features == 3  # the checkpoint's own head now
+    # One AdamW step at lr ~4e-8 (1e-5 x 2 / 512) leaves the backbone close to the file's.
+    assert torch.allclose(tuned.blocks[1].mlp.fc1.weight, imagenet.blocks[1].mlp.fc1.weight, atol=1e-6)
+    with pytest.raises(SystemExit):
+        cli(*cpu_args("deit_t_tome.yaml", data_root, *args[:2], "--model.new_head", "true", subcommand="validate"))
+
+
 @pytest.mark.slow
 def test_atm_fit_resume_and_validate_from_the_ft_config(data_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

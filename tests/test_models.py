@@ -41,12 +41,81 @@ def test_timm_weight_files_load_exactly(tmp_path: Path, reference: torch.nn.Modu
     assert_same_weights(create_model(NAME, weights=str(path)), reference)
 
 
-def test_other_num_classes_gets_a_fresh_head(tmp_path: Path, reference: torch.nn.Module) -> None:
+@pytest.mark.parametrize(("file_classes", "num_classes"), [(1000, 6), (200, 1000)])
+def test_head_size_mismatch_is_an_error_naming_both_fixes(tmp_path: Path, file_classes, num_classes) -> None:
+    # Both loaded silently with a random head before (top-1 0.00%, exit 0, metrics.json written).
+    path = tmp_path / "w.safetensors"
+    state = timm.create_model(NAME, num_classes=file_classes).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    message = (
+        rf"{file_classes}-class classifier but --model.num_classes is {num_classes}; "
+        rf"pass --model.num_classes {file_classes} to use it, or --model.new_head true"
+    )
+    with pytest.raises(ValueError, match=message):
+        create_model(NAME, weights=str(path), num_classes=num_classes)
+
+
+def test_pretrained_head_size_mismatch_is_an_error_before_any_download() -> None:
+    with pytest.raises(ValueError, match=r"pretrained weights of .* 1000-class classifier .* is 6; pass"):
+        create_model(NAME, pretrained=True, num_classes=6)
+
+
+def test_new_head_keeps_the_backbone_and_starts_a_fresh_classifier(
+    tmp_path: Path, reference: torch.nn.Module
+) -> None:
     path = tmp_path / "w.pth"
     torch.save(reference.state_dict(), path)
-    model = create_model(NAME, weights=str(path), num_classes=10)
-    assert model.head.out_features == 10
-    assert torch.equal(model.blocks[3].mlp.fc1.weight, reference.blocks[3].mlp.fc1.weight)
+    model = create_model(NAME, weights=str(path), num_classes=10, new_head=True)
+    assert model.head.out_features == model.num_classes == 10
+    assert_same_weights(model, reference, skip="head.")
+    assert float(model.head.weight.detach().std()) == pytest.approx(0.02, rel=0.1)  # timm's ViT head init
+    assert not model.head.bias.any()
+    # Same size, still a new head: the option means "do not use the file's classifier".
+    same = create_model(NAME, weights=str(path), num_classes=1000, new_head=True)
+    assert not torch.equal(same.head.weight, reference.head.weight)
+    # A backbone without any classifier needs the option too.
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in reference.state_dict().items() if not k.startswith("head.")}, headless)
+    with pytest.raises(ValueError, match=r"have no classifier .*--model.new_head true"):
+        create_model(NAME, weights=str(headless), num_classes=10)
+    assert_same_weights(create_model(NAME, weights=str(headless), num_classes=10, new_head=True), model, "head.")
+
+
+def test_tools_take_the_head_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "w10.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(NAME, num_classes=10).state_dict().items()}, str(path))
+    assert create_model(NAME, weights=str(path), num_classes=None).head.out_features == 10
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("random.safetensors", "a safetensors file"),
+        ("random.pth", "a PyTorch checkpoint"),
+        ("empty.ckpt", "a PyTorch checkpoint"),
+        ("truncated.ckpt", "a PyTorch checkpoint"),
+    ],
+)
+def test_damaged_weights_files_name_the_path_and_the_flag(
+    tmp_path: Path, reference: torch.nn.Module, name: str, kind: str
+) -> None:
+    path = tmp_path / name
+    if name.startswith("random"):
+        path.write_bytes(bytes(range(256)) * 8)
+    elif name.startswith("empty"):
+        path.write_bytes(b"")
+    else:
+        torch.save({"state_dict": reference.state_dict()}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=rf"cannot read {path} as {kind}.*damaged.*--model.weights"):
+        create_model(NAME, weights=str(path))
+
+
+def test_files_that_hold_no_state_dict_say_so(tmp_path: Path) -> None:
+    path = tmp_path / "odd.pth"
+    torch.save({"epoch": 3, "notes": "no tensors"}, path)
+    with pytest.raises(ValueError, match=r"holds no state dict of tensors \(found \['epoch', 'notes'\]\)"):
+        create_model(NAME, weights=str(path))
 
 
 def test_head_of_a_non_imagenet_file_is_loaded(tmp_path: Path) -> None:
@@ -70,8 +139,10 @@ def test_lightning_checkpoint_of_the_module_loads_strictly(tmp_path: Path) -> No
     torch.save(checkpoint, path)
     loaded = create_model(NAME, weights=str(path), num_classes=7)
     assert_same_weights(loaded, module.model)
-    with pytest.raises(ValueError, match=r"set --model.num_classes 7"):
+    with pytest.raises(ValueError, match=r"pass --model.num_classes 7 to use it, or --model.new_head true"):
         create_model(NAME, weights=str(path), num_classes=1000)
+    renewed = create_model(NAME, weights=str(path), num_classes=3, new_head=True)
+    assert_same_weights(renewed, create_model(NAME, weights=str(path), num_classes=7), skip="head.")
 
 
 def test_unknown_model_suggests_close_names() -> None:

@@ -133,9 +133,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """The model of ``--model``/``--weights``/``--pretrained``, in eval mode on ``device``."""
+    """The model of ``--model``/``--weights``/``--pretrained``, in eval mode on ``device``, with the
+    classifier the weights have (the tools measure merging, not a label set)."""
     weights = str(args.weights) if args.weights is not None else None
-    return create_model(args.model, pretrained=args.pretrained, weights=weights).eval().to(device)
+    model = create_model(args.model, pretrained=args.pretrained, weights=weights, num_classes=None)
+    return model.eval().to(device)
 
 
 def image_paths(inputs: Sequence[Path]) -> list[Path]:

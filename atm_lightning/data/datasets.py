@@ -82,7 +82,8 @@ def class_map(num_classes: int, folders: Sequence[str], class_names: Sequence[st
             raise ValueError(
                 f"class folders {unknown[:5]} are not ImageNet-1k wnids (e.g. n01440764), so they have no "
                 "index in a 1000-class head; pass --data.class_names <file with one folder name per line> "
-                "or set --data.num_classes / --model.num_classes to your number of classes"
+                "or set --model.num_classes to your number of classes (and --model.weights to weights "
+                "with that many, or --model.new_head true to fine-tune a new head)"
             )
         return {name: index for index, name in enumerate(names)}
     else:
@@ -151,7 +152,7 @@ def flat_samples(split_dir: Path, label_file: str | Path, num_classes: int) -> l
         if not 0 <= label < num_classes:
             raise ValueError(
                 f"{label_file}:{number}: class index {label} is outside 0..{num_classes - 1}; "
-                "check --data.num_classes / --model.num_classes"
+                "check --model.num_classes"
             )
         if not (split_dir / name).is_file():
             raise FileNotFoundError(
