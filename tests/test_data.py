@@ -83,6 +83,27 @@ def test_flat_folder_with_label_file(tmp_path: Path) -> None:
     assert [path.name for path, _ in dm.val_dataset.samples] == sorted(p.name for p in folder.iterdir())
 
 
+def test_label_file_names_may_hold_spaces(tmp_path: Path) -> None:
+    folder, label_file = make_flat_val(tmp_path, n=2, num_classes=5, seed=3)
+    for name in ("my photo 1.JPEG", "two  spaces.png"):
+        (folder / name).write_bytes((folder / "ILSVRC2012_val_00000001.JPEG").read_bytes())
+    label_file.write_text(label_file.read_text() + "my photo 1.JPEG 4\n  two  spaces.png\t2  \n")
+    dm = datamodule(tmp_path, num_classes=5, label_file=str(label_file))
+    dm.setup("validate")
+    labels = {path.name: label for path, label in dm.val_dataset.samples}
+    assert labels["my photo 1.JPEG"] == 4 and labels["two  spaces.png"] == 2 and len(labels) == 4
+
+
+def test_label_file_listing_an_image_twice_is_refused(tmp_path: Path) -> None:
+    _, label_file = make_flat_val(tmp_path, n=3, num_classes=5, seed=3)
+    lines = label_file.read_text().splitlines()
+    label_file.write_text("\n".join([*lines, "", "ILSVRC2012_val_00000002.JPEG 0"]) + "\n")
+    # Before, the last line won silently (top-1 80 -> 75 on a small set).
+    message = r"lists 1 image\(s\) more than once \('ILSVRC2012_val_00000002.JPEG' on lines 2, 5\)"
+    with pytest.raises(ValueError, match=rf"{label_file} {message}.*remove the extra"):
+        datamodule(tmp_path, num_classes=5, label_file=str(label_file)).setup("validate")
+
+
 def test_image_extensions_are_case_insensitive_and_other_files_ignored(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "val", ["a"], per_class=1, ext=".jpg")
     make_image_folder(tmp_path / "val", ["a"], per_class=1, seed=1, ext=".PNG")

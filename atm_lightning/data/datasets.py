@@ -134,15 +134,20 @@ def folder_samples(split_dir: Path, classes: dict[str, int]) -> list[Sample]:
 
 
 def flat_samples(split_dir: Path, label_file: str | Path, num_classes: int) -> list[Sample]:
-    """`(path, label)` from a flat folder and lines `<file name> <class index>`, sorted by file name."""
+    """`(path, label)` from a flat folder and lines `<file name> <class index>`, sorted by file name.
+
+    The index is the last field of a line and the name everything before it, so names may hold
+    spaces. An image listed twice is an error: keeping either label would silently change results.
+    """
     label_file = Path(label_file)
     if not label_file.is_file():
         raise FileNotFoundError(f"label file {label_file} does not exist; check --data.label_file")
     labels: dict[str, int] = {}
+    lines: dict[str, list[int]] = {}
     for number, line in enumerate(label_file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        fields = line.split()
+        fields = line.strip().rsplit(maxsplit=1)
         if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
             raise ValueError(
                 f"{label_file}:{number}: cannot parse {line!r}; expected '<file name> <class index>', "
@@ -159,6 +164,14 @@ def flat_samples(split_dir: Path, label_file: str | Path, num_classes: int) -> l
                 f"{label_file}:{number}: {split_dir / name} does not exist; the label file must match the images"
             )
         labels[name] = label
+        lines.setdefault(name, []).append(number)
+    repeated = {name: numbers for name, numbers in lines.items() if len(numbers) > 1}
+    if repeated:
+        where = "; ".join(f"{name!r} on lines {', '.join(map(str, n))}" for name, n in list(repeated.items())[:3])
+        raise ValueError(
+            f"{label_file} lists {len(repeated)} image(s) more than once ({where}); each image needs "
+            "exactly one line, so remove the extra ones"
+        )
     unlabelled = sorted(p.name for p in split_dir.iterdir() if is_image(p) and p.name not in labels)
     if unlabelled:
         raise ValueError(
