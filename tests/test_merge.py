@@ -245,7 +245,7 @@ def test_theorem1_identity():
         ("tome", {"r": 2.5}, "non-negative integer"),
         ("atm", {"beta": -0.1}, "beta must be >= 0"),
         ("atm", {"theta_min": -1.5}, "theta_min must be >= -1"),
-        ("atm", {"alpha": 0.5, "theta_min": 0.8}, "must be >= theta_min"),
+        ("atm", {"alpha": 0.5, "theta_min": 0.8}, r"alpha \(0.5\) must be >= theta_min \(0.8\)"),
         ("atm", {"alpha": float("nan")}, "finite number"),
         ("atm", {"split_layer": 0}, "split_layer"),
         ("atm", {"batch_rule": "mean"}, "batch_rule"),
@@ -255,6 +255,20 @@ def test_theorem1_identity():
 def test_bad_settings_raise_one_clear_error(method, settings, message):
     with pytest.raises(ValueError, match=message):
         make_merger(method, **settings)
+
+
+@pytest.mark.parametrize(("alpha", "theta_min"), [(1.0, 2.0), (0.5, 1.0), (0.9, 1.5)])
+def test_theta_min_of_1_or_more_disables_merging_whatever_alpha(alpha, theta_min):
+    # theta_min 2 was refused as "alpha (1.0) must be >= theta_min", blaming the wrong setting.
+    atm = ATM(alpha=alpha, beta=0.02, theta_min=theta_min)
+    assert not atm.merges
+    assert min(atm.thresholds(12)) >= 1.0
+
+
+def test_merges_only_when_some_threshold_falls_below_1():
+    assert ATM(alpha=1.0, beta=0.02, theta_min=0.8).merges
+    assert ATM(alpha=0.95, beta=0.0, theta_min=0.8).merges
+    assert not ATM(alpha=1.0, beta=0.0, theta_min=0.8).merges  # every threshold stays at alpha = 1
 
 
 def test_depth_dependent_checks():

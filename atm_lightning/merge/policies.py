@@ -133,7 +133,8 @@ class ATM(TokenMerger):
         Args:
             alpha: threshold of block 1; values >= 1 mean the first blocks merge nothing.
             beta: decay rate of the threshold over depth (>= 0).
-            theta_min: floor of the threshold, in [-1, 1] (values above 1 disable merging).
+            theta_min: floor of the threshold, in [-1, 1]; 1 or more disables merging (every
+                threshold is then at least 1, which no cosine similarity exceeds), whatever alpha.
             split_layer: first block (1-indexed) whose A/B split is by token size;
                 depth + 1 keeps the alternating split everywhere.
             batch_rule: ``exact`` merges each image's own above-threshold pairs (batch-size
@@ -151,8 +152,11 @@ class ATM(TokenMerger):
             raise ValueError(
                 f"ATM theta_min must be >= -1 (cosine similarity lies in [-1, 1]), got {theta_min}"
             )
-        if alpha < theta_min:
-            raise ValueError(f"ATM alpha ({alpha}) must be >= theta_min ({theta_min}): it is the first threshold")
+        if alpha < theta_min < 1.0:
+            raise ValueError(
+                f"ATM alpha ({alpha}) must be >= theta_min ({theta_min}): alpha is the first block's "
+                f"threshold and theta_min the floor it decays to (theta_min >= 1 disables merging)"
+            )
         if not isinstance(split_layer, int) or isinstance(split_layer, bool) or split_layer < 1:
             raise ValueError(f"ATM split_layer is a 1-indexed block number >= 1, got {split_layer!r}")
         if batch_rule not in ("exact", "min"):
@@ -165,7 +169,8 @@ class ATM(TokenMerger):
 
     @property
     def merges(self) -> bool:
-        return self.theta_min < 1.0 or self.alpha < 1.0
+        # Thresholds never drop below theta_min, and stay at alpha when beta is 0.
+        return self.theta_min < 1.0 and (self.alpha < 1.0 or self.beta > 0)
 
     def check(self, depth: int) -> None:
         if self.split_layer > depth + 1:
