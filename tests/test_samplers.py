@@ -55,11 +55,17 @@ def test_is_a_distributed_sampler_so_lightning_keeps_it() -> None:
     assert list(sampler) == [4, 5, 6, 7] and len(sampler) == 4
 
 
-def test_refuses_a_rank_without_a_batch() -> None:
-    with pytest.raises(ValueError, match="3 batches of 4, too few for 4 devices"):
+def test_refuses_a_rank_without_a_batch_and_offers_only_fixes_that_work() -> None:
+    with pytest.raises(ValueError, match=r"3 batches of 4, too few for 4 devices.*use at most 3 devices "
+                       r"\(--trainer.devices\) or a batch size of at most 2 \(--data.batch_size\)$"):
         BatchAlignedDistributedSampler(range(9), 4, num_replicas=4, rank=0)
     with pytest.raises(ValueError, match="too few for 2 devices"):
         BatchAlignedDistributedSampler(range(4), 4, num_replicas=2, rank=0)
+    # At batch size 1 (or with fewer images than devices) a smaller batch cannot help.
+    for batch_size, devices in ((1, 3), (2, 2)):
+        with pytest.raises(ValueError, match=rf"too few for 4 devices .*; use at most {devices} devices") as error:
+            BatchAlignedDistributedSampler(range(3), batch_size, num_replicas=4, rank=0)
+        assert "batch size" not in str(error.value)
 
 
 def test_rejects_bad_arguments() -> None:

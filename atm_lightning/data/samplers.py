@@ -33,11 +33,7 @@ class BatchAlignedDistributedSampler(DistributedSampler):
         self.batch_size = batch_size
         num_batches = -(-len(dataset) // batch_size)
         if self.num_replicas > num_batches:
-            raise ValueError(
-                f"{len(dataset)} images make {num_batches} batches of {batch_size}, too few for "
-                f"{self.num_replicas} devices (each needs at least one batch); use fewer devices or a "
-                "smaller batch size (--data.batch_size)"
-            )
+            raise ValueError(too_few_batches(len(dataset), batch_size, self.num_replicas))
         self.batches = range(self.rank, num_batches, self.num_replicas)
         self.num_samples = sum(len(self._block(batch)) for batch in self.batches)
         self.total_size = len(dataset)
@@ -51,3 +47,14 @@ class BatchAlignedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def too_few_batches(num_images: int, batch_size: int, devices: int) -> str:
+    """Why ``devices`` ranks cannot each get a batch, with only the fixes that would work."""
+    fixes = [f"at most {min(num_images, -(-num_images // batch_size))} devices (--trainer.devices)"]
+    if batch_size > 1 and num_images >= devices:
+        fixes.append(f"a batch size of at most {num_images // devices} (--data.batch_size)")
+    return (
+        f"{num_images} images make {-(-num_images // batch_size)} batches of {batch_size}, too few for "
+        f"{devices} devices (each needs at least one batch); use {' or '.join(fixes)}"
+    )
