@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ FIRST_LOG_GAP = math.log(0.2)  # where pretrained ViTs land for ~30 % reduction
 FIRST_SLOPE = 0.3  # reduction gained per unit of log gap, ViT-Ti near 30 %
 # Options of the calibrate subcommand itself, left out of the written config.
 CALIBRATE_OPTIONS = (
-    "target_reduction", "tolerance", "num_images", "seed", "use_labels", "output",
+    "target_reduction", "tolerance", "num_images", "seed", "use_labels", "output", "overwrite",
     "split_layers", "decay_layers", "alpha_drops", "max_evals",
 )
 
@@ -133,6 +134,12 @@ def calibration_samples(datamodule: ImageNetDataModule, num_images: int, seed: i
         ) from None
     if num_images < len(samples):
         samples = random.Random(seed).sample(samples, num_images)
+    elif num_images > len(samples):
+        print(
+            f"warning: --num_images {num_images} asked for more images than the {len(samples)} in "
+            f"{datamodule.root / datamodule.train_split}; calibrating on all {len(samples)}",
+            file=sys.stderr,
+        )
     return samples
 
 
@@ -303,6 +310,7 @@ class CalibrationTrainer(Trainer):
         seed: int = 0,
         use_labels: bool = False,
         output: str = "calibrated.yaml",
+        overwrite: bool = False,
         split_layers: list[int] | None = None,
         decay_layers: list[int] | None = None,
         alpha_drops: list[float] | None = None,
@@ -321,6 +329,7 @@ class CalibrationTrainer(Trainer):
             seed: which training images are drawn.
             use_labels: also score top-1 accuracy, and pick the most accurate point (KL breaks ties).
             output: YAML config to write, usable as ``atm validate --config OUTPUT --data.root R``.
+            overwrite: replace ``output`` if it exists (otherwise an existing file is an error).
             split_layers: candidate ATM split layers (1-indexed); default: depth-2 and depth-1.
             decay_layers: candidate blocks where the threshold reaches its floor; default: depth-2.
             alpha_drops: candidate first thresholds, as alpha = 1 - alpha_drop * (1 - theta_min);
@@ -328,6 +337,10 @@ class CalibrationTrainer(Trainer):
             max_evals: evaluations allowed per schedule shape.
         """
         check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
+        if Path(output).exists() and not overwrite:
+            raise FileExistsError(
+                f"{output} already exists; pass --overwrite true to replace it, or choose another --output"
+            )
         if self.world_size > 1:
             raise ValueError("calibrate runs on one device; set --trainer.devices 1")
         started = time.perf_counter()
@@ -407,13 +420,37 @@ def candidate_shapes(
 
 
 def unreached_message(result: Calibration) -> str:
-    """Why no point qualified, with the reductions seen, so the user knows which way to move."""
+    """Why no point qualified, with the reductions seen, and the fix that can work.
+
+    When the strongest schedule (theta_min -1: every source merges once the threshold has decayed)
+    still saves too little, or the weakest (theta_min 0.99999) already too much, no number of
+    evaluations or tolerance helps: only another target does.
+    """
     seen = sorted(p.reduction for p in result.points)
     span = f"{100 * seen[0]:.1f}%..{100 * seen[-1]:.1f}%" if seen else "none"
-    return (
+    unreached = (
         f"no schedule came within {100 * result.tolerance:.1f} pp of the target {100 * result.target:.1f}% "
-        f"(reductions seen: {span}); raise --max_evals or --tolerance, or choose a reachable --target_reduction"
+        f"(reductions seen: {span})"
     )
+    strongest = [p.reduction for p in result.points if _level_of(p) >= LOG_GAP_BOUNDS[1] - 1e-9]
+    weakest = [p.reduction for p in result.points if _level_of(p) <= LOG_GAP_BOUNDS[0] + 1e-9]
+    if strongest and max(seen) < result.target - result.tolerance:
+        return (
+            f"{unreached}; even the strongest schedule (theta_min -1) saves only {100 * max(seen):.1f}% "
+            f"on these images with these --split_layers/--decay_layers/--alpha_drops, so choose "
+            f"--target_reduction {math.floor(1000 * max(seen)) / 1000:g} or less"
+        )
+    if weakest and min(seen) > result.target + result.tolerance:
+        return (
+            f"{unreached}; even the weakest schedule (theta_min 0.99999) saves {100 * min(seen):.1f}%, "
+            f"so choose --target_reduction {math.ceil(1000 * min(seen)) / 1000:g} or more"
+        )
+    return f"{unreached}; raise --max_evals or --tolerance, or choose another --target_reduction"
+
+
+def _level_of(point: Point) -> float:
+    """The point's level, log(1 - theta_min), as :meth:`Shape.merger` set it."""
+    return math.log(max(1e-12, 1.0 - point.merger.theta_min))
 
 
 def write_calibrated_config(path: Path, comment: str, base: dict[str, Any], merger: ATM) -> None:

@@ -16,7 +16,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from atm_lightning.calibrate import LOG_GAP_BOUNDS, Shape, candidate_shapes, solve_level
+from atm_lightning.calibrate import (
+    LOG_GAP_BOUNDS,
+    Calibration,
+    Point,
+    Shape,
+    candidate_shapes,
+    solve_level,
+    unreached_message,
+)
 from atm_lightning.cli import main
 from atm_lightning.merge import ATM
 from tests.fakedata import make_image_folder
@@ -70,9 +78,19 @@ def common(weights: Path, root: Path) -> list[str]:
 def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "sub" / "my_atm.yaml"
+    output.parent.mkdir()
+    output.write_text("# an earlier calibration\n")
     args = ["--target_reduction", "0.3", "--tolerance", "0.02", "--use_labels", "true", "--output", str(output)]
-    run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "KL" in line]
+    command = ["calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args]
+    with pytest.raises(FileExistsError, match=rf"{output} already exists; pass --overwrite true"):
+        run(*command)  # before any image is read
+    assert output.read_text() == "# an earlier calibration\n"
+    capsys.readouterr()
+    run(*command, "--overwrite", "true")
+    captured = capsys.readouterr()
+    # --num_images defaults to 1000; the 12 training images are all there is, and that is said.
+    assert f"--num_images 1000 asked for more images than the 12 in {data_root / 'train'}" in captured.err
+    lines = [line for line in captured.out.splitlines() if "KL" in line]
     chosen = float(re.search(r"reduction ([\d.]+)%", lines[-1]).group(1))
     assert lines[-1].startswith("chosen:") and len(lines) >= 3  # one line per evaluated point
     assert abs(chosen - 30.0) <= 2.0
@@ -103,9 +121,31 @@ def test_missing_train_split_says_why_training_images(tmp_path, monkeypatch, wei
 
 def test_unreachable_target_names_the_reductions_seen(tmp_path, monkeypatch, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["--target_reduction", "0.95", "--max_evals", "3", "--split_layers", "[5]", "--alpha_drops", "[0.0]"]
-    with pytest.raises(RuntimeError, match=r"no schedule came within 1.0 pp of the target 95.0% \(reductions seen"):
+    args = ["--target_reduction", "0.99", "--max_evals", "3", "--split_layers", "[5]", "--alpha_drops", "[0.0]"]
+    message = r"no schedule came within 1.0 pp of the target 99.0% \(reductions seen"
+    with pytest.raises(RuntimeError, match=message) as error:
         run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args)
+    # More evaluations or a wider tolerance cannot reach it, so the message must not suggest them.
+    assert "even the strongest schedule (theta_min -1) saves only" in str(error.value)
+    assert "--max_evals" not in str(error.value) and "--tolerance" not in str(error.value)
+
+
+def calibration(target: float, levels_and_reductions: list[tuple[float, float]]) -> Calibration:
+    shape = Shape(split_layer=11, decay_layer=10, alpha_drop=0.0)
+    points = [Point(shape.merger(x, ATM()), r, 0.1, 0.9, None) for x, r in levels_and_reductions]
+    return Calibration(target, 0.01, points)
+
+
+def test_unreached_message_offers_the_fix_that_can_work() -> None:
+    low, high = LOG_GAP_BOUNDS
+    too_high = unreached_message(calibration(0.99, [(math.log(0.2), 0.3), (high, 0.62)]))
+    assert too_high.endswith("saves only 62.0% on these images with these --split_layers/--decay_layers/"
+                             "--alpha_drops, so choose --target_reduction 0.62 or less")
+    too_low = unreached_message(calibration(0.01, [(math.log(0.2), 0.3), (low, 0.05)]))
+    assert too_low.endswith("saves 5.0%, so choose --target_reduction 0.05 or more")
+    ran_out = unreached_message(calibration(0.5, [(math.log(0.2), 0.3), (0.0, 0.45)]))
+    assert ran_out.endswith("(reductions seen: 30.0%..45.0%); raise --max_evals or --tolerance, or choose another "
+                            "--target_reduction")
 
 
 def test_help_describes_the_subcommand(capsys) -> None:
