@@ -6,16 +6,17 @@ operating point and writes ``metrics.json`` next to the TensorBoard events.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentError, lazy_instance
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
 from .calibrate import CalibrationTrainer
 from .data import ImageNetDataModule
+from .merge import MERGERS
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
 
@@ -27,16 +28,22 @@ PREDICTING_SUBCOMMANDS = (*EVAL_SUBCOMMANDS, "calibrate")
 class ATMCLI(LightningCLI):
     """LightningCLI that links model and data settings and reports each evaluation as a result row.
 
-    Keyword arguments go to LightningCLI (e.g. ``args=[...]``, ``run=False`` in tests).
+    Args:
+        raise_parse_errors: raise a command-line mistake as ValueError (for tools that run the CLI
+            in-process and report errors their own way) instead of printing usage and exiting.
+        **kwargs: go to LightningCLI (e.g. ``args=[...]``, ``run=False`` in tests).
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, raise_parse_errors: bool = False, **kwargs: Any) -> None:
+        self.raise_parse_errors = raise_parse_errors
         defaults = {
             "model_class": TokenMergingModule,
             "datamodule_class": ImageNetDataModule,
             "trainer_class": CalibrationTrainer,
             "seed_everything_default": 0,
             "save_config_kwargs": {"overwrite": True},
+            # Parse errors come back as exceptions, so parse_arguments can add what would fix them.
+            "parser_kwargs": {"exit_on_error": False},
             "trainer_defaults": {
                 "logger": lazy_instance(TensorBoardLogger, save_dir="runs", default_hp_metric=False)
             },
@@ -54,22 +61,33 @@ class ATMCLI(LightningCLI):
         parser.link_arguments("model.num_classes", "data.num_classes", apply_on="parse")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            self._parse_error(parser, explain_parse_error(str(err)))
         subcommand = self.config.get("subcommand")
         if subcommand in EVAL_SUBCOMMANDS and self.config[subcommand].get("ckpt_path"):
             # LightningCLI would re-parse the checkpoint's saved hyperparameters on top of the
             # command line, silently replacing the merge settings being evaluated.
-            parser.error(
+            self._parse_error(
+                parser,
                 f"--ckpt_path is for resuming fit only; with {subcommand}, a checkpoint's saved "
                 f"settings would silently override --model.merger. Evaluate it with "
-                f"--model.weights {self.config[subcommand]['ckpt_path']} instead"
+                f"--model.weights {self.config[subcommand]['ckpt_path']} instead",
             )
         if subcommand in PREDICTING_SUBCOMMANDS and self.config[subcommand].model.new_head:
-            parser.error(
+            self._parse_error(
+                parser,
                 f"--model.new_head true gives the model an untrained classifier, so {subcommand} would "
                 f"report chance-level predictions; it is for fit (fine-tuning to another label set). "
-                f"Drop it and set --model.num_classes to the classes of the weights' head"
+                f"Drop it and set --model.num_classes to the classes of the weights' head",
             )
+
+    def _parse_error(self, parser: LightningArgumentParser, message: str) -> NoReturn:
+        if self.raise_parse_errors:
+            raise ValueError(message)
+        parser.exit_on_error = True
+        parser.error(message)
 
     def before_calibrate(self) -> None:
         # The calibrated file is this very config with a new merger, so it validates as given.
@@ -115,6 +133,17 @@ class ATMCLI(LightningCLI):
         path = write_metrics(row, log_dir)
         print(format_table(row))
         print(f"wrote {path}")
+
+
+def explain_parse_error(message: str) -> str:
+    """jsonargparse's message, plus the merger names when ``--model.merger`` named no class."""
+    if message.startswith('Parser key "model.merger"') and "Expected a dot import path" in message:
+        names = ", ".join(MERGERS[key].__name__ for key in ("atm", "tome", "evit", "none"))
+        message += (
+            f"\n--model.merger takes one of {names} (case matters), e.g. --model.merger ToMe "
+            f"--model.merger.r 8, or a class path such as atm_lightning.merge.ATM"
+        )
+    return message
 
 
 def main(args: list[str] | None = None) -> None:

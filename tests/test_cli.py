@@ -218,6 +218,14 @@ def test_new_head_is_refused_outside_fit(tmp_path, monkeypatch, capsys, data_roo
     assert "untrained classifier, so validate would report chance-level" in capsys.readouterr().err
 
 
+def test_unknown_merger_lists_the_mergers(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--model.merger", "Foo"))
+    assert exit_info.value.code == 2
+    assert "--model.merger takes one of ATM, ToMe, EViT, NoMerge" in capsys.readouterr().err
+
+
 def test_dataset_size_mismatch_fails_loudly(tmp_path, monkeypatch, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError, match=r"evaluated 6 images but the val set has 8"):

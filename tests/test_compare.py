@@ -119,3 +119,19 @@ def test_bad_options_name_the_fix(argv, message, capsys) -> None:
     with pytest.raises(SystemExit):
         compare.cli(["--config", str(CONFIGS / "vit_t_dense.yaml"), "--no-plot", *argv])
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "/no/such.yaml"], r"--config /no/such.yaml does not exist"),
+        (["--config", str(CONFIGS / "vit_t_dense.yaml"), "--data.batch_size", "abc"], r"data.batch_size"),
+    ],
+)
+def test_atm_option_errors_come_as_one_short_error(argv, message, capsys, tmp_path) -> None:
+    # The cause used to follow 67 lines of `atm validate` usage.
+    with pytest.raises(SystemExit):
+        compare.cli([*argv, "--data.root", str(tmp_path), "--no-plot", "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert re.search(message, err.split("error:", 1)[1])
+    assert len(err.splitlines()) <= 8 and "--data.crop_scale" not in err

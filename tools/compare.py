@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace, passthrough: list[str]) -> list[Row]:
+    if not Path(args.config).is_file():
+        raise FileNotFoundError(f"--config {args.config} does not exist; pass an `atm validate` config")
     check_passthrough(passthrough)
     if not args.no_plot:
         require_matplotlib()
@@ -196,7 +198,7 @@ def atm_cli(args: list[str], run: bool = True) -> ATMCLI:
     """The `atm` CLI in-process with ``args``; this script's own command line is not for it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args.*command line arguments.*")
-        return ATMCLI(args=args, run=run)
+        return ATMCLI(args=args, run=run, raise_parse_errors=True)
 
 
 def merger_config(merger: TokenMerger) -> dict[str, Any]:
