@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
 from .calibrate import CalibrationTrainer
 from .data import ImageNetDataModule
+from .failures import failure_summary
 from .merge import MERGERS
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
@@ -147,8 +148,13 @@ def explain_parse_error(message: str) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``atm`` console script; ``args`` lets tests drive it in-process."""
-    ATMCLI(args=args)
+    """Entry point of the ``atm`` console script; ``args`` lets tests drive it in-process.
+
+    Under DDP, a failing rank's error is repeated at the very end of the output (see
+    :mod:`atm_lightning.failures`), below the peers' "connection closed" tracebacks.
+    """
+    with failure_summary():
+        ATMCLI(args=args)
 
 
 if __name__ == "__main__":

@@ -124,3 +124,30 @@ def test_atm_validate_ddp_subprocess_matches_one_device(tmp_path: Path, data_roo
         assert two[key] == one[key], key
     # 1 vs 2 threads per process reorders float32 sums inside matmuls.
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("atm") is None, reason="the atm console script is not installed")
+def test_a_rank_failure_is_named_at_the_end_of_the_output(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    make_image_folder(root / "val", ["cat", "dog", "fox"], per_class=3)
+    broken = sorted((root / "val").rglob("*.JPEG"))[5]  # in rank 1's batch (images 4-7 of 9)
+    broken.write_bytes(b"not a JPEG")
+    weights = tmp_path / "w.safetensors"
+    model = timm.create_model(NAME, num_classes=3, img_size=96, depth=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    done = subprocess.run(
+        [
+            shutil.which("atm"), "validate", "--config", str(CONFIGS / "vit_t_dense.yaml"),
+            "--model.weights", str(weights), "--model.num_classes", "3",
+            "--model.model_kwargs", '{"img_size": 96, "depth": 2}', "--data.img_size", "96",
+            "--data.root", str(root), "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.enable_progress_bar", "false",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-2:]
+    assert last[0].startswith(f"rank 1 failed first: ValueError: cannot read image {broken}"), done.stderr[-2000:]
+    assert last[1].startswith("rank 0 failed: RuntimeError:")
