@@ -50,26 +50,28 @@ class EvalMetrics(nn.Module):
                 for k in (1, 5)
             }
         )
-        self.sums = MetricCollection(
-            {name: Float64Sum() for name in ("num_images", "loss", "gflops", "gflops_matching", "seconds")}
-        )
+        names = ("num_images", "loss", "gflops", "gflops_matching", "flops_reduction", "seconds")
+        self.sums = MetricCollection({name: Float64Sum() for name in names})
         self.tokens = Float64Sum((depth + 1,))
         self.gflops_dense = math.nan
 
     def update(self, logits: Tensor, targets: Tensor, seconds: float, stats: Any) -> None:
         self.accuracy.update(logits, targets)
+        # In the per-image values' precision, so that a dense image saves exactly 0.
+        dense = stats.gflops.new_tensor(stats.gflops_dense)
         sums = {
             "num_images": torch.tensor(len(targets)),
             "loss": F.cross_entropy(logits.double(), targets, reduction="sum"),
             "gflops": stats.gflops.double().sum(),
             "gflops_matching": stats.gflops_matching.double().sum(),
+            # Summed per image: 1 - mean/dense would round a dense run to -2.2e-16 ("-0.0 %").
+            "flops_reduction": (1.0 - stats.gflops / dense).double().sum(),
             "seconds": torch.tensor(seconds),
         }
         for name, value in sums.items():
             self.sums[name].update(value)
         self.tokens.update(stats.tokens.sum(0))
-        # In the per-image values' precision, so that a dense run reports exactly 0 reduction.
-        self.gflops_dense = stats.gflops.new_tensor(stats.gflops_dense).item()
+        self.gflops_dense = dense.item()
 
     def compute(self) -> dict[str, Any]:
         """Collect (and, under DDP, sync) the epoch into plain Python numbers, then reset."""
@@ -90,7 +92,7 @@ class EvalMetrics(nn.Module):
             "gflops": gflops,
             "gflops_dense": gflops_dense,
             "gflops_matching": sums["gflops_matching"] / images,
-            "flops_reduction": 1.0 - gflops / gflops_dense,
+            "flops_reduction": sums["flops_reduction"] / images,
             "tokens_per_layer": (tokens / images).tolist(),
             "img_per_s": images / sums["seconds"] if sums["seconds"] > 0 else math.nan,
         }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import timm
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 
 from atm_lightning import NoMerge, ToMe, merge_stats, patch
 from atm_lightning.data import ImageNetDataModule
-from atm_lightning.module import TokenMergingModule
+from atm_lightning.module import EvalMetrics, TokenMergingModule
+from atm_lightning.results import format_table
 from tests.fakedata import make_image_folder
 
 NAME = "vit_tiny_patch16_224"
@@ -128,3 +131,28 @@ def test_training_step_learns_and_schedules_lr(data_root: Path, tmp_path: Path) 
     lrs = [group["lr"] for group in t.optimizers[0].param_groups]
     assert lrs[0] == pytest.approx(0.0, abs=1e-12)
     assert {"train/loss", "train/top1", "train/lr"} <= set(t.callback_metrics)
+
+
+def eval_metrics(per_image_gflops: list[list[float]], dense: float) -> dict:
+    metrics = EvalMetrics(num_classes=4, depth=2)
+    for gflops in per_image_gflops:
+        b = len(gflops)
+        stats = SimpleNamespace(
+            gflops=torch.tensor(gflops, dtype=torch.float64),
+            gflops_dense=dense,
+            gflops_matching=torch.zeros(b, dtype=torch.float64),
+            tokens=torch.full((b, 3), 5),
+        )
+        metrics.update(torch.randn(b, 4), torch.zeros(b, dtype=torch.long), 0.1, stats)
+    return metrics.compute()
+
+
+def test_dense_reduction_is_exactly_zero_and_merged_is_the_mean_saving() -> None:
+    dense = 1_253_683_200 / 1e9  # ViT-Ti
+    # 7 batches of 5 dense images: 1 - mean/dense came out as -2.2e-16, printed as "-0.0 %".
+    results = eval_metrics([[dense] * 5] * 7, dense)
+    assert results["flops_reduction"] == 0.0 and str(results["flops_reduction"]) == "0.0"
+    assert "flops_reduction  0.0 %" in format_table({"flops_reduction": results["flops_reduction"]})
+    merged = eval_metrics([[dense, 0.5 * dense], [0.75 * dense]], dense)
+    assert merged["flops_reduction"] == pytest.approx(1 - merged["gflops"] / dense, abs=1e-15)
+    assert merged["flops_reduction"] == pytest.approx(0.25)
