@@ -152,7 +152,7 @@ def load_calibration_set(
 ) -> CalibrationSet:
     """Decode the images once (eval transform: no augmentation) and run the dense model on them."""
     dataset = ImageListDataset(samples, eval_transform(datamodule.data_config))
-    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.workers)
     model = patch(module.model, NoMerge())
     batches, labels, log_probs = [], [], []
     with torch.inference_mode():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import random
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +23,7 @@ from torchvision.transforms import CenterCrop, Resize
 
 from atm_lightning.data import BatchAlignedDistributedSampler, ImageNetDataModule
 from atm_lightning.data import transforms
+from atm_lightning.data.imagenet import default_num_workers
 from atm_lightning.data.transforms import resolve_eval_config, train_transform
 from tests.fakedata import IMAGENET_WNIDS, make_flat_val, make_image_folder
 
@@ -262,6 +265,30 @@ def test_lightning_ddp_keeps_the_batch_aligned_sampler(tmp_path: Path) -> None:
 
 
 # --- errors that name the fix ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpus", "devices", "workers"), [(2, 1, 1), (1, 1, 1), (16, 1, 8), (16, 8, 1), (32, 4, 7)]
+)
+def test_default_workers_follow_the_cpus_and_devices(tmp_path, monkeypatch, cpus, devices, workers) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    dm = ImageNetDataModule(root=str(tmp_path), img_size=32)
+    assert dm.num_workers is None
+    dm.trainer = SimpleNamespace(num_devices=devices, world_size=devices, global_rank=0)
+    assert dm.workers == default_num_workers(devices) == workers
+    assert ImageNetDataModule(root=str(tmp_path), img_size=32, num_workers=3).workers == 3
+
+
+def test_default_workers_raise_no_warning_on_two_cores(tmp_path: Path, monkeypatch) -> None:
+    # The old default of 4 made torch warn "will create 4 worker processes ... suggested max ... is 2".
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    make_image_folder(tmp_path / "val", ["a", "b"], per_class=2)
+    dm = ImageNetDataModule(root=str(tmp_path), num_classes=2, batch_size=2, img_size=32)
+    dm.setup("validate")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [len(labels) for _, labels in dm.val_dataloader()] == [2, 2]
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_bad_arguments_fail_at_construction(tmp_path: Path) -> None:

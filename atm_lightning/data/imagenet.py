@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities import suggested_max_num_workers
 from torch.utils.data import DataLoader
 
 from .datasets import (
@@ -38,7 +39,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         model_name: timm model whose pretrained config sets the eval preprocessing.
         num_classes: Classes of the model's head; 1000 means ImageNet-1k wnid folder names.
         batch_size: Images per batch on each device. ATM's batch rule makes results depend on it.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes per device; None: the CPUs this process may use,
+            shared by the devices of this node, less one for the main process, at most 8 (what
+            Lightning suggests; 1 on a 2-core machine, where more would only compete for the cores).
         train_split: Subfolder of `root` used for training (needed only by `fit`).
         val_split: Subfolder of `root` used for validation.
         test_split: Subfolder of `root` used for testing; defaults to `val_split`.
@@ -68,7 +71,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         model_name: str = "deit_tiny_patch16_224",
         num_classes: int = 1000,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
@@ -93,6 +96,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}; set --data.limit")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (or None for the default), got {num_workers}")
         self.root = Path(root)
         self.model_name = model_name
         self.num_classes = num_classes
@@ -119,6 +124,13 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.test_dataset: ImageListDataset | None = None
 
     @property
+    def workers(self) -> int:
+        """DataLoader workers per device: ``num_workers``, or the default for this machine."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return default_num_workers(getattr(self.trainer, "num_devices", 1))
+
+    @property
     def num_val_images(self) -> int:
         """Images one validation run must see across all ranks, to assert none was dropped or repeated."""
         if self.val_dataset is None:
@@ -143,8 +155,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.workers,
+            persistent_workers=self.workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -166,7 +178,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             shuffle=False,
             drop_last=False,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=self.workers,
             pin_memory=torch.cuda.is_available(),
         )
 
@@ -190,3 +202,12 @@ class ImageNetDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
         return dataset
+
+
+def default_num_workers(devices: int = 1) -> int:
+    """DataLoader workers per device when none are given: Lightning's suggestion, at most 8.
+
+    A fixed 4 made torch warn on 2-core machines (more workers than cores); the suggestion never
+    exceeds the cores and keeps Lightning's "too few workers" warning quiet too.
+    """
+    return min(8, suggested_max_num_workers(max(1, devices)))
