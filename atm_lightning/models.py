@@ -204,9 +204,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def _unreadable(path: Path, kind: str, err: BaseException) -> ValueError:
     reason = _reason(err)
+    cause = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
     return ValueError(
-        f"cannot read {path} as {kind} ({type(err).__name__}{': ' if reason else ''}{reason}); the file is damaged, "
-        f"truncated or of another format: download or export it again, or fix --model.weights"
+        f"cannot read {path} as {kind} ({cause}); the file is damaged, truncated or of another "
+        f"format: download or export it again, or fix --model.weights"
     )
 
 

@@ -121,7 +121,8 @@ def test_missing_train_split_says_why_training_images(tmp_path, monkeypatch, wei
 
 def test_unreachable_target_names_the_reductions_seen(tmp_path, monkeypatch, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
-    args = ["--target_reduction", "0.99", "--max_evals", "3", "--split_layers", "[5]", "--alpha_drops", "[0.0]"]
+    args = ["--target_reduction", "0.99", "--max_evals", "3", "--split_layers", "[5]"]
+    args += ["--alpha_drops", "[0.0]"]
     message = r"no schedule came within 1.0 pp of the target 99.0% \(reductions seen"
     with pytest.raises(RuntimeError, match=message) as error:
         run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args)
@@ -144,8 +145,10 @@ def test_unreached_message_offers_the_fix_that_can_work() -> None:
     too_low = unreached_message(calibration(0.01, [(math.log(0.2), 0.3), (low, 0.05)]))
     assert too_low.endswith("saves 5.0%, so choose --target_reduction 0.05 or more")
     ran_out = unreached_message(calibration(0.5, [(math.log(0.2), 0.3), (0.0, 0.45)]))
-    assert ran_out.endswith("(reductions seen: 30.0%..45.0%); raise --max_evals or --tolerance, or choose another "
-                            "--target_reduction")
+    assert ran_out.endswith(
+        "(reductions seen: 30.0%..45.0%); raise --max_evals or --tolerance, "
+        "or choose another --target_reduction"
+    )
 
 
 def test_help_describes_the_subcommand(capsys) -> None:

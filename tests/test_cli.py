@@ -206,7 +206,7 @@ def test_errors_name_the_fix(tmp_path, monkeypatch, data_root, weights, extra, e
 
 def test_weights_with_another_head_size_are_refused(tmp_path, monkeypatch, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)  # was: exit 0, top-1 of a random head, metrics.json written
-    with pytest.raises(ValueError, match=r"3-class classifier but --model.num_classes is 5; pass --model.num"):
+    with pytest.raises(ValueError, match=r"3-class classifier but --model.num_classes is 5; pass"):
         run(*eval_args("vit_t_dense.yaml", weights, data_root, "--model.num_classes", "5"))
     assert not list(tmp_path.glob("runs/*/*/metrics.json"))
 

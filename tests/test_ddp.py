@@ -149,5 +149,6 @@ def test_a_rank_failure_is_named_at_the_end_of_the_output(tmp_path: Path) -> Non
     )  # fmt: skip
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-2:]
-    assert last[0].startswith(f"rank 1 failed first: ValueError: cannot read image {broken}"), done.stderr[-2000:]
+    tail = done.stderr[-2000:]
+    assert last[0].startswith(f"rank 1 failed first: ValueError: cannot read image {broken}"), tail
     assert last[1].startswith("rank 0 failed: RuntimeError:")

@@ -373,7 +373,8 @@ def test_fit_a_new_head_on_1000_class_weights(data_root: Path, tmp_path: Path, m
     imagenet = timm.create_model(NAME, depth=2)
     weights = tmp_path / "deit_t_1000.pth"
     torch.save(imagenet.state_dict(), weights)
-    args = ("--model.weights", str(weights), "--model.model_kwargs", '{"depth": 2}', "--trainer.max_steps", "1")
+    small = ("--model.weights", str(weights), "--model.model_kwargs", '{"depth": 2}')
+    args = (*small, "--trainer.max_steps", "1")
     with pytest.raises(ValueError, match=r"1000-class classifier but --model.num_classes is 3"):
         cli(*cpu_args("deit_t_tome_ft.yaml", data_root, *args))
     fitted = cli(*cpu_args("deit_t_tome_ft.yaml", data_root, *args, "--model.new_head", "true"))
@@ -384,7 +385,8 @@ def test_fit_a_new_head_on_1000_class_weights(data_root: Path, tmp_path: Path, m
     # One AdamW step at lr ~4e-8 (1e-5 x 2 / 512) leaves the backbone close to the file's.
     assert torch.allclose(tuned.blocks[1].mlp.fc1.weight, imagenet.blocks[1].mlp.fc1.weight, atol=1e-6)
     with pytest.raises(SystemExit):
-        cli(*cpu_args("deit_t_tome.yaml", data_root, *args[:2], "--model.new_head", "true", subcommand="validate"))
+        validate = cpu_args("deit_t_tome.yaml", data_root, *small, subcommand="validate")
+        cli(*validate, "--model.new_head", "true")
 
 
 @pytest.mark.slow

@@ -63,7 +63,8 @@ def test_refuses_a_rank_without_a_batch_and_offers_only_fixes_that_work() -> Non
         BatchAlignedDistributedSampler(range(4), 4, num_replicas=2, rank=0)
     # At batch size 1 (or with fewer images than devices) a smaller batch cannot help.
     for batch_size, devices in ((1, 3), (2, 2)):
-        with pytest.raises(ValueError, match=rf"too few for 4 devices .*; use at most {devices} devices") as error:
+        message = rf"too few for 4 devices .*; use at most {devices} devices"
+        with pytest.raises(ValueError, match=message) as error:
             BatchAlignedDistributedSampler(range(3), batch_size, num_replicas=4, rank=0)
         assert "batch size" not in str(error.value)
 

@@ -167,7 +167,8 @@ def flat_samples(split_dir: Path, label_file: str | Path, num_classes: int) -> l
         lines.setdefault(name, []).append(number)
     repeated = {name: numbers for name, numbers in lines.items() if len(numbers) > 1}
     if repeated:
-        where = "; ".join(f"{name!r} on lines {', '.join(map(str, n))}" for name, n in list(repeated.items())[:3])
+        shown = list(repeated.items())[:3]
+        where = "; ".join(f"{name!r} on lines {', '.join(map(str, numbers))}" for name, numbers in shown)
         raise ValueError(
             f"{label_file} lists {len(repeated)} image(s) more than once ({where}); each image needs "
             "exactly one line, so remove the extra ones"
