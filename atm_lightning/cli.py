@@ -6,17 +6,21 @@ operating point and writes ``metrics.json`` next to the TensorBoard events.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import ArgumentError, lazy_instance
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
 from .calibrate import CalibrationTrainer
 from .data import ImageNetDataModule
-from .failures import failure_summary
+from .failures import failure_summary, rank_label
 from .merge import MERGERS
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
@@ -24,6 +28,8 @@ from .results import format_table, result_row, write_metrics
 EVAL_SUBCOMMANDS = ("validate", "test")
 # Subcommands whose numbers come from the model's predictions, so a random new head is refused.
 PREDICTING_SUBCOMMANDS = (*EVAL_SUBCOMMANDS, "calibrate")
+# How run names (config names such as vit_t_atm, deit_t_tome_ft) spell each merger class.
+METHOD_IN_NAME = {"ATM": "atm", "ToMe": "tome", "EViT": "evit", "NoMerge": "dense"}
 
 
 class ATMCLI(LightningCLI):
@@ -90,6 +96,26 @@ class ATMCLI(LightningCLI):
         parser.exit_on_error = True
         parser.error(message)
 
+    def before_instantiate_classes(self) -> None:
+        """Name the run by the method that runs: a config's run name with another method in it
+        (``vit_t_atm`` with ``--model.merger ToMe``) gets that method instead (``vit_t_tome``)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        merger = config.model.get("merger")
+        method = METHOD_IN_NAME.get(str(getattr(merger, "class_path", "")).rsplit(".", 1)[-1])
+        loggers = config.trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            name = getattr(getattr(logger, "init_args", None), "name", None)
+            if method is None or not isinstance(name, str) or run_name(name, method) == name:
+                continue
+            logger.init_args.name = run_name(name, method)
+            rank_zero_info(f"run name {logger.init_args.name} (not {name}): the merger is {merger.class_path}")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(DiscardUnusedRunFolder(new_run_folder(trainer)))
+        return trainer
+
     def before_calibrate(self) -> None:
         # The calibrated file is this very config with a new merger, so it validates as given.
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_check=True))
@@ -134,6 +160,54 @@ class ATMCLI(LightningCLI):
         path = write_metrics(row, log_dir)
         print(format_table(row))
         print(f"wrote {path}")
+
+
+def run_name(name: str, method: str) -> str:
+    """``name`` with its one method word (atm, tome, evit, dense; any case) replaced by ``method``."""
+    words = name.split("_")
+    named = [i for i, word in enumerate(words) if word.lower() in METHOD_IN_NAME.values()]
+    if len(named) != 1 or words[named[0]].lower() == method:
+        return name
+    words[named[0]] = method
+    return "_".join(words)
+
+
+def new_run_folder(trainer: Trainer) -> Path | None:
+    """The outermost folder of the run's log directory that does not exist yet (it will be this
+    run's), or None when there is none or this process is not the first rank."""
+    if not trainer.loggers or rank_label() not in (None, "0"):
+        return None
+    folder = Path(trainer.log_dir).absolute()
+    if folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
+
+
+class DiscardUnusedRunFolder(Callback):
+    """Remove the run's new log folder when the run fails before any batch ends.
+
+    Lightning creates ``version_N`` before the data is even set up, so a mistake in the data or
+    the settings left an empty folder behind and the next good run became ``version_N+1``.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.batches = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_validation_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_test_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self.folder is not None and self.batches == 0 and trainer.is_global_zero:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def explain_parse_error(message: str) -> str:

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from atm_lightning import ATM, NoMerge, ToMe, patch
-from atm_lightning.cli import ATMCLI, main
+from atm_lightning.cli import ATMCLI, main, run_name
 from atm_lightning.data import ImageNetDataModule
 from tests.fakedata import make_image_folder
 
@@ -147,6 +147,44 @@ def test_merger_from_the_shell(tmp_path, monkeypatch, data_root, weights) -> Non
     row = metrics(tmp_path)
     assert row["method"] == "tome" and row["merger"]["r"] == 8
     assert row["tokens_per_layer"] == [197 - 8 * i for i in range(13)]
+
+
+def test_merger_override_names_the_run_by_the_method(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)  # was logged as runs/vit_t_atm, the config's name
+    run(*eval_args("vit_t_atm.yaml", weights, data_root, "--model.merger", "ToMe", "--model.merger.r", "8"))
+    assert [p.parent.name for p in tmp_path.glob("runs/*/version_0")] == ["vit_t_tome"]
+    assert metrics(tmp_path)["method"] == "tome"
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "renamed"),
+    [
+        ("vit_t_atm", "tome", "vit_t_tome"),
+        ("deit_t_tome_ft", "atm", "deit_t_atm_ft"),
+        ("deit_s_dense", "evit", "deit_s_evit"),
+        ("deit_t_evit", "dense", "deit_t_dense"),
+        ("vit_t_atm", "atm", "vit_t_atm"),
+        ("ToMe_r_4", "tome", "ToMe_r_4"),  # compare.py's row names
+        ("lightning_logs", "tome", "lightning_logs"),  # no method named: left alone
+        ("atm_vs_tome", "evit", "atm_vs_tome"),  # two: ambiguous, left alone
+    ],
+)
+def test_run_name_replaces_the_one_method_word(name, method, renamed) -> None:
+    assert run_name(name, method) == renamed
+
+
+def test_failed_run_leaves_no_version_folder(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="check --data.root and the split name"):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--data.val_split", "nope"))
+    assert not (tmp_path / "runs").exists()  # Lightning had made runs/vit_t_dense/version_0
+    run(*eval_args("vit_t_dense.yaml", weights, data_root))
+    with pytest.raises(FileNotFoundError):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--data.val_split", "nope"))
+    run(*eval_args("vit_t_dense.yaml", weights, data_root))
+    versions = sorted(p.name for p in (tmp_path / "runs" / "vit_t_dense").iterdir())
+    assert versions == ["version_0", "version_1"]
+    assert all((tmp_path / "runs" / "vit_t_dense" / v / "metrics.json").is_file() for v in versions)
 
 
 @pytest.mark.slow
