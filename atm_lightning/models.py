@@ -52,8 +52,9 @@ def create_model(
         classes = {} if num_classes is None else {"num_classes": num_classes}
         return timm.create_model(model_name, **classes, **kwargs)
     if weights is None:
-        found = _pretrained_classes(model_name)
-        classes = _classes_to_load(found, num_classes, new_head, f"timm's pretrained weights of {model_name}")
+        found = _pretrained_classes(model_name)  # None: timm has no weights for it, and will say so
+        source = f"timm's pretrained weights of {model_name}"
+        classes = num_classes if found is None else _classes_to_load(found, num_classes, new_head, source)
         model = _from_timm(model_name, classes, kwargs)
     else:
         model = _from_file(model_name, Path(weights).expanduser(), num_classes, new_head, kwargs)
@@ -87,7 +88,7 @@ def _from_file(
     except RuntimeError as err:
         if "size mismatch" in str(err):
             raise ValueError(_mismatch_message(state, path, model_name)) from None
-        raise ValueError(f"weights in {path} do not load into {model_name}: {_first_line(err)}") from err
+        raise ValueError(f"the weights in {path} do not load into {model_name}: {_first_line(err)}") from err
 
 
 def _head_classes(state: dict[str, Tensor]) -> int | None:
@@ -140,9 +141,10 @@ def check_model_name(model_name: str) -> None:
     raise ValueError(f"unknown timm model {model_name!r}{hint}")
 
 
-def _from_timm(model_name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _from_timm(model_name: str, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    classes = {} if num_classes is None else {"num_classes": num_classes}
     try:
-        return timm.create_model(model_name, pretrained=True, num_classes=num_classes, **kwargs)
+        return timm.create_model(model_name, pretrained=True, **classes, **kwargs)
     except (OSError, RuntimeError) as err:
         raise RuntimeError(
             f"could not fetch pretrained weights for {model_name} ({type(err).__name__}); offline or "
