@@ -109,7 +109,7 @@ class ATMCLI(LightningCLI):
             if method is None or not isinstance(name, str) or run_name(name, method) == name:
                 continue
             logger.init_args.name = run_name(name, method)
-            rank_zero_info(f"run name {logger.init_args.name} (not {name}): the merger is {merger.class_path}")
+            rank_zero_info(f"run name {logger.init_args.name}, not {name}: the merger is {merger.class_path}")
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -51,10 +51,11 @@ class BatchAlignedDistributedSampler(DistributedSampler):
 
 def too_few_batches(num_images: int, batch_size: int, devices: int) -> str:
     """Why ``devices`` ranks cannot each get a batch, with only the fixes that would work."""
-    fixes = [f"at most {min(num_images, -(-num_images // batch_size))} devices (--trainer.devices)"]
+    num_batches = -(-num_images // batch_size)
+    fixes = [f"at most {num_batches} devices (--trainer.devices)"]
     if batch_size > 1 and num_images >= devices:
         fixes.append(f"a batch size of at most {num_images // devices} (--data.batch_size)")
     return (
-        f"{num_images} images make {-(-num_images // batch_size)} batches of {batch_size}, too few for "
-        f"{devices} devices (each needs at least one batch); use {' or '.join(fixes)}"
+        f"{num_images} images make {num_batches} batches of {batch_size}, too few for {devices} "
+        f"devices (each needs at least one batch); use {' or '.join(fixes)}"
     )
