@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .data import ImageListDataset, ImageNetDataModule
 from .data.datasets import Sample
 from .data.transforms import eval_transform
-from .merge import ATM, NoMerge
+from .merge import ATM, NoMerge, to_config
 from .module import TokenMergingModule
 from .patch import merge_stats, patch
 
@@ -261,9 +261,7 @@ def calibrated_config(base: dict[str, Any], merger: ATM) -> dict[str, Any]:
     model = dict(config.get("model") or {})
     if model.get("weights"):
         model["weights"] = str(Path(model["weights"]).expanduser().resolve())
-    params = merger.params()
-    params.pop("method")
-    model["merger"] = {"class_path": "atm_lightning.merge.ATM", "init_args": params}
+    model["merger"] = to_config(merger)
     config["model"] = model
     data = dict(config.get("data") or {})
     data.pop("root", None)

@@ -24,7 +24,7 @@ from atm_lightning.merge import (
     threshold_schedule,
     top_r,
 )
-from atm_lightning.merge.merging import with_trash_row
+from atm_lightning.merge import with_trash_row
 
 
 def test_alternating_split_matches_tome_positions():

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms.functional import pil_to_tensor
@@ -20,7 +19,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from atm_lightning import UnsupportedModelError
 from atm_lightning.data.datasets import IMAGE_EXTENSIONS, is_image
 from atm_lightning.data.transforms import eval_transform, resolve_eval_config
-from atm_lightning.merge import MERGERS, NoMerge, TokenMerger, make_merger
+from atm_lightning.merge import NoMerge, TokenMerger
+from atm_lightning.merge.specs import build, from_config_file, parse_spec
 from atm_lightning.models import create_model
 from atm_lightning.patch import RAGGED_MODES
 
@@ -30,7 +30,6 @@ METHOD_HELP = (
     "'tome:r=[8,8,...]'; add 'ragged=padded' to run ragged batches padded instead of packed), "
     "or a project config YAML whose model.merger gives the method (e.g. configs/vit_t_atm.yaml)"
 )
-_ALIASES = {"dense": "none"}
 # Below this neighbouring-pixel correlation an image is noise: photos score above 0.8.
 NOISE_CORRELATION = 0.5
 
@@ -52,60 +51,12 @@ class Method:
 def parse_method(spec: str) -> Method:
     """Build a :class:`Method` from ``NAME[:KEY=VALUE,...]`` or a config YAML path (see METHOD_HELP)."""
     if spec.endswith((".yaml", ".yml")):
-        return Method(Path(spec).stem, _merger_from_config(Path(spec)))
-    name, _, settings = spec.partition(":")
-    key = _ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in MERGERS:
-        raise ValueError(f"unknown method {name!r} in {spec!r}; choose dense, tome, atm or evit (e.g. 'tome:r=13')")
-    parsed = _parse_settings(settings, spec)
-    ragged = str(parsed.pop("ragged", "packed"))
+        return Method(Path(spec).stem, from_config_file(spec))
+    name, settings = parse_spec(spec)
+    ragged = str(settings.pop("ragged", "packed"))
     if ragged not in RAGGED_MODES:
         raise ValueError(f"bad settings in {spec!r}: ragged must be one of {RAGGED_MODES}")
-    try:
-        return Method(spec, make_merger(key, **parsed), ragged)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"bad settings in {spec!r}: {err}") from None
-
-
-def _parse_settings(text: str, spec: str) -> dict[str, object]:
-    """``a=1,b=[2,3]`` -> {"a": 1, "b": [2, 3]}; values read as YAML scalars or lists."""
-    settings: dict[str, object] = {}
-    for item in _split_top_level(text):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(
-                f"cannot read {item!r} in {spec!r}; write settings as KEY=VALUE, e.g. 'tome:r=13'"
-            )
-        settings[key.strip()] = yaml.safe_load(value.strip())
-    return settings
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets, so per-block lists survive: ``r=[1,2],prop_attn=false``."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            items.append(text[start:i])
-            start = i + 1
-    items.append(text[start:])
-    return [item for item in items if item.strip()]
-
-
-def _merger_from_config(path: Path) -> TokenMerger:
-    """The merger of a project config (``model.merger.class_path`` / ``init_args``)."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"config {path} does not exist; pass a file from configs/ or an inline method"
-        )
-    merger = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("merger")
-    if not isinstance(merger, dict) or "class_path" not in merger:
-        raise ValueError(f"{path} has no model.merger.class_path; give the method inline, e.g. 'tome:r=13'")
-    by_class = {cls.__name__: name for name, cls in MERGERS.items()}
-    class_name = merger["class_path"].rsplit(".", 1)[-1]
-    if class_name not in by_class:
-        raise ValueError(f"{path}: merger {merger['class_path']!r} is not one of {sorted(by_class)}")
-    return make_merger(by_class[class_name], **(merger.get("init_args") or {}))
+    return Method(spec, build(name, settings, spec), ragged)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -30,7 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from atm_lightning.cli import ATMCLI
-from atm_lightning.merge import NoMerge, TokenMerger, ToMe
+from atm_lightning.merge import NoMerge, TokenMerger, ToMe, to_config
 from atm_lightning.results import METRICS_FILE
 
 PASSTHROUGH_PREFIXES = ("--model.", "--data.", "--trainer.", "--seed_everything")
@@ -180,7 +180,7 @@ def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> tup
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(output / "runs"), "name": slug(run.label), "default_hp_metric": False},
     }
-    args = ["--config", config, *passthrough, "--model.merger", json.dumps(merger_config(run.merger))]
+    args = ["--config", config, *passthrough, "--model.merger", json.dumps(to_config(run.merger))]
     args += ["--trainer.logger", json.dumps(logger)]
     if run.weights is not None:
         args += ["--model.weights", run.weights]
@@ -199,13 +199,6 @@ def atm_cli(args: list[str], run: bool = True) -> ATMCLI:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*args.*command line arguments.*")
         return ATMCLI(args=args, run=run, raise_parse_errors=True)
-
-
-def merger_config(merger: TokenMerger) -> dict[str, Any]:
-    """The merger as a LightningCLI class_path/init_args value, every setting explicit."""
-    params = merger.params()
-    params.pop("method")
-    return {"class_path": f"atm_lightning.merge.{type(merger).__name__}", "init_args": params}
 
 
 def slug(label: str) -> str:

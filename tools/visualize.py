@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,10 +120,8 @@ def check_layers(layers: list[int], depth: int) -> None:
 
 
 def tracing(method: Method) -> TokenMerger:
-    """A copy of the method's merger that records which patches each token holds."""
-    merger = copy.copy(method.merger)
-    merger.trace_source = True
-    return merger
+    """The method's merger, recording which patches each token holds."""
+    return dataclasses.replace(method.merger, trace_source=True)
 
 
 def picture(model: nn.Module, path: Path, image: Tensor, config: dict, layers: list[int]) -> Picture:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 from typing import Any
 
 import timm
@@ -20,8 +20,8 @@ class MergeVisualizationCallback(Callback):
     """Log the first validation images above the same images painted by merged group.
 
     The images are the first ``num_images`` of the validation set (fixed across epochs and runs, so
-    pictures compare). After validation, rank 0 runs the model once more on them with a copy of
-    the merger that traces sources, then restores the original merger; results are unaffected.
+    pictures compare). After validation, rank 0 runs the model once more on them with the merger
+    set to trace sources, then restores the original merger; results are unaffected.
 
     Args:
         num_images: how many validation images to show.
@@ -73,8 +73,7 @@ class MergeVisualizationCallback(Callback):
 def _trace_sources(pl_module: LightningModule, images: Tensor) -> Tensor:
     """[B, N, T0] sources from one forward with source tracing on; the module is left as it was."""
     model = pl_module.model
-    tracer = copy.copy(pl_module.merger)
-    tracer.trace_source = True
+    tracer = dataclasses.replace(pl_module.merger, trace_source=True)
     was_training = model.training
     model.eval()
     try:

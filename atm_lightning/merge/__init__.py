@@ -1,18 +1,22 @@
 """Token merging as pure tensor functions and policies (no timm in here)."""
 
-from .matching import Matches, Split, alternating_split, best_matches, size_sorted_split
+from .matching import Matches, Split, alternating_split, best_matches, size_sorted_split, with_trash_row
 from .merging import Merged, merge_error, merge_tokens
-from .policies import ATM, MERGERS, EViT, NoMerge, TokenMerger, ToMe, make_merger
+from .policies import ATM, EViT, MatchingPolicy, NoMerge, PruningPolicy, TokenMerger, ToMe
 from .pruning import class_attention, keep_count, prune_inattentive
-from .selection import above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
+from .selection import MatchContext, above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
+from .specs import MERGERS, from_config, from_spec, make_merger, to_config, to_spec
 
 __all__ = [
     "ATM",
     "MERGERS",
     "EViT",
+    "MatchContext",
     "Matches",
+    "MatchingPolicy",
     "Merged",
     "NoMerge",
+    "PruningPolicy",
     "Split",
     "ToMe",
     "TokenMerger",
@@ -21,6 +25,8 @@ __all__ = [
     "batch_min",
     "best_matches",
     "class_attention",
+    "from_config",
+    "from_spec",
     "keep_count",
     "layer_threshold",
     "make_merger",
@@ -29,5 +35,8 @@ __all__ = [
     "prune_inattentive",
     "size_sorted_split",
     "threshold_schedule",
+    "to_config",
+    "to_spec",
     "top_r",
+    "with_trash_row",
 ]

@@ -4,7 +4,7 @@ Everything works on padded batches: image ``i`` holds its real tokens in the fir
 positions and padding after them (padding has size 0). A split returns, per image, the positions
 of its A and B tokens plus masks saying which slots are real. Slots that are not real point at a
 *trash* position ``N`` (one past the last token), so scatters through them never touch a real
-token. Callers append one row to their tensors before indexing (see :mod:`.merging`).
+token. Callers append that row to their tensors before indexing (:func:`with_trash_row`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ class Matches:
         if len(image) == 0 or self.scores.shape[-1] == 0:
             return torch.zeros_like(image)
         return self.scores[image, slot].argmax(dim=-1)
+
+
+def with_trash_row(t: Tensor) -> Tensor:
+    """Append one zero row along dim 1: the slot that non-real split entries point at."""
+    pad = t.new_zeros((t.shape[0], 1, *t.shape[2:]))
+    return torch.cat([t, pad], dim=1)
 
 
 def alternating_split(valid: Tensor, num_protected: int) -> Split:

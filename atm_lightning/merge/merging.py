@@ -29,12 +29,6 @@ class Merged:
     image_order: Tensor | None = None  # [B] long: output image i is input image image_order[i]
 
 
-def with_trash_row(t: Tensor) -> Tensor:
-    """Append one zero row along dim 1: the slot that non-real split entries point at."""
-    pad = t.new_zeros((t.shape[0], 1, *t.shape[2:]))
-    return torch.cat([t, pad], dim=1)
-
-
 def _output_order(
     size: Tensor, split: Split, selected: Tensor, num_protected: int
 ) -> tuple[Tensor, Tensor]:

@@ -1,171 +1,205 @@
-"""Merge policies: per layer, how to split tokens and which matched pairs to merge.
+"""Merge policies: frozen settings plus the decisions the block loop asks of them (no timm in here).
 
-A policy is plain configuration plus two decisions; it knows nothing of timm. The same objects
-are what ``patch(model, ...)`` builds from keywords and what LightningCLI configs instantiate
-(``model.merger.class_path: atm_lightning.merge.ATM``).
+There are two kinds, and the loop dispatches on the type:
+
+- a :class:`MatchingPolicy` (ToMe, ATM) splits each block's tokens into sources and destinations,
+  lets every source find its most similar destination, then chooses which sources merge;
+- a :class:`PruningPolicy` (EViT) keeps the tokens the class token attends to most.
+
+:class:`NoMerge` is neither: the model runs as timm's, with token and FLOPs accounting.
+
+Policies are frozen dataclasses: change one with ``dataclasses.replace(policy, trace_source=True)``.
+The same objects are what ``patch(model, "atm", ...)`` builds from keywords and what LightningCLI
+configs instantiate (``model.merger.class_path: atm_lightning.merge.ATM``); :mod:`.specs` maps
+them to and from config entries and ``tome:r=8`` strings.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
-from .matching import Matches
-from .pruning import check_keep_rate
-from .selection import above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
+from .pruning import check_keep_rate, keep_count
+from .selection import MatchContext, above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
 
 SplitKind = Literal["alternate", "size"]
+_SHARED = ("prop_attn", "trace_source")  # settings every policy has
 
 
-class TokenMerger:
-    """Base policy: merges nothing. Subclasses decide the split and the selection."""
+@dataclass(frozen=True, kw_only=True)
+class TokenMerger(ABC):
+    """What every policy has. Abstract, which also makes jsonargparse read configs of it as
+    ``class_path``/``init_args`` (a tree of dataclasses alone would be read as one nested group).
 
-    name: str = "none"
-    prunes: bool = False  # True: the policy prunes by class attention (EViT) instead of matching
+    Args:
+        prop_attn: add log(size) to the attention logits (ToMe's proportional attention). Turn it
+            off for MAE-style checkpoints and for fine-tuning, as ToMe advises.
+        trace_source: track which original patches each token holds (for pictures).
+    """
 
-    def __init__(self, prop_attn: bool = True, trace_source: bool = False) -> None:
-        """
-        Args:
-            prop_attn: add log(size) to attention logits (ToMe's proportional attention).
-                Turn off for MAE-style checkpoints, as ToMe advises.
-            trace_source: track which original patches each token holds (for visualisation).
-        """
-        self.prop_attn = prop_attn
-        self.trace_source = trace_source
+    name: ClassVar[str]
+    prop_attn: bool = True
+    trace_source: bool = False
 
     @property
+    @abstractmethod
     def merges(self) -> bool:
         """False when the policy can never merge, so the model runs exactly as timm's."""
-        return False
 
     def check(self, depth: int) -> None:
         """Raise ValueError naming the fix when the settings cannot apply to ``depth`` blocks."""
 
+    @classmethod
+    def settings(cls) -> list[str]:
+        """Names of the settings, the policy's own first (as its docs list them), shared ones last."""
+        names = {f.name for f in fields(cls)}
+        declared = [name for klass in cls.__mro__ for name in vars(klass).get("__annotations__", {})]
+        own = [name for name in dict.fromkeys(declared) if name in names and name not in _SHARED]
+        return own + list(_SHARED)
+
+    def params(self) -> dict[str, Any]:
+        """Settings as plain data (lists, not tuples), for result rows, logs and configs.
+
+        ``trace_source`` is left out: it changes what is recorded, not what is computed.
+        """
+        values = {name: getattr(self, name) for name in self.settings() if name != "trace_source"}
+        plain = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+        return {"method": self.name, **plain}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoMerge(TokenMerger):
+    """The dense model: no token is ever merged (token and FLOPs accounting still run)."""
+
+    name: ClassVar[str] = "none"
+
+    @property
+    def merges(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchingPolicy(TokenMerger):
+    """Bipartite matching on attention keys: per block a split, then which matched sources merge."""
+
     def split_kind(self, layer: int) -> SplitKind:
-        """Split used in block ``layer`` (0-indexed)."""
+        """Split used in block ``layer`` (0-indexed): alternating positions, or by token size."""
         return "alternate"
 
     def threshold(self, layer: int) -> float | None:
         """Similarity a pair must exceed in block ``layer`` (0-indexed), or None for fixed counts."""
         return None
 
-    def select(self, layer: int, matches: Matches, num_unprotected: Tensor) -> Tensor:
-        """Mask [B, Na] of sources that merge in block ``layer``.
-
-        ``num_unprotected`` [B] counts each image's real tokens that may merge.
-        """
-        return matches.similarity.new_zeros(matches.similarity.shape, dtype=bool)
-
-    def params(self) -> dict:
-        """Settings as plain data, for result rows and logs."""
-        return {"method": self.name, "prop_attn": self.prop_attn}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items() if k != "method")
-        return f"{type(self).__name__}({args})"
+    @abstractmethod
+    def select(self, context: MatchContext) -> Tensor:
+        """Mask [B, Na] of the sources that merge into their best match in this block."""
 
 
-class NoMerge(TokenMerger):
-    """The dense model: no token is ever merged."""
+@dataclass(frozen=True, kw_only=True)
+class PruningPolicy(TokenMerger):
+    """Keep the tokens the class token attends to most in some blocks (needs a class token).
+
+    Args:
+        fuse_token: fuse the pruned tokens into one attention-weighted token (else drop them).
+    """
+
+    prop_attn: bool = False
+    fuse_token: bool = True
+
+    @abstractmethod
+    def keep(self, layer: int, num_unprotected: Tensor) -> Tensor | None:
+        """Tokens [B] each image keeps in block ``layer`` (0-indexed); None where it does not prune."""
 
 
-class ToMe(TokenMerger):
-    """ToMe (Bolya et al. 2023): merge the ``r`` most similar source tokens in every block."""
+def _check_integers(values: Sequence[Any], least: int) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
 
-    name = "tome"
 
-    def __init__(
-        self, r: int | list[int] = 8, prop_attn: bool = True, trace_source: bool = False
-    ) -> None:
-        """
-        Args:
-            r: merges per block, one int for every block or a list with one entry per block.
-            prop_attn: proportional attention (on for off-the-shelf evaluation).
-            trace_source: track which original patches each token holds.
-        """
-        super().__init__(prop_attn=prop_attn, trace_source=trace_source)
-        self.r = list(r) if isinstance(r, Sequence) else r
-        for value in self.r if isinstance(self.r, list) else [self.r]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"ToMe r must be a non-negative integer (or a list of them), got {r!r}")
+@dataclass(frozen=True, kw_only=True)
+class ToMe(MatchingPolicy):
+    """ToMe (Bolya et al. 2023): merge the ``r`` most similar source tokens in every block.
+
+    Args:
+        r: merges per block, one int for every block or a list with one entry per block.
+    """
+
+    name: ClassVar[str] = "tome"
+    r: int | tuple[int, ...] = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, Sequence):
+            object.__setattr__(self, "r", tuple(self.r))
+        if not _check_integers(self.r if isinstance(self.r, tuple) else [self.r], 0):
+            raise ValueError(f"ToMe r must be a non-negative integer (or a list of them), got {self.r!r}")
 
     @property
     def merges(self) -> bool:
-        return any(v > 0 for v in self.r) if isinstance(self.r, list) else self.r > 0
+        return any(v > 0 for v in self.r) if isinstance(self.r, tuple) else self.r > 0
 
     def check(self, depth: int) -> None:
-        if isinstance(self.r, list) and len(self.r) != depth:
+        if isinstance(self.r, tuple) and len(self.r) != depth:
             raise ValueError(
                 f"ToMe r has {len(self.r)} entries but the model has {depth} blocks; "
                 f"give one entry per block or a single int"
             )
 
     def r_at(self, layer: int) -> int:
-        return self.r[layer] if isinstance(self.r, list) else self.r
+        return self.r[layer] if isinstance(self.r, tuple) else self.r
 
-    def select(self, layer: int, matches: Matches, num_unprotected: Tensor) -> Tensor:
+    def select(self, context: MatchContext) -> Tensor:
         # ToMe's cap: at most half of the unprotected tokens merge in one block.
-        return top_r(matches.similarity, (num_unprotected // 2).clamp(max=self.r_at(layer)))
-
-    def params(self) -> dict:
-        return {"method": self.name, "r": self.r, "prop_attn": self.prop_attn}
+        limit = (context.num_unprotected // 2).clamp(max=self.r_at(context.layer))
+        return top_r(context.matches.similarity, limit)
 
 
-class ATM(TokenMerger):
-    """ATM (Lee & Choi 2025): layer-wise similarity thresholds, size-sorted split in late blocks."""
+@dataclass(frozen=True, kw_only=True)
+class ATM(MatchingPolicy):
+    """ATM (Lee & Choi 2025): layer-wise similarity thresholds, size-sorted split in late blocks.
 
-    name = "atm"
+    Args:
+        alpha: threshold of block 1; values >= 1 mean the first blocks merge nothing.
+        beta: decay rate of the threshold over depth (>= 0).
+        theta_min: floor of the threshold, in [-1, 1]; 1 or more disables merging (every threshold
+            is then at least 1, which no cosine similarity exceeds), whatever alpha.
+        split_layer: first block (1-indexed) whose A/B split is by token size; depth + 1 keeps the
+            alternating split everywhere.
+        batch_rule: ``exact`` merges each image's own above-threshold pairs (batch-size
+            independent); ``min`` merges ``min_i c_i`` pairs in every image (the paper's reading).
+    """
 
-    def __init__(
-        self,
-        alpha: float = 1.0,
-        beta: float = 0.02,
-        theta_min: float = 0.86,
-        split_layer: int = 10,
-        batch_rule: Literal["exact", "min"] = "exact",
-        prop_attn: bool = True,
-        trace_source: bool = False,
-    ) -> None:
-        """
-        Args:
-            alpha: threshold of block 1; values >= 1 mean the first blocks merge nothing.
-            beta: decay rate of the threshold over depth (>= 0).
-            theta_min: floor of the threshold, in [-1, 1]; 1 or more disables merging (every
-                threshold is then at least 1, which no cosine similarity exceeds), whatever alpha.
-            split_layer: first block (1-indexed) whose A/B split is by token size;
-                depth + 1 keeps the alternating split everywhere.
-            batch_rule: ``exact`` merges each image's own above-threshold pairs (batch-size
-                independent); ``min`` merges ``min_i c_i`` pairs in every image (the paper's reading).
-            prop_attn: proportional attention.
-            trace_source: track which original patches each token holds.
-        """
-        super().__init__(prop_attn=prop_attn, trace_source=trace_source)
-        for key, value in {"alpha": alpha, "beta": beta, "theta_min": theta_min}.items():
+    name: ClassVar[str] = "atm"
+    alpha: float = 1.0
+    beta: float = 0.02
+    theta_min: float = 0.86
+    split_layer: int = 10
+    batch_rule: Literal["exact", "min"] = "exact"
+
+    def __post_init__(self) -> None:
+        for key in ("alpha", "beta", "theta_min"):
+            value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"ATM {key} must be a finite number, got {value!r}")
-        if beta < 0:
-            raise ValueError(f"ATM beta must be >= 0 (the threshold decays with depth), got {beta}")
-        if theta_min < -1:
+            object.__setattr__(self, key, float(value))
+        if self.beta < 0:
+            raise ValueError(f"ATM beta must be >= 0 (the threshold decays with depth), got {self.beta}")
+        if self.theta_min < -1:
             raise ValueError(
-                f"ATM theta_min must be >= -1 (cosine similarity lies in [-1, 1]), got {theta_min}"
+                f"ATM theta_min must be >= -1 (cosine similarity lies in [-1, 1]), got {self.theta_min}"
             )
-        if alpha < theta_min < 1.0:
+        if self.alpha < self.theta_min < 1.0:
             raise ValueError(
-                f"ATM alpha ({alpha}) must be >= theta_min ({theta_min}): alpha is the first block's "
-                f"threshold and theta_min the floor it decays to (theta_min >= 1 disables merging)"
+                f"ATM alpha ({self.alpha}) must be >= theta_min ({self.theta_min}): alpha is the first "
+                f"block's threshold and theta_min the floor it decays to (theta_min >= 1 disables merging)"
             )
-        if not isinstance(split_layer, int) or isinstance(split_layer, bool) or split_layer < 1:
-            raise ValueError(f"ATM split_layer is a 1-indexed block number >= 1, got {split_layer!r}")
-        if batch_rule not in ("exact", "min"):
-            raise ValueError(f"ATM batch_rule must be 'exact' or 'min', got {batch_rule!r}")
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.theta_min = float(theta_min)
-        self.split_layer = split_layer
-        self.batch_rule = batch_rule
+        if not _check_integers([self.split_layer], 1):
+            raise ValueError(f"ATM split_layer is a 1-indexed block number >= 1, got {self.split_layer!r}")
+        if self.batch_rule not in ("exact", "min"):
+            raise ValueError(f"ATM batch_rule must be 'exact' or 'min', got {self.batch_rule!r}")
 
     @property
     def merges(self) -> bool:
@@ -188,55 +222,32 @@ class ATM(TokenMerger):
     def threshold(self, layer: int) -> float:
         return layer_threshold(self.alpha, self.beta, self.theta_min, layer + 1)
 
-    def select(self, layer: int, matches: Matches, num_unprotected: Tensor) -> Tensor:
-        selected = above_threshold(matches.similarity, self.threshold(layer))
-        if self.batch_rule == "min":
-            selected = batch_min(selected, matches.similarity)
-        return selected
-
-    def params(self) -> dict:
-        return {
-            "method": self.name,
-            "alpha": self.alpha,
-            "beta": self.beta,
-            "theta_min": self.theta_min,
-            "split_layer": self.split_layer,
-            "batch_rule": self.batch_rule,
-            "prop_attn": self.prop_attn,
-        }
+    def select(self, context: MatchContext) -> Tensor:
+        similarity = context.matches.similarity
+        selected = above_threshold(similarity, self.threshold(context.layer))
+        return batch_min(selected, similarity) if self.batch_rule == "min" else selected
 
 
-class EViT(TokenMerger):
-    """EViT (Liang et al. 2022): in chosen blocks keep the most class-attended tokens, fuse the rest."""
+@dataclass(frozen=True, kw_only=True)
+class EViT(PruningPolicy):
+    """EViT (Liang et al. 2022): in chosen blocks keep the most class-attended tokens, fuse the rest.
 
-    name = "evit"
-    prunes = True
+    Args:
+        keep_rate: fraction of unprotected tokens kept in each pruning block, in (0, 1].
+        prune_layers: 1-indexed blocks that prune; default [4, 7, 10] as EViT does for 12-block DeiT.
+    """
 
-    def __init__(
-        self,
-        keep_rate: float = 0.7,
-        prune_layers: list[int] | None = None,
-        fuse_token: bool = True,
-        prop_attn: bool = False,
-        trace_source: bool = False,
-    ) -> None:
-        """
-        Args:
-            keep_rate: fraction of unprotected tokens kept in each pruning block, in (0, 1].
-            prune_layers: 1-indexed blocks that prune; default [4, 7, 10] as EViT does for
-                12-block DeiT.
-            fuse_token: fuse the pruned tokens into one attention-weighted token (else drop them).
-            prop_attn: proportional attention by token size (EViT itself has none).
-            trace_source: track which original patches each token holds.
-        """
-        super().__init__(prop_attn=prop_attn, trace_source=trace_source)
-        check_keep_rate(keep_rate)
-        layers = [4, 7, 10] if prune_layers is None else list(prune_layers)
-        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in layers):
-            raise ValueError(f"EViT prune_layers are 1-indexed block numbers >= 1, got {prune_layers!r}")
-        self.keep_rate = float(keep_rate)
-        self.prune_layers = sorted(set(layers))
-        self.fuse_token = fuse_token
+    name: ClassVar[str] = "evit"
+    keep_rate: float = 0.7
+    prune_layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_keep_rate(self.keep_rate)
+        layers = (4, 7, 10) if self.prune_layers is None else tuple(self.prune_layers)
+        if not _check_integers(layers, 1):
+            raise ValueError(f"EViT prune_layers are 1-indexed block numbers >= 1, got {self.prune_layers!r}")
+        object.__setattr__(self, "keep_rate", float(self.keep_rate))
+        object.__setattr__(self, "prune_layers", tuple(sorted(set(layers))))
 
     @property
     def merges(self) -> bool:
@@ -245,43 +256,8 @@ class EViT(TokenMerger):
     def check(self, depth: int) -> None:
         if self.prune_layers and self.prune_layers[-1] > depth:
             raise ValueError(
-                f"EViT prune_layers {self.prune_layers} go past the model's {depth} blocks; use 1..{depth}"
+                f"EViT prune_layers {list(self.prune_layers)} go past the model's {depth} blocks; use 1..{depth}"
             )
 
-    def prunes_at(self, layer: int) -> bool:
-        """Whether block ``layer`` (0-indexed) prunes."""
-        return layer + 1 in self.prune_layers
-
-    def params(self) -> dict:
-        return {
-            "method": self.name,
-            "keep_rate": self.keep_rate,
-            "prune_layers": self.prune_layers,
-            "fuse_token": self.fuse_token,
-            "prop_attn": self.prop_attn,
-        }
-
-
-MERGERS: dict[str, type[TokenMerger]] = {"none": NoMerge, "tome": ToMe, "atm": ATM, "evit": EViT}
-
-
-def make_merger(method: str | TokenMerger, **kwargs) -> TokenMerger:
-    """Build a policy from a method name and its keyword settings (or pass one through)."""
-    if isinstance(method, TokenMerger):
-        if kwargs:
-            raise TypeError("pass settings either in the merger object or as keywords, not both")
-        return method
-    key = str(method).lower()
-    if key not in MERGERS:
-        raise ValueError(f"unknown merging method {method!r}; choose one of {sorted(MERGERS)}")
-    cls = MERGERS[key]
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise TypeError(f"{key}: {err}. Valid settings: {_settings_of(cls)}") from None
-
-
-def _settings_of(cls: type[TokenMerger]) -> list[str]:
-    import inspect
-
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    def keep(self, layer: int, num_unprotected: Tensor) -> Tensor | None:
+        return keep_count(self.keep_rate, num_unprotected) if layer + 1 in self.prune_layers else None

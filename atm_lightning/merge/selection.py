@@ -3,9 +3,40 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .matching import Matches, Split, with_trash_row
+
+
+@dataclass(frozen=True)
+class MatchContext:
+    """What a matching policy sees when it chooses the sources that merge in one block.
+
+    The block loop builds it after matching. A selection rule that needs more than the
+    similarities (token sizes, the class token's attention) reads it from here, so adding one
+    changes this object rather than the signature of every policy.
+    """
+
+    layer: int  # 0-indexed block
+    split: Split
+    matches: Matches
+    size: Tensor  # [B, N] tokens' sizes (patches each stands for), 0 on padding
+    num_unprotected: Tensor  # [B] real tokens per image that may merge
+
+    def slot_sizes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Sizes of the source slots [B, Na], the destination slots [B, Nb] and of each source's
+        best destination [B, Na]; 0 where a slot is not real."""
+        sizes = with_trash_row(self.size)
+        split = self.split
+        dst_pos = split.b_idx.gather(1, self.matches.dst)
+        return (
+            sizes.gather(1, split.a_idx) * split.a_ok,
+            sizes.gather(1, split.b_idx) * split.b_ok,
+            sizes.gather(1, dst_pos) * split.a_ok,
+        )
 
 
 def layer_threshold(alpha: float, beta: float, theta_min: float, layer: int) -> float:

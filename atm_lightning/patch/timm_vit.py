@@ -23,19 +23,17 @@ from torch import Tensor, nn
 
 from ..flops import ViTCost
 from ..merge import (
-    Matches,
+    MatchContext,
     Merged,
-    Split,
+    PruningPolicy,
     TokenMerger,
     alternating_split,
     best_matches,
     class_attention,
-    keep_count,
     merge_tokens,
     prune_inattentive,
     size_sorted_split,
 )
-from ..merge.merging import with_trash_row
 from .ragged import RaggedLayout, ragged_layout
 
 SUPPORTED_POOLS = ("token", "avg", "")
@@ -166,7 +164,7 @@ class TokenMergingMixin:
                 q = None
             if merger.merges:
                 weights = size if size is not None else x.new_ones(batch, x.shape[1])
-                if merger.prunes:
+                if isinstance(merger, PruningPolicy):
                     merged, cost = self._prune_step(layer, block, x, weights, source, q, k, bias, count)
                 else:
                     merged, cost, record = self._merge_step(layer, x, weights, source, k, count, packed)
@@ -209,9 +207,10 @@ class TokenMergingMixin:
         else:
             split = alternating_split(weights > 0, protected)
         matches = best_matches(head_mean(k), split)
-        selected = merger.select(layer, matches, count - protected)
+        context = MatchContext(layer, split, matches, weights, count - protected)
+        selected = merger.select(context)
         cost = self._merge_cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1))
-        record = _record(layer, merger, split, matches, selected, weights) if self._merge_record else None
+        record = _record(merger, context, selected) if self._merge_record else None
         if not bool(selected.any()):
             return None, cost, record
         merged = merge_tokens(
@@ -233,11 +232,11 @@ class TokenMergingMixin:
     ) -> tuple[Merged | None, Tensor]:
         """EViT: keep the tokens the class token attends to most, fuse the rest."""
         merger, protected = self._merger, self.num_prefix_tokens
-        if not merger.prunes_at(layer):
+        keep = merger.keep(layer, count - protected)
+        if keep is None:
             return None, torch.zeros_like(count, dtype=torch.float64)
         attention = class_attention(q, k, block.attn.scale, bias)
         cost = (count * block.attn.num_heads * block.attn.head_dim).double()  # q_cls . k for every token
-        keep = keep_count(merger.keep_rate, count - protected)
         if not bool((keep < count - protected).any()):
             return None, cost
         return prune_inattentive(x, weights, source, attention, keep, protected, merger.fuse_token), cost
@@ -348,20 +347,17 @@ def _in_input_order(value: Any, image_order: Tensor | None) -> Any:
     return torch.empty_like(value).index_copy_(0, image_order, value)
 
 
-def _record(
-    layer: int, merger: TokenMerger, split: Split, matches: Matches, selected: Tensor, weights: Tensor
-) -> LayerRecord:
-    sizes = with_trash_row(weights)
-    dst_pos = split.b_idx.gather(1, matches.dst)
+def _record(merger: TokenMerger, context: MatchContext, selected: Tensor) -> LayerRecord:
+    a_size, b_size, dst_size = context.slot_sizes()
     return LayerRecord(
-        layer=layer,
-        split=merger.split_kind(layer),
-        threshold=merger.threshold(layer),
-        similarity=matches.similarity.detach(),
-        selected=(selected & split.a_ok).detach(),
-        a_size=sizes.gather(1, split.a_idx) * split.a_ok,
-        b_size=sizes.gather(1, split.b_idx) * split.b_ok,
-        dst_size=sizes.gather(1, dst_pos) * split.a_ok,
+        layer=context.layer,
+        split=merger.split_kind(context.layer),
+        threshold=merger.threshold(context.layer),
+        similarity=context.matches.similarity.detach(),
+        selected=(selected & context.split.a_ok).detach(),
+        a_size=a_size,
+        b_size=b_size,
+        dst_size=dst_size,
     )
 
 
@@ -404,7 +400,7 @@ def check_supported(model: nn.Module) -> None:
 
 def _check_policy_fits(model: nn.Module, merger: TokenMerger) -> None:
     merger.check(len(model.blocks))
-    if merger.prunes and getattr(model, "cls_token", None) is None:
+    if isinstance(merger, PruningPolicy) and getattr(model, "cls_token", None) is None:
         raise UnsupportedModelError(
             f"{merger.name} prunes by class-token attention, but {type(model).__name__} has no class token"
         )
