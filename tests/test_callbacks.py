@@ -68,7 +68,7 @@ def test_tensorboard_holds_layers_histogram_layout_hparams_and_picture(
     assert b"val/top1" in hparams["_hparams_/experiment"]
 
     # The picture used a source-tracing copy; the module's own merger is back in place.
-    assert module.model._merger is module.merger and module.merger.trace_source is False
+    assert module.model._merging.policy is module.merger and module.merger.trace_source is False
 
 
 def test_without_tensorboard_the_callbacks_stay_quiet(tmp_path: Path, data_root: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from atm_lightning import UnsupportedModelError, merge_stats, patch, unpatch
-from atm_lightning.patch import ragged, timm_vit
+from atm_lightning.patch import attention, ragged
 
 IMG = 224
 
@@ -319,7 +319,7 @@ def test_packed_and_padded_ragged_batches_agree(name, settings, group_overhead, 
     if group_overhead is not None:
         monkeypatch.setattr(ragged, "GROUP_OVERHEAD_MACS", group_overhead)
     if matmul_max is not None:
-        monkeypatch.setattr(timm_vit, "MATMUL_ATTENTION_MAX_TOKENS", matmul_max)
+        monkeypatch.setattr(attention, "MATMUL_ATTENTION_MAX_TOKENS", matmul_max)
     model = MODELS[name]()
     batch = blocky_images(8, seed=4)
     settings = ATM_LENIENT | {"trace_source": True} | settings
@@ -357,15 +357,15 @@ def test_ragged_mode_is_checked():
 def test_matmul_attention_equals_sdpa_with_padding_mask(prop_attn, score_elements, monkeypatch):
     """The per-head matmul path computes what the fused kernel does, padded keys masked out,
     whether the images go in one chunk or in chunks of 2 (250 // 11**2)."""
-    monkeypatch.setattr(timm_vit, "MATMUL_SCORE_ELEMENTS", score_elements)
+    monkeypatch.setattr(attention, "MATMUL_SCORE_ELEMENTS", score_elements)
     g = torch.Generator().manual_seed(0)
     groups, length, heads, dim = 5, 11, 3, 8
     qkv = torch.randn(groups, length, 3, heads, dim, generator=g)
     count = torch.tensor([11, 9, 9, 4, 1])
     size = torch.randint(1, 5, (groups, length), generator=g).float() * (torch.arange(length) < count[:, None])
-    mask = timm_vit._attention_bias(size, prop_attn, torch.float32)  # [G, 1, 1, L], -inf on padding
+    mask = attention.attention_bias(size, prop_attn, torch.float32)  # [G, 1, 1, L], -inf on padding
     q, k, v = qkv.unbind(2)  # [G, L, H, d] views, as the packed path passes them
-    got = timm_vit._matmul_attention(q, k, v, mask[:, 0], scale=dim**-0.5)
+    got = attention.matmul_attention(q, k, v, mask[:, 0], scale=dim**-0.5)
     want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, scale=dim**-0.5)
     torch.testing.assert_close(got, want.transpose(1, 2), atol=1e-6, rtol=1e-5)
     # Queries on padding rows stay finite (they see the image's real keys) and are dropped later.
@@ -375,11 +375,11 @@ def test_matmul_attention_equals_sdpa_with_padding_mask(prop_attn, score_element
 def test_head_mean_is_the_mean_over_heads_bit_for_bit():
     qkv = torch.randn(4, 10, 3, 3, 8)  # [B, N, qkv, H, d] as timm lays it out
     k = qkv.permute(2, 0, 3, 1, 4)[1]  # [B, H, N, d], a strided view
-    assert torch.equal(timm_vit.head_mean(k), k.mean(1))
+    assert torch.equal(attention.head_mean(k), k.mean(1))
     out = torch.zeros(4, 12, 8)
-    timm_vit.head_mean(k.transpose(1, 2), dim=2, out=out[:, :10])  # [B, N, H, d] into a slice
+    attention.head_mean(k.transpose(1, 2), dim=2, out=out[:, :10])  # [B, N, H, d] into a slice
     assert torch.equal(out[:, :10], k.mean(1)) and (out[:, 10:] == 0).all()
-    assert torch.equal(timm_vit.head_mean(k[:, :1]), k[:, 0])
+    assert torch.equal(attention.head_mean(k[:, :1]), k[:, 0])
 
 
 def test_packed_inference_keeps_gradients_for_saliency():

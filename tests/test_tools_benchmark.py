@@ -203,7 +203,7 @@ def test_methods_take_turns_batch_by_batch(small_vit: Callable[[], nn.Module]) -
     """Every batch runs under every method before the next batch, so drift hits all alike."""
     model = small_vit()
     seen: list[str] = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(getattr(m, "_merger", NoMerge()).name))
+    model.register_forward_pre_hook(lambda m, args: seen.append(getattr(getattr(m, "_merging", None), "policy", NoMerge()).name))
     methods = [_common.parse_method(spec) for spec in ("dense", "tome:r=13")]
     batches = list(torch.zeros(6, 3, 224, 224).split(2))
     seconds = benchmark.interleaved_runs(model, methods, batches, runs=2)

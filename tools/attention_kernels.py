@@ -3,7 +3,7 @@
 Packed ragged execution (``ragged="packed"``) runs attention per group of images of similar
 length. On CPU, PyTorch's fused ``scaled_dot_product_attention`` splits queries into small
 blocks below 192 tokens and slows down there; the patch then uses a per-head
-baddbmm-softmax-bmm path (``MATMUL_ATTENTION_MAX_TOKENS`` in ``atm_lightning/patch/timm_vit.py``).
+baddbmm-softmax-bmm path (``MATMUL_ATTENTION_MAX_TOKENS`` in ``atm_lightning/patch/attention.py``).
 This tool measures both on the layouts the patch feeds them (strided views of one qkv buffer,
 an additive mask with padded keys at -inf), taking turns call by call, and checks they agree.
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from _common import HelpFormatter, run_cli
 from torch import Tensor
 
-from atm_lightning.patch.timm_vit import MATMUL_ATTENTION_MAX_TOKENS, _matmul_attention
+from atm_lightning.patch.attention import MATMUL_ATTENTION_MAX_TOKENS, matmul_attention
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def fused(qkv: Tensor, mask: Tensor, scale: float) -> Tensor:
 
 def matmul(qkv: Tensor, mask: Tensor, scale: float) -> Tensor:
     q, k, v = qkv.unbind(2)  # [G, L, H, d]
-    return _matmul_attention(q, k, v, mask[:, 0], scale)
+    return matmul_attention(q, k, v, mask[:, 0], scale)
 
 
 def median_seconds(calls: dict[str, Callable[[], Tensor]], seconds: float) -> dict[str, float]:

@@ -1,20 +1,18 @@
-"""timm integration: one call patches a VisionTransformer in place to merge tokens."""
+"""timm integration: one call patches a VisionTransformer in place to merge tokens.
+
+``loop.py`` runs the blocks for any architecture over a ``state.TokenState``; ``vit.py`` adapts
+timm's VisionTransformer to it; ``attention.py`` and ``ragged.py`` run packed ragged batches;
+``stats.py`` reports the last forward.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..merge import TokenMerger, make_merger
-from .stats import MergeStats, merge_stats
-from .timm_vit import (
-    RAGGED_MODES,
-    LayerRecord,
-    MergeTrace,
-    UnsupportedModelError,
-    apply,
-    check_supported,
-    remove,
-)
+from .loop import RAGGED_MODES
+from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
+from .vit import UnsupportedModelError, apply, check_supported, remove
 
 
 def patch(
@@ -29,8 +27,8 @@ def patch(
 
     Args:
         model: a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, registers, avg-pool).
-        method: ``"atm"``, ``"tome"`` or ``"none"`` (dense, with token/FLOPs accounting), or a
-            :class:`~atm_lightning.merge.TokenMerger` instance.
+        method: ``"atm"``, ``"tome"``, ``"evit"`` or ``"none"`` (dense, with token/FLOPs
+            accounting), or a :class:`~atm_lightning.merge.TokenMerger` instance.
         record_merges: keep every block's merge decisions in :func:`merge_stats` (tests, debugging).
         ragged: ``"packed"`` (default) skips most padding where images of a batch kept different
             numbers of tokens (MLP on real tokens, attention grouped by length); ``"padded"``

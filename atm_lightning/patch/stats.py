@@ -1,13 +1,72 @@
-"""What a patched model reports about its last forward pass."""
+"""What a patched model records about its last forward pass, and what it reports from that."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from ..flops import to_gflops
-from .timm_vit import LayerRecord, TokenMergingMixin
+from .state import TokenState
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one block's merge step decided, kept only with ``record_merges=True`` (tests, debugging)."""
+
+    layer: int  # 0-indexed block
+    split: str
+    threshold: float | None
+    similarity: Tensor  # [B, Na] best-match similarity per source slot (-inf: not real)
+    selected: Tensor  # [B, Na] bool
+    a_size: Tensor  # [B, Na] sizes of the source slots (0: not real)
+    b_size: Tensor  # [B, Nb] sizes of the destination slots (0: not real)
+    dst_size: Tensor  # [B, Na] size of each source's matched destination
+
+    def reordered(self, order: Callable[[Tensor], Tensor]) -> LayerRecord:
+        """The record with ``order`` applied to every per-image tensor."""
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: order(v) for k, v in tensors.items() if isinstance(v, Tensor)})
+
+
+@dataclass(frozen=True)
+class MergeTrace:
+    """Record of the last forward pass of a patched model, images in input order."""
+
+    tokens: Tensor  # [B, depth+1] long: tokens entering each block, then after the last
+    size: Tensor | None  # [B, N] final token sizes (None: nothing merged)
+    source: Tensor | None  # [B, N, T0] final token sources (with trace_source)
+    matching_macs: Tensor  # [B] cost of similarity computations
+    layers: list[LayerRecord] = field(default_factory=list)
+    sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
+
+
+class TraceRecorder:
+    """Collects a :class:`MergeTrace` while the block loop runs, putting images back in input order."""
+
+    def __init__(self, state: TokenState) -> None:
+        self.tokens = [state.count]
+        self.matching = torch.zeros(state.count.shape, device=state.count.device, dtype=torch.float64)
+        self.layers: list[LayerRecord] = []
+        self.sources: list[Tensor] = []
+
+    def merge_step(self, state: TokenState, matching_macs: Tensor, record: LayerRecord | None) -> None:
+        """A merge step's cost and decisions, per image of ``state`` (the state it started from)."""
+        self.matching += state.in_input_order(matching_macs)
+        if record is not None:
+            self.layers.append(record.reordered(state.in_input_order))
+
+    def block_done(self, state: TokenState) -> None:
+        self.tokens.append(state.in_input_order(state.count))
+        if state.source is not None:
+            self.sources.append(state.in_input_order(state.source))
+
+    def finish(self, state: TokenState) -> MergeTrace:
+        size, source = state.in_input_order(state.size), state.in_input_order(state.source)
+        return MergeTrace(torch.stack(self.tokens, dim=1), size, source, self.matching, self.layers, self.sources)
 
 
 @dataclass(frozen=True)
@@ -31,12 +90,13 @@ class MergeStats:
 
 def merge_stats(model: nn.Module) -> MergeStats:
     """Statistics of the last forward of a model patched with :func:`atm_lightning.patch`."""
-    if not isinstance(model, TokenMergingMixin):
+    merging = getattr(model, "_merging", None)
+    if merging is None:
         raise TypeError("merge_stats needs a patched model: call atm_lightning.patch(model, ...) first")
-    trace = model._merge_trace
+    trace = merging.last
     if trace is None:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
-    cost = model._merge_cost
+    cost = merging.cost
     return MergeStats(
         tokens=trace.tokens,
         gflops=to_gflops(cost.image_macs(trace.tokens)),

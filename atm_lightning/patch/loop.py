@@ -1,0 +1,176 @@
+"""The block loop: attention residual, merge step, MLP residual, for any transformer's blocks.
+
+In every block, after the attention residual and before the MLP, the policy's step changes the
+tokens: a :class:`~atm_lightning.merge.MatchingPolicy` merges matched pairs, a
+:class:`~atm_lightning.merge.PruningPolicy` prunes. The loop knows nothing of timm: how to run one
+block's attention and MLP comes from a :class:`BlockRunner` (the per-architecture adapter, e.g.
+:mod:`.vit`), so each of those stays one self-contained call per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..flops import ViTCost
+from ..merge import (
+    MatchContext,
+    MatchingPolicy,
+    PruningPolicy,
+    TokenMerger,
+    alternating_split,
+    best_matches,
+    class_attention,
+    merge_tokens,
+    prune_inattentive,
+    size_sorted_split,
+)
+from .attention import attention_bias, head_mean
+from .state import TokenState
+from .stats import LayerRecord, MergeTrace, TraceRecorder
+
+RAGGED_MODES = ("packed", "padded")
+
+
+class BlockAttention(NamedTuple):
+    """What a block's attention leaves for the merge step."""
+
+    keys: Tensor  # [B, H, W, d] per-head keys, or [B, 1, W, d] already averaged over heads
+    query_cls: Tensor | None  # [B, H, 1, d] the class token's query (padded runs only)
+    scale: float  # the attention's logit scale
+
+
+class BlockRunner(Protocol):
+    """How one architecture runs the two halves of its blocks around the merge step."""
+
+    def attention_residual(
+        self, layer: int, block: nn.Module, state: TokenState, bias: Tensor | None
+    ) -> tuple[Tensor, BlockAttention]:
+        """``x + attention(norm(x))`` for ``state.x`` (padded or packed), with the block's keys."""
+
+    def mlp_residual(self, block: nn.Module, x: Tensor) -> Tensor:
+        """``x + mlp(norm(x))``: token-wise, so the same for padded or packed tokens."""
+
+
+@dataclass
+class Merging:
+    """What :func:`atm_lightning.patch` attaches to a model: the policy, how to run the model's
+    blocks, the FLOPs model, and the record of the last forward pass."""
+
+    policy: TokenMerger
+    blocks: BlockRunner
+    cost: ViTCost
+    num_protected: int  # prefix tokens (class, distillation, registers): never merged
+    record: bool = False  # keep every block's decisions (record_merges)
+    ragged: str = "packed"  # how images with different token counts run, one of RAGGED_MODES
+    last: MergeTrace | None = None
+
+
+class StepResult(NamedTuple):
+    state: TokenState
+    matching_macs: Tensor  # [B] similarity computations, rows as in the state the step started from
+    record: LayerRecord | None = None
+
+
+Step = Callable[[Merging, int, TokenState, BlockAttention, "Tensor | None", bool], StepResult]
+
+
+def run_blocks(merging: Merging, blocks: Sequence[nn.Module], x: Tensor, training: bool) -> Tensor:
+    """Run ``blocks`` on tokens ``x`` [B, N, C], merging after each attention; returns the tokens
+    padded and in input order, and keeps the record of the run in ``merging.last``.
+
+    Packed execution (``ragged="packed"``) is for inference only: drop-path needs the batch as it is.
+    """
+    policy = merging.policy
+    step = step_for(policy)
+    pack = merging.ragged == "packed" and not training
+    state = TokenState.start(x, policy.trace_source)
+    recorder = TraceRecorder(state)
+    for layer, block in enumerate(blocks):
+        bias = attention_bias(state.size, policy.prop_attn, x.dtype)
+        tokens, attention = merging.blocks.attention_residual(layer, block, state, bias)
+        state = replace(state, x=tokens)
+        if step is not None:
+            result = step(merging, layer, state, attention, bias, pack)
+            recorder.merge_step(state, result.matching_macs, result.record)
+            state = result.state
+        state = replace(state, x=merging.blocks.mlp_residual(block, state.x))
+        recorder.block_done(state)
+    merging.last = recorder.finish(state)
+    return state.features()
+
+
+def step_for(policy: TokenMerger) -> Step | None:
+    """The merge step of a policy's kind; None when it never merges (the model runs as dense)."""
+    if not policy.merges:
+        return None
+    if isinstance(policy, MatchingPolicy):
+        return match_step
+    if isinstance(policy, PruningPolicy):
+        return prune_step
+    raise TypeError(f"{type(policy).__name__} is neither a MatchingPolicy nor a PruningPolicy")
+
+
+def match_step(
+    merging: Merging, layer: int, state: TokenState, attention: BlockAttention, bias: Tensor | None, pack: bool
+) -> StepResult:
+    """ToMe/ATM: bipartite matching on head-averaged keys, then the policy's selection.
+
+    With ``pack`` the merged tokens come out sorted by token count and packed (see
+    :func:`~atm_lightning.merge.merge_tokens`).
+    """
+    policy, protected = merging.policy, merging.num_protected
+    size = state.sizes()
+    if policy.split_kind(layer) == "size":
+        split = size_sorted_split(size, protected)
+    else:
+        split = alternating_split(size > 0, protected)
+    matches = best_matches(head_mean(attention.keys), split)
+    context = MatchContext(layer, split, matches, size, state.count - protected)
+    selected = policy.select(context)
+    cost = merging.cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1))
+    record = layer_record(policy, context, selected) if merging.record else None
+    if not bool(selected.any()):
+        return StepResult(state, cost, record)
+    merged = merge_tokens(
+        state.x, size, state.source, split, matches, selected, protected, sort_images=pack, pack=pack
+    )
+    return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
+
+
+def prune_step(
+    merging: Merging, layer: int, state: TokenState, attention: BlockAttention, bias: Tensor | None, pack: bool
+) -> StepResult:
+    """EViT: keep the tokens the class token attends to most, fuse the rest.
+
+    Pruning keeps equal token counts across images, so it never packs and always has the query.
+    """
+    policy, protected, count = merging.policy, merging.num_protected, state.count
+    keep = policy.keep(layer, count - protected)
+    if keep is None:
+        return StepResult(state, torch.zeros_like(count, dtype=torch.float64))
+    query = attention.query_cls
+    weights = class_attention(query, attention.keys, attention.scale, bias)
+    cost = (count * query.shape[1] * query.shape[-1]).double()  # q_cls . k for every token
+    if not bool((keep < count - protected).any()):
+        return StepResult(state, cost)
+    pruned = prune_inattentive(state.x, state.sizes(), state.source, weights, keep, protected, policy.fuse_token)
+    return StepResult(state.after(pruned, merging.cost.attn_width), cost)
+
+
+def layer_record(policy: MatchingPolicy, context: MatchContext, selected: Tensor) -> LayerRecord:
+    a_size, b_size, dst_size = context.slot_sizes()
+    return LayerRecord(
+        layer=context.layer,
+        split=policy.split_kind(context.layer),
+        threshold=policy.threshold(context.layer),
+        similarity=context.matches.similarity.detach(),
+        selected=(selected & context.split.a_ok).detach(),
+        a_size=a_size,
+        b_size=b_size,
+        dst_size=dst_size,
+    )

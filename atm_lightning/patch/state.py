@@ -1,0 +1,74 @@
+"""The tokens between two steps of the block loop, and what each of them stands for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..merge import Merged
+from .ragged import RaggedLayout, ragged_layout
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Tokens of a batch as the block loop carries them from step to step.
+
+    Before any merge every image has ``N`` tokens of size 1 (``size`` is None). After merges the
+    images keep different numbers of tokens: padded to the longest (padding has size 0), or, in
+    packed runs, sorted by token count (``image_order``) with their real tokens packed into one
+    matrix (``layout`` says where they are). Everything a caller sees is put back in input order.
+    """
+
+    x: Tensor  # [B, W, C] padded, or [T, C]: the real tokens packed (``layout`` is set)
+    count: Tensor  # [B] long: real tokens per image
+    size: Tensor | None = None  # [B, W]: patches each token stands for, 0 on padding
+    source: Tensor | None = None  # [B, W, T0]: which input tokens each token holds (trace_source)
+    image_order: Tensor | None = None  # [B]: row i holds input image image_order[i]
+    layout: RaggedLayout | None = None  # where the real tokens are while ``x`` is packed
+
+    @classmethod
+    def start(cls, x: Tensor, trace_source: bool) -> TokenState:
+        """The tokens entering the first block: ``x`` [B, N, C], each its own source."""
+        batch, n, _ = x.shape
+        count = torch.full((batch,), n, device=x.device, dtype=torch.long)
+        source = torch.eye(n, device=x.device, dtype=x.dtype).expand(batch, n, n) if trace_source else None
+        return cls(x, count, source=source)
+
+    def sizes(self) -> Tensor:
+        """[B, W] token sizes, ones before the first merge."""
+        if self.size is not None:
+            return self.size
+        return self.x.new_ones(self.x.shape[0], self.x.shape[1])
+
+    def after(self, merged: Merged, attention_width: int) -> TokenState:
+        """The state a merge step left: its tokens, with packing and image order kept track of.
+
+        ``attention_width`` sets how dear padded attention is when grouping images of a packed
+        batch (see :func:`.ragged.ragged_layout`).
+        """
+        image_order = self.image_order
+        if merged.image_order is not None:
+            image_order = merged.image_order if image_order is None else image_order[merged.image_order]
+        x, layout = merged.x, None
+        if x.dim() == 2:  # packed by the merge step
+            layout = ragged_layout(merged.count, merged.size.shape[1], attention_width)
+            if layout is None:  # no padding left: the packed rows are the padded batch
+                x = x.view(len(merged.count), merged.size.shape[1], -1)
+        return TokenState(x, merged.count, merged.size, merged.source, image_order, layout)
+
+    def in_input_order(self, value: Tensor | None) -> Tensor | None:
+        """``value`` (rows follow this state's images) with its rows back in the input order."""
+        if value is None or self.image_order is None:
+            return value
+        return torch.empty_like(value).index_copy_(0, self.image_order, value)
+
+    def features(self) -> Tensor:
+        """The tokens padded, [B, W, C] in input order, padding zeroed."""
+        x = self.x
+        if self.layout is not None:
+            batch, width = self.size.shape
+            padded = x.new_zeros(batch * width, x.shape[-1])
+            x = padded.index_copy_(0, self.layout.real_rows, x).view(batch, width, -1)
+        return self.in_input_order(x)
