@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
-from .calibrate import CalibrationTrainer
+from .calibration import Calibration, CalibrationTrainer
 from .data import ImageNetDataModule
 from .failures import failure_summary, rank_label
 from .merge import MERGERS
@@ -59,8 +59,9 @@ class ATMCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands plus ``calibrate`` (see :class:`CalibrationTrainer`)."""
-        return {**LightningCLI.subcommands(), "calibrate": {"model", "datamodule"}}
+        """Lightning's subcommands plus ``calibrate`` (see :class:`CalibrationTrainer`); its
+        ``base_config`` is this CLI's parsed config, not an option."""
+        return {**LightningCLI.subcommands(), "calibrate": {"model", "datamodule", "base_config"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model name picks the eval preprocessing and the head size the labels: one source each.
@@ -116,10 +117,11 @@ class ATMCLI(LightningCLI):
         trainer.callbacks.append(DiscardUnusedRunFolder(new_run_folder(trainer)))
         return trainer
 
-    def before_calibrate(self) -> None:
-        # The calibrated file is this very config with a new merger, so it validates as given.
+    def calibrate(self, **options: Any) -> Calibration:
+        """Run ``trainer.calibrate``; the calibrated file is this very config with a new merger,
+        so ``atm validate --config`` takes it as given."""
         dumped = yaml.safe_load(self.parser.dump(self.config, skip_check=True))
-        self.trainer.calibration_base_config = dumped["calibrate"]
+        return self.trainer.calibrate(**options, base_config=dumped["calibrate"])
 
     def after_validate(self) -> None:
         self._report("val")

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from atm_lightning.calibrate import (
+from atm_lightning.calibration.search import (
     LOG_GAP_BOUNDS,
     Calibration,
     Point,
@@ -25,8 +25,12 @@ from atm_lightning.calibrate import (
     solve_level,
     unreached_message,
 )
+from atm_lightning.calibration import calibrate
+from atm_lightning.calibration import run as calibration_run
 from atm_lightning.cli import main
-from atm_lightning.merge import ATM
+from atm_lightning.data import ImageNetDataModule
+from atm_lightning.merge import ATM, ToMe
+from atm_lightning.module import TokenMergingModule
 from tests.fakedata import make_image_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -194,3 +198,29 @@ def test_shape_reproduces_the_vit_ti_reference_schedule() -> None:
 def test_bad_grid_is_refused_with_the_valid_range() -> None:
     with pytest.raises(ValueError, match=r"--decay_layers in 2..12"):
         candidate_shapes(12, decay_layers=[13])
+
+
+def small_module(weights: Path, merger) -> TokenMergingModule:
+    return TokenMergingModule(NAME, weights=str(weights), num_classes=NUM_CLASSES, model_kwargs=SMALL, merger=merger)
+
+
+def small_datamodule(root: Path) -> ImageNetDataModule:
+    return ImageNetDataModule(
+        str(root), model_name=NAME, num_classes=NUM_CLASSES, img_size=SMALL["img_size"], batch_size=6, num_workers=0
+    )
+
+
+def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(data_root, weights, monkeypatch) -> None:
+    module = small_module(weights, ToMe(r=2))
+    result = calibrate(module, small_datamodule(data_root), target_reduction=0.3, tolerance=0.03, num_images=6)
+    assert result.best is not None and abs(result.best.reduction - 0.3) <= 0.03
+    assert result.num_images == 6 and result.dense_top1 is None
+    assert module.model._merging.policy == ToMe(r=2)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("search failed")
+
+    monkeypatch.setattr(calibration_run, "search", fail)
+    with pytest.raises(RuntimeError, match="search failed"):
+        calibrate(module, small_datamodule(data_root), num_images=6)
+    assert module.model._merging.policy == ToMe(r=2)  # restored although the search raised

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from ..data.images import unnormalize
 from ..patch import merge_stats, patch
 from ..vis import paint_merged_groups
 from ._tensorboard import tensorboard_logger
@@ -61,7 +62,7 @@ class MergeVisualizationCallback(Callback):
             return
         source = _trace_sources(pl_module, self._images)
         model = pl_module.model
-        originals = _unnormalize(self._images, _data_config(trainer, model))
+        originals = unnormalize(self._images, _data_config(trainer, model))
         painted = paint_merged_groups(
             originals, source, model.patch_embed.patch_size[0], model.num_prefix_tokens
         )
@@ -91,8 +92,3 @@ def _data_config(trainer: Trainer, model: torch.nn.Module) -> dict[str, Any]:
     config = getattr(trainer.datamodule, "data_config", None)
     return config if config is not None else timm.data.resolve_model_data_config(model)
 
-
-def _unnormalize(images: Tensor, config: dict[str, Any]) -> Tensor:
-    mean = torch.tensor(config["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(config["std"]).view(1, -1, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)

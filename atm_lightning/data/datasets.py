@@ -15,7 +15,7 @@ from timm.data import ImageNetInfo
 from torch import Tensor
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
+from .images import IMAGE_EXTENSIONS, is_image, open_rgb
 
 Sample = tuple[Path, int]
 
@@ -32,20 +32,12 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor | Image.Image, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as file:
-                image = file.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"cannot read image {path} ({err}); replace or delete the file") from err
+        image = open_rgb(path)
         return (self.transform(image) if self.transform is not None else image), label
 
     @property
     def targets(self) -> list[int]:
         return [label for _, label in self.samples]
-
-
-def is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def class_folders(folder: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
     ):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}; set --data.batch_size")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}; set --data.limit")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if num_workers is not None and num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 (or None for the default), got {num_workers}")
+        check_sizes(batch_size=batch_size, limit=limit, num_classes=num_classes, num_workers=num_workers)
         self.root = Path(root)
         self.model_name = model_name
         self.num_classes = num_classes
@@ -141,7 +135,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         """Build only the splits the stage reads, so `validate` works without a train folder."""
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = ImageListDataset(
-                self._folder_split(self.train_split), train_transform(self.data_config, **self.augment)
+                self.labelled_images(self.train_split), train_transform(self.data_config, **self.augment)
             )
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self._eval_dataset(self.val_split)
@@ -182,14 +176,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def _eval_dataset(self, split: str) -> ImageListDataset:
-        if self.label_file is not None:
-            samples = flat_samples(find_split(self.root, split, flat=True), self.label_file, self.num_classes)
-        else:
-            samples = self._folder_split(split)
-        return ImageListDataset(samples[: self.limit], eval_transform(self.data_config))
-
-    def _folder_split(self, split: str) -> list[Sample]:
+    def labelled_images(self, split: str) -> list[Sample]:
+        """``(path, label)`` of every image of a class-folder split of ``root``, labelled as the
+        eval splits are (e.g. training images for calibration)."""
         folder = find_split(self.root, split, flat=False)
         names = read_class_names(self.class_names) if self.class_names is not None else None
         # Include the train split's folders so that a val folder missing some classes keeps their indices.
@@ -197,11 +186,35 @@ class ImageNetDataModule(pl.LightningDataModule):
         folders = set(class_folders(folder)) | (set(class_folders(train)) if train.is_dir() else set())
         return folder_samples(folder, class_map(self.num_classes, sorted(folders), names))
 
+    def eval_loader(self, samples: Sequence[Sample]) -> DataLoader:
+        """These images through the eval transform, in order, in batches of ``batch_size`` (one device)."""
+        dataset = ImageListDataset(samples, eval_transform(self.data_config))
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers)
+
+    def _eval_dataset(self, split: str) -> ImageListDataset:
+        if self.label_file is not None:
+            samples = flat_samples(find_split(self.root, split, flat=True), self.label_file, self.num_classes)
+        else:
+            samples = self.labelled_images(split)
+        return ImageListDataset(samples[: self.limit], eval_transform(self.data_config))
+
     @staticmethod
     def _require(dataset: ImageListDataset | None, stage: str) -> ImageListDataset:
         if dataset is None:
             raise RuntimeError(f"call setup({stage!r}) before asking for this dataloader")
         return dataset
+
+
+def check_sizes(batch_size: int, limit: int | None, num_classes: int, num_workers: int | None) -> None:
+    """Refuse sizes that cannot work, naming the option to fix."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}; set --data.batch_size")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for all images), got {limit}; set --data.limit")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_workers is not None and num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0 (or None for the default), got {num_workers}")
 
 
 def default_num_workers(devices: int = 1) -> int:

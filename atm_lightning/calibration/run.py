@@ -1,0 +1,164 @@
+"""Calibrating a model: training images in, the best ATM schedule for a FLOPs target out.
+
+ATM's thresholds are per model (docs/method.md, "Operating points"), and the images a number is
+reported on must not choose them. So calibration reads the *training* split through the *eval*
+transform, runs the dense model once, and caches its log-probabilities and the preprocessed
+images. Each candidate schedule then costs one merged forward pass over the cache, scored by how
+little it changes the dense model: KL(dense || merged) averaged over images (label-free), with
+top-1 agreement beside it. :mod:`.search` chooses which schedules to try.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from ..data import ImageNetDataModule
+from ..data.datasets import Sample
+from ..merge import ATM, NoMerge
+from ..module import TokenMergingModule
+from ..patch import merge_stats, patch
+from .search import Calibration, Point, candidate_shapes, search
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Preprocessed training images with the dense model's outputs, cached for the whole search."""
+
+    batches: list[Tensor]
+    labels: Tensor
+    dense_log_probs: Tensor  # [N, C]
+    dense_gflops: float
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    def dense_top1(self) -> float:
+        return float((self.dense_log_probs.argmax(-1) == self.labels).double().mean())
+
+
+def calibrate(
+    module: TokenMergingModule,
+    datamodule: ImageNetDataModule,
+    *,
+    target_reduction: float = 0.3,
+    tolerance: float = 0.01,
+    num_images: int = 1000,
+    seed: int = 0,
+    use_labels: bool = False,
+    split_layers: list[int] | None = None,
+    decay_layers: list[int] | None = None,
+    alpha_drops: list[float] | None = None,
+    max_evals: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Calibration:
+    """Search ATM schedules for ``module``'s model on ``num_images`` training images.
+
+    The options are those of ``atm calibrate`` (see :class:`.command.CalibrationTrainer`). The
+    module's merger keeps its batch rule and proportional attention; the model is patched with
+    each candidate and given its own merger back afterwards, also when the search fails.
+    ``result.best`` is None when no schedule came within ``tolerance`` of the target.
+    """
+    check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
+    module = module.eval().to(device)
+    base = module.merger if isinstance(module.merger, ATM) else ATM()
+    shapes = candidate_shapes(len(module.model.blocks), split_layers, decay_layers, alpha_drops)
+    samples = draw_samples(datamodule, num_images, seed)
+    try:
+        cal = load_calibration_set(module.model, datamodule, samples, device, progress)
+        score = progress_scorer(module.model, cal, use_labels, len(shapes) * max_evals, progress)
+        result = search(score, shapes, base, target_reduction, tolerance, max_evals, use_labels)
+    finally:
+        patch(module.model, module.merger)
+    dense_top1 = cal.dense_top1() if use_labels else None
+    return replace(result, num_images=cal.num_images, dense_gflops=cal.dense_gflops, dense_top1=dense_top1)
+
+
+def check_calibrate_args(target: float, tolerance: float, num_images: int, max_evals: int) -> None:
+    """Fail before decoding any image when the request cannot work out."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"--target_reduction is a fraction of the dense FLOPs in (0, 1), e.g. 0.3; got {target}")
+    if not 0.0 < tolerance < target:
+        raise ValueError(f"--tolerance must be in (0, target_reduction), e.g. 0.01 (1 pp); got {tolerance}")
+    if num_images < 1 or max_evals < 2:
+        raise ValueError(f"--num_images must be >= 1 and --max_evals >= 2; got {num_images} and {max_evals}")
+
+
+def draw_samples(datamodule: ImageNetDataModule, num_images: int, seed: int) -> list[Sample]:
+    """``num_images`` labelled training images, drawn with ``seed`` (all of them if there are fewer)."""
+    try:
+        samples = datamodule.labelled_images(datamodule.train_split)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}. Calibration chooses thresholds on training images, never on the images you report: "
+            f"point --data.train_split at the subfolder of --data.root that holds them"
+        ) from None
+    if num_images < len(samples):
+        samples = random.Random(seed).sample(samples, num_images)
+    elif num_images > len(samples):
+        print(
+            f"warning: --num_images {num_images} asked for more images than the {len(samples)} in "
+            f"{datamodule.root / datamodule.train_split}; calibrating on all {len(samples)}",
+            file=sys.stderr,
+        )
+    return samples
+
+
+def load_calibration_set(
+    model: nn.Module, datamodule: ImageNetDataModule, samples: list[Sample], device: torch.device | str, progress: bool
+) -> CalibrationSet:
+    """Decode the images once (eval transform: no augmentation) and run the dense model on them."""
+    model = patch(model, NoMerge())
+    batches, labels, log_probs = [], [], []
+    with torch.inference_mode():
+        for images, targets in tqdm(datamodule.eval_loader(samples), desc="dense pass", disable=not progress, leave=False):
+            images = images.to(device)
+            batches.append(images)
+            labels.append(targets)
+            log_probs.append(F.log_softmax(model(images).double(), dim=-1).cpu())
+    return CalibrationSet(batches, torch.cat(labels), torch.cat(log_probs), merge_stats(model).gflops_dense)
+
+
+def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: bool) -> Point:
+    """Reduction, KL and agreement of ``merger`` against the cached dense outputs."""
+    model = patch(model, merger)
+    gflops, log_probs = [], []
+    with torch.inference_mode():
+        for images in cal.batches:
+            log_probs.append(F.log_softmax(model(images).double(), dim=-1).cpu())
+            gflops.append(merge_stats(model).gflops.cpu())
+    merged = torch.cat(log_probs)
+    dense = cal.dense_log_probs
+    kl = (dense.exp() * (dense - merged)).sum(-1).mean()
+    predictions = merged.argmax(-1)
+    return Point(
+        merger=merger,
+        reduction=1.0 - float(torch.cat(gflops).mean()) / cal.dense_gflops,
+        kl=float(kl),
+        agreement=float((predictions == dense.argmax(-1)).double().mean()),
+        top1=float((predictions == cal.labels).double().mean()) if use_labels else None,
+    )
+
+
+def progress_scorer(
+    model: nn.Module, cal: CalibrationSet, use_labels: bool, most: int, progress: bool
+) -> Callable[[ATM], Point]:
+    """:func:`evaluate` that advances a bar (of at most ``most`` points) and prints each point."""
+    bar = tqdm(total=most, desc="calibrate", disable=not progress, leave=False)
+
+    def score(merger: ATM) -> Point:
+        point = evaluate(model, cal, merger, use_labels)
+        bar.update()
+        tqdm.write(point.describe())
+        return point
+
+    return score
