@@ -1,12 +1,17 @@
-"""The ``atm`` command: LightningCLI over TokenMergingModule and ImageNetDataModule.
+"""The ``atm`` command: LightningCLI over TokenMergingModule and ImageNetDataModule, plus two tools.
 
 ``atm validate --config configs/deit_s_atm.yaml --model.weights W --data.root R`` evaluates one
-operating point and writes ``metrics.json`` next to the TensorBoard events.
+operating point and writes ``metrics.json`` next to the TensorBoard events; ``fit``, ``test`` and
+``calibrate`` work the same way. ``atm compare`` and ``atm benchmark`` have their own parsers
+(:mod:`atm_lightning.evaluation`).
 """
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +33,12 @@ from .results import format_table, result_row, write_metrics
 EVAL_SUBCOMMANDS = ("validate", "test")
 # Subcommands whose numbers come from the model's predictions, so a random new head is refused.
 PREDICTING_SUBCOMMANDS = (*EVAL_SUBCOMMANDS, "calibrate")
+# Commands with their own parsers: `atm compare ...` runs <module>.cli(rest of the arguments).
+TOOLS = {"compare": "atm_lightning.evaluation.compare", "benchmark": "atm_lightning.evaluation.benchmark"}
+TOOLS_HELP = (
+    "Also: `atm compare --help` (dense, ToMe, ATM and checkpoints on the same images: table, CSV, "
+    "plot) and `atm benchmark --help` (img/s next to the FLOPs ratio, on real images)."
+)
 # How run names (config names such as vit_t_atm, deit_t_tome_ft) spell each merger class.
 METHOD_IN_NAME = {"ATM": "atm", "ToMe": "tome", "EViT": "evit", "NoMerge": "dense"}
 
@@ -50,7 +61,11 @@ class ATMCLI(LightningCLI):
             "seed_everything_default": 0,
             "save_config_kwargs": {"overwrite": True},
             # Parse errors come back as exceptions, so parse_arguments can add what would fix them.
-            "parser_kwargs": {"exit_on_error": False},
+            "parser_kwargs": {
+                "exit_on_error": False,
+                "epilog": TOOLS_HELP,
+                **{name: {"exit_on_error": False} for name in self.subcommands()},
+            },
             "trainer_defaults": {
                 "logger": lazy_instance(TensorBoardLogger, save_dir="runs", default_hp_metric=False)
             },
@@ -223,12 +238,26 @@ def explain_parse_error(message: str) -> str:
     return message
 
 
+def run_in_process(args: list[str]) -> ATMCLI:
+    """``atm ARGS`` in this process, for commands that drive it (``atm compare``, the demo).
+
+    A command-line mistake raises ValueError; the caller's own command line is not read.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args.*command line arguments.*")
+        return ATMCLI(args=args, raise_parse_errors=True)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``atm`` console script; ``args`` lets tests drive it in-process.
 
     Under DDP, a failing rank's error is repeated at the very end of the output (see
     :mod:`atm_lightning.failures`), below the peers' "connection closed" tracebacks.
     """
+    given = sys.argv[1:] if args is None else args
+    if given and given[0] in TOOLS:
+        importlib.import_module(TOOLS[given[0]]).cli(given[1:])
+        return
     with failure_summary():
         ATMCLI(args=args)
 

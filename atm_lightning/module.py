@@ -54,9 +54,11 @@ class EvalMetrics(nn.Module):
         self.sums = MetricCollection({name: Float64Sum() for name in names})
         self.tokens = Float64Sum((depth + 1,))
         self.gflops_dense = math.nan
+        self.predictions: list[Tensor] = []  # top-1 classes of this process's images, in order
 
     def update(self, logits: Tensor, targets: Tensor, seconds: float, stats: Any) -> None:
         self.accuracy.update(logits, targets)
+        self.predictions.append(logits.argmax(-1).cpu())
         # In the per-image values' precision, so that a dense image saves exactly 0.
         dense = stats.gflops.new_tensor(stats.gflops_dense)
         sums = {
@@ -73,18 +75,23 @@ class EvalMetrics(nn.Module):
         self.tokens.update(stats.tokens.sum(0))
         self.gflops_dense = dense.item()
 
-    def compute(self) -> dict[str, Any]:
-        """Collect (and, under DDP, sync) the epoch into plain Python numbers, then reset."""
+    def compute(self) -> tuple[dict[str, Any], Tensor]:
+        """Collect (and, under DDP, sync) the epoch into plain Python numbers, then reset.
+
+        Also returns this process's predictions (not synced: under DDP each rank has its share).
+        """
         accuracy = self.accuracy.compute()
         sums = {name: float(value) for name, value in self.sums.compute().items()}
         tokens = self.tokens.compute()
+        predictions = torch.cat(self.predictions) if self.predictions else torch.zeros(0, dtype=torch.long)
         self.accuracy.reset()
         self.sums.reset()
         self.tokens.reset()
+        self.predictions = []
         images = sums["num_images"]
         gflops = sums["gflops"] / images
         gflops_dense = self.gflops_dense
-        return {
+        results = {
             "num_images": int(images),
             "top1": 100 * float(accuracy["top1"]),
             "top5": 100 * float(accuracy["top5"]),
@@ -96,6 +103,7 @@ class EvalMetrics(nn.Module):
             "tokens_per_layer": (tokens / images).tolist(),
             "img_per_s": images / sums["seconds"] if sums["seconds"] > 0 else math.nan,
         }
+        return results, predictions
 
 
 class TokenMergingModule(LightningModule):
@@ -103,7 +111,9 @@ class TokenMergingModule(LightningModule):
 
     Evaluation reports top-1/top-5, mean GFLOPs per image (multiply-adds, from each image's real
     token counts), mean tokens per layer and forward throughput. Results of the last epoch of each
-    stage are kept in ``results["val"]`` / ``results["test"]`` as plain numbers (top-1/top-5 in %).
+    stage are kept in ``results["val"]`` / ``results["test"]`` as plain numbers (top-1/top-5 in %),
+    and the top-1 class of each image in ``predictions["val"]`` / ``predictions["test"]`` (the
+    images this process evaluated, in loader order).
 
     Args:
         model_name: timm architecture, e.g. ``deit_small_patch16_224``.
@@ -167,6 +177,7 @@ class TokenMergingModule(LightningModule):
         self.test_metrics = EvalMetrics(num_classes, depth)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.results: dict[str, dict[str, Any]] = {}
+        self.predictions: dict[str, Tensor] = {}
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -215,10 +226,11 @@ class TokenMergingModule(LightningModule):
         metrics.update(logits, targets, seconds, merge_stats(self.model))
 
     def _eval_epoch_end(self, stage: str, metrics: EvalMetrics) -> None:
-        results = metrics.compute()
+        results, predictions = metrics.compute()
         if self.trainer.sanity_checking:
             return  # a few batches only: not a result
         self.results[stage] = results
+        self.predictions[stage] = predictions
         for key in (
             "top1",
             "top5",

@@ -11,10 +11,8 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import timm
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from atm_lightning.calibration.search import (
     LOG_GAP_BOUNDS,
@@ -26,14 +24,15 @@ from atm_lightning.calibration.search import (
     unreached_message,
 )
 from atm_lightning.calibration import calibrate
+from atm_lightning.calibration.run import draw_samples
 from atm_lightning.calibration import run as calibration_run
 from atm_lightning.cli import main
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.merge import ATM, ToMe
 from atm_lightning.module import TokenMergingModule
 from tests.fakedata import make_image_folder
+from tests.helpers import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAME = "vit_tiny_patch16_224"
 CLASSES = ["ant", "bee", "cat"]
 NUM_CLASSES = 200  # a head no shipped config knows
@@ -42,7 +41,7 @@ SMALL = {"img_size": 96, "depth": 6}
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mirrored_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """train/ and val/ hold the same 12 images, so the reduction found must reappear in validate."""
     root = tmp_path_factory.mktemp("data")
     make_image_folder(root / "train", CLASSES, per_class=4)
@@ -51,12 +50,8 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, num_classes=NUM_CLASSES, **SMALL)
-    path = tmp_path_factory.mktemp("weights") / "vit_t_200cls.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights(vit_weights) -> Path:
+    return vit_weights(NUM_CLASSES, **SMALL)
 
 
 def run(*args: str) -> None:
@@ -79,13 +74,13 @@ def common(weights: Path, root: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatch, capsys, mirrored_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "sub" / "my_atm.yaml"
     output.parent.mkdir()
     output.write_text("# an earlier calibration\n")
     args = ["--target_reduction", "0.3", "--tolerance", "0.02", "--use_labels", "true", "--output", str(output)]
-    command = ["calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args]
+    command = ["calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, mirrored_root), *args]
     with pytest.raises(FileExistsError, match=rf"{output} already exists; pass --overwrite true"):
         run(*command)  # before any image is read
     assert output.read_text() == "# an earlier calibration\n"
@@ -93,7 +88,7 @@ def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatc
     run(*command, "--overwrite", "true")
     captured = capsys.readouterr()
     # --num_images defaults to 1000; the 12 training images are all there is, and that is said.
-    assert f"--num_images 1000 asked for more images than the 12 in {data_root / 'train'}" in captured.err
+    assert f"--num_images 1000 asked for more images than the 12 in {mirrored_root / 'train'}" in captured.err
     lines = [line for line in captured.out.splitlines() if "KL" in line]
     chosen = float(re.search(r"reduction ([\d.]+)%", lines[-1]).group(1))
     assert lines[-1].startswith("chosen:") and len(lines) >= 3  # one line per evaluated point
@@ -101,7 +96,7 @@ def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatc
 
     text = output.read_text()
     config = yaml.safe_load(text)
-    assert text.startswith("# Calibrated by `atm calibrate`") and f"12 images of {data_root / 'train'}" in text
+    assert text.startswith("# Calibrated by `atm calibrate`") and f"12 images of {mirrored_root / 'train'}" in text
     assert config["model"]["merger"]["class_path"] == "atm_lightning.merge.ATM"
     assert config["model"]["weights"] == str(weights) and config["model"]["num_classes"] == NUM_CLASSES
     assert "root" not in config["data"] and "target_reduction" not in config
@@ -109,7 +104,7 @@ def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatc
     assert 0.99 < atm.theta_min < 1.0  # a random ViT's keys are all alike
 
     # The file is used as is; only the data root is new. val/ holds the calibration images.
-    run("validate", "--config", str(output), "--data.root", str(data_root))
+    run("validate", "--config", str(output), "--data.root", str(mirrored_root))
     (metrics,) = tmp_path.glob("runs/*/version_*/metrics.json")
     row = json.loads(metrics.read_text())
     assert row["num_images"] == 12 and row["method"] == "atm"
@@ -123,13 +118,13 @@ def test_missing_train_split_says_why_training_images(tmp_path, monkeypatch, wei
         run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, tmp_path / "only_val"))
 
 
-def test_unreachable_target_names_the_reductions_seen(tmp_path, monkeypatch, data_root, weights) -> None:
+def test_unreachable_target_names_the_reductions_seen(tmp_path, monkeypatch, mirrored_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["--target_reduction", "0.99", "--max_evals", "3", "--split_layers", "[5]"]
     args += ["--alpha_drops", "[0.0]"]
     message = r"no schedule came within 1.0 pp of the target 99.0% \(reductions seen"
     with pytest.raises(RuntimeError, match=message) as error:
-        run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, data_root), *args)
+        run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, mirrored_root), *args)
     # More evaluations or a wider tolerance cannot reach it, so the message must not suggest them.
     assert "even the strongest schedule (theta_min -1) saves only" in str(error.value)
     assert "--max_evals" not in str(error.value) and "--tolerance" not in str(error.value)
@@ -210,9 +205,12 @@ def small_datamodule(root: Path) -> ImageNetDataModule:
     )
 
 
-def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(data_root, weights, monkeypatch) -> None:
+def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_root, weights, monkeypatch) -> None:
     module = small_module(weights, ToMe(r=2))
-    result = calibrate(module, small_datamodule(data_root), target_reduction=0.3, tolerance=0.03, num_images=6)
+    datamodule = small_datamodule(mirrored_root)
+    samples = draw_samples(datamodule, num_images=6, seed=0)
+    shapes = candidate_shapes(len(module.model.blocks))
+    result = calibrate(module, datamodule, samples, shapes, target=0.3, tolerance=0.03)
     assert result.best is not None and abs(result.best.reduction - 0.3) <= 0.03
     assert result.num_images == 6 and result.dense_top1 is None
     assert module.model._merging.policy == ToMe(r=2)
@@ -222,5 +220,5 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(data_root,
 
     monkeypatch.setattr(calibration_run, "search", fail)
     with pytest.raises(RuntimeError, match="search failed"):
-        calibrate(module, small_datamodule(data_root), num_images=6)
+        calibrate(module, datamodule, samples, shapes, target=0.3)
     assert module.model._merging.policy == ToMe(r=2)  # restored although the search raised

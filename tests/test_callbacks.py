@@ -14,21 +14,13 @@ from atm_lightning import ToMe
 from atm_lightning.callbacks import MergeStatsCallback, MergeVisualizationCallback
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.module import TokenMergingModule
-from tests.fakedata import make_image_folder
 
 NAME = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root / "val", ["cat", "dog"], per_class=3)
-    return root
-
-
 def validate(root: Path, logger) -> TokenMergingModule:
     torch.manual_seed(0)
-    module = TokenMergingModule(NAME, num_classes=2, merger=ToMe(r=8))
+    module = TokenMergingModule(NAME, num_classes=3, merger=ToMe(r=8))
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=logger,
@@ -36,7 +28,7 @@ def validate(root: Path, logger) -> TokenMergingModule:
         enable_model_summary=False,
         callbacks=[MergeStatsCallback(), MergeVisualizationCallback(num_images=4)],
     )
-    dm = ImageNetDataModule(str(root), model_name=NAME, num_classes=2, batch_size=3, num_workers=0)
+    dm = ImageNetDataModule(str(root), model_name=NAME, num_classes=3, batch_size=3, num_workers=0)
     trainer.validate(module, datamodule=dm)
     return module
 
@@ -57,7 +49,7 @@ def test_tensorboard_holds_layers_histogram_layout_hparams_and_picture(
     assert {"val/top1", "val/gflops", "merge/flops_reduction"} <= scalars
 
     histogram = events.Histograms("merge/final_tokens")[0].histogram_value
-    assert (histogram.num, histogram.min, histogram.max) == (6, 101, 101)
+    assert (histogram.num, histogram.min, histogram.max) == (8, 101, 101)
 
     (image,) = events.Images("merge/groups")
     assert (image.width, image.height) == (4 * 224 + 5 * 2, 2 * 224 + 3 * 2)  # 4 originals above 4 paintings
@@ -67,13 +59,13 @@ def test_tensorboard_holds_layers_histogram_layout_hparams_and_picture(
     assert b"merger/r" in hparams["_hparams_/session_start_info"]
     assert b"val/top1" in hparams["_hparams_/experiment"]
 
-    # The picture used a source-tracing copy; the module's own merger is back in place.
+    # The picture traced sources with another merger; the module's own is back in place.
     assert module.model._merging.policy is module.merger and module.merger.trace_source is False
 
 
 def test_without_tensorboard_the_callbacks_stay_quiet(tmp_path: Path, data_root: Path) -> None:
     module = validate(data_root, CSVLogger(tmp_path))
-    assert module.results["val"]["num_images"] == 6
+    assert module.results["val"]["num_images"] == 8
     assert not list(tmp_path.rglob("events.out.tfevents*"))
 
 

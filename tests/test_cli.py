@@ -11,16 +11,14 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from atm_lightning import ATM, NoMerge, ToMe, patch
 from atm_lightning.cli import ATMCLI, main, run_name
 from atm_lightning.data import ImageNetDataModule
-from tests.fakedata import make_image_folder
+from tests.helpers import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAME = "vit_tiny_patch16_224"
-CLASSES = ["cat", "dog", "fox"]
 ROW_KEYS = {
     "stage",
     "model",
@@ -46,21 +44,8 @@ ROW_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root / "val", CLASSES, per_class=3)
-    (root / "val" / "fox" / "fox_2.JPEG").unlink()  # 8 images: unbalanced, not a multiple of the batch
-    make_image_folder(root / "train", CLASSES, per_class=3, seed=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, num_classes=3)
-    path = tmp_path_factory.mktemp("weights") / "vit_t_3cls.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights(vit_weights) -> Path:
+    return vit_weights(3)
 
 
 def run(*args: str) -> None:
@@ -164,7 +149,7 @@ def test_merger_override_names_the_run_by_the_method(tmp_path, monkeypatch, data
         ("deit_s_dense", "evit", "deit_s_evit"),
         ("deit_t_evit", "dense", "deit_t_dense"),
         ("vit_t_atm", "atm", "vit_t_atm"),
-        ("ToMe_r_4", "tome", "ToMe_r_4"),  # compare.py's row names
+        ("ToMe_r_4", "tome", "ToMe_r_4"),  # atm compare's row names
         ("lightning_logs", "tome", "lightning_logs"),  # no method named: left alone
         ("atm_vs_tome", "evit", "atm_vs_tome"),  # two: ambiguous, left alone
     ],

@@ -1,46 +1,26 @@
-"""tools/compare.py: every row equals a single `atm validate` run; table, CSV and plot are written."""
+"""`atm compare`: every row equals a single `atm validate` run; table, CSV and plot are written."""
 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import re
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
-import timm
-import torch
-from safetensors.torch import save_file
 
 from atm_lightning.cli import main as atm_main
-from tests.fakedata import make_image_folder
+from atm_lightning.evaluation import compare
+from tests.helpers import CONFIGS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-compare = importlib.import_module("compare")
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-NAME = "vit_tiny_patch16_224"
 SMALL = {"img_size": 96, "depth": 6}
 ATM_SPEC = "atm:alpha=1.0,beta=0.003,theta_min=0.99,split_layer=5"
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root / "val", ["ant", "bee", "cat"], per_class=3)
-    return root
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, num_classes=3, **SMALL)
-    path = tmp_path_factory.mktemp("weights") / "vit_small_3cls.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights(vit_weights) -> Path:
+    return vit_weights(3, **SMALL)
 
 
 def shared(weights: Path, root: Path) -> list[str]:
@@ -90,9 +70,9 @@ def test_table_csv_and_plot_are_written(compared) -> None:
     dense, tome, atm, _ = rows
     assert dense.reduction_pct == 0.0 and dense.agreement_pct == 100.0
     assert tome.reduction_pct > 20 and atm.reduction_pct > 5 and atm.params.startswith("alpha=1.0 beta=0.003")
-    assert all(r.num_images == 9 and r.batch_size == 4 for r in rows)
+    assert all(r.num_images == 8 and r.batch_size == 4 for r in rows)
     table = (out / "compare.md").read_text()
-    assert "9 images, batch size 4" in table and "| ToMe r=8 | r=8 |" in table
+    assert "8 images, batch size 4" in table and "| ToMe r=8 | r=8 |" in table
     with (out / "compare.csv").open() as file:
         records = list(csv.DictReader(file))
     assert [r["method"] for r in records] == ["dense", "ToMe r=8", "ATM", "ft"]

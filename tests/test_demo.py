@@ -1,21 +1,18 @@
-"""The offline demo (tools/demo.py --fast): digits -> atm fit -> atm calibrate -> compare."""
+"""The offline demo (tools/demo.py --fast): digits -> atm fit -> atm calibrate -> atm compare."""
 
 from __future__ import annotations
 
-import importlib
+import csv
+import os
+import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-demo = importlib.import_module("demo")
-digits_data = importlib.import_module("digits_data")
+from tests.helpers import TOOLS, load_tool
 
-
-pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets torch's thread count
+digits_data = load_tool("digits_data")
 
 
 def test_digits_are_written_on_a_blank_canvas(tmp_path) -> None:
@@ -29,19 +26,23 @@ def test_digits_are_written_on_a_blank_canvas(tmp_path) -> None:
     assert (patches.max(1) == 0).sum() >= 48  # at least three quarters of the 4x4 patches are blank
 
 
-def test_fast_demo_trains_and_atm_merges_the_background(tmp_path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    rows = demo.cli(["--fast", "--output", str(tmp_path / "demo")])
-    by_family = {r.family: r for r in rows}
-    assert [r.family for r in rows] == ["dense", "ToMe", "ToMe", "ATM", "checkpoint"]
+def test_fast_demo_trains_and_atm_merges_the_background(tmp_path) -> None:
+    """The script as `make demo` runs it, in its own process."""
+    out = tmp_path / "demo"
+    command = [sys.executable, str(TOOLS / "demo.py"), "--fast", "--output", str(out)]
+    subprocess.run(command, cwd=tmp_path, check=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    with (out / "compare" / "compare.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [r["family"] for r in rows] == ["dense", "ToMe", "ToMe", "ATM", "checkpoint"]
+    by_family = {r["family"]: r for r in rows}
     dense, atm, tome_ft = by_family["dense"], by_family["ATM"], by_family["checkpoint"]
     # The ToMe-fine-tuned model runs ToMe r=12, so it costs exactly what off-the-shelf r=12 costs.
-    tome12 = next(r for r in rows if r.method == "ToMe r=12")
-    assert tome_ft.method == "tome_ft_r12" and tome_ft.gflops == tome12.gflops
-    assert tome_ft.top1 > 50
-    assert dense.top1 > 50  # 10 classes: chance is 10 %
-    assert dense.num_images == 364
-    assert abs(atm.reduction_pct - 60) <= 1.5  # calibrated on training images, measured on val
-    assert atm.agreement_pct >= 97 and atm.top1 >= dense.top1 - 2
-    assert (tmp_path / "demo" / "compare" / "compare.png").is_file()
-    assert (tmp_path / "demo" / "digits_atm.yaml").read_text().startswith("# Calibrated by `atm calibrate`")
+    tome12 = next(r for r in rows if r["method"] == "ToMe r=12")
+    assert tome_ft["method"] == "tome_ft_r12" and tome_ft["gflops"] == tome12["gflops"]
+    assert float(tome_ft["top1"]) > 50
+    assert float(dense["top1"]) > 50  # 10 classes: chance is 10 %
+    assert dense["num_images"] == "364"
+    assert abs(float(atm["reduction_pct"]) - 60) <= 1.5  # calibrated on training images, measured on val
+    assert float(atm["agreement_pct"]) >= 97 and float(atm["top1"]) >= float(dense["top1"]) - 2
+    assert (out / "compare" / "compare.png").is_file()
+    assert (out / "digits_atm.yaml").read_text().startswith("# Calibrated by `atm calibrate`")

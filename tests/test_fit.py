@@ -29,26 +29,16 @@ from atm_lightning.merge import EViT
 from atm_lightning.models import create_model
 from atm_lightning.module import TokenMergingModule
 from atm_lightning.training import param_groups, scaled_lr, set_drop_path, warmup_cosine
-from tests.fakedata import make_image_folder
+from tests.helpers import CONFIGS
 
 NAME = "deit_tiny_patch16_224"
-CLASSES = ["cat", "dog", "fox"]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*_ft.yaml"))
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root / "train", CLASSES, per_class=2, seed=1)
-    make_image_folder(root / "val", CLASSES, per_class=1)
-    return root
-
-
-@pytest.fixture(scope="module")
-def fixed_batch(data_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(train_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The 3 val images, eval-preprocessed, and the first one mirrored: 4 images, labels 0 1 2 0."""
-    dm = datamodule(data_root, batch_size=3)
+    dm = datamodule(train_root, batch_size=3)
     dm.setup("validate")
     images, labels = next(iter(dm.val_dataloader()))
     return torch.cat([images, images[:1].flip(-1)]), torch.cat([labels, labels[:1]])
@@ -165,7 +155,7 @@ def test_loss_goes_down_on_a_fixed_batch_with_tome(tmp_path: Path, fixed_batch) 
     assert merge_stats(tm.model).tokens[0, -1] == 197 - 8 * 12
 
 
-def test_mixup_soft_targets_and_plain_labels(data_root: Path, tmp_path: Path, fixed_batch) -> None:
+def test_mixup_soft_targets_and_plain_labels(train_root: Path, tmp_path: Path, fixed_batch) -> None:
     plain = module(label_smoothing=0.1)
     assert plain.mixup is None and plain.criterion.label_smoothing == 0.1
     mixed = module(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
@@ -178,15 +168,15 @@ def test_mixup_soft_targets_and_plain_labels(data_root: Path, tmp_path: Path, fi
     # Batch 4 is mixed with its flip: image 0 with image 3 (both class 0), 1 with 2.
     assert soft[0, 0] == pytest.approx(1 - 0.1 + 0.1 / 3) and soft[1, 1] == pytest.approx(soft[2, 2])
     t = trainer(tmp_path, max_steps=1, limit_val_batches=0)
-    t.fit(mixed, datamodule=datamodule(data_root, batch_size=2))
+    t.fit(mixed, datamodule=datamodule(train_root, batch_size=2))
     assert t.global_step == 1 and math.isfinite(float(t.callback_metrics["train/loss"]))
     assert "train/top1" not in t.callback_metrics  # mixed images have no single label
 
 
-def test_mixup_with_odd_batch_names_the_fix(data_root: Path, tmp_path: Path) -> None:
+def test_mixup_with_odd_batch_names_the_fix(train_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"batch must be even .*--data.batch_size"):
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(
-            module(mixup_alpha=0.8), datamodule=datamodule(data_root, batch_size=3)
+            module(mixup_alpha=0.8), datamodule=datamodule(train_root, batch_size=3)
         )
 
 
@@ -195,10 +185,10 @@ class StopAfterFirstStep(Callback):
         trainer.should_stop = True
 
 
-def test_optimizer_uses_scaled_lr_and_decay_groups(data_root: Path, tmp_path: Path) -> None:
+def test_optimizer_uses_scaled_lr_and_decay_groups(train_root: Path, tmp_path: Path) -> None:
     tm = module(lr=1e-3, lr_base_batch=512, warmup_epochs=1.0, weight_decay=0.05)
     t = trainer(tmp_path, [StopAfterFirstStep()], max_steps=20, limit_val_batches=0)
-    t.fit(tm, datamodule=datamodule(data_root, batch_size=2))
+    t.fit(tm, datamodule=datamodule(train_root, batch_size=2))
     assert t.global_step == 1
     groups = t.optimizers[0].param_groups
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
@@ -230,12 +220,12 @@ class HeadRecorder(Callback):
         self.heads.append(pl_module.model.head.weight.detach().clone())
 
 
-def test_ema_tracks_the_weights_and_is_validated_and_saved(data_root: Path, tmp_path: Path) -> None:
+def test_ema_tracks_the_weights_and_is_validated_and_saved(train_root: Path, tmp_path: Path) -> None:
     tm = module(lr=1e-3)
     ema, heads = EMA(decay=0.5), HeadRecorder()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     t = trainer(tmp_path, [ema, heads, checkpoint], max_steps=3)  # one epoch of 3 batches
-    dm = datamodule(data_root)
+    dm = datamodule(train_root)
     t.fit(tm, datamodule=dm)
     expected = heads.heads[0]
     for head in heads.heads[1:]:
@@ -271,11 +261,11 @@ class StateAtFitStart(Callback):
         self.ema = {name: value.clone() for name, value in ema.ema.items()}
 
 
-def test_resume_restores_raw_weights_ema_and_step(data_root: Path, tmp_path: Path) -> None:
+def test_resume_restores_raw_weights_ema_and_step(train_root: Path, tmp_path: Path) -> None:
     # Reading a .ckpt through --model.weights first must not break resuming (safe-globals regression).
     torch.save({"model": timm.create_model(NAME, num_classes=3).state_dict()}, tmp_path / "w.pth")
     create_model(NAME, weights=str(tmp_path / "w.pth"), num_classes=3)
-    dm = datamodule(data_root)
+    dm = datamodule(train_root)
     ema = EMA(decay=0.5)
     first = module(lr=1e-3)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -295,11 +285,11 @@ def test_resume_restores_raw_weights_ema_and_step(data_root: Path, tmp_path: Pat
 
 
 def test_checkpoint_reloads_with_identical_logits_under_any_merger(
-    data_root: Path, tmp_path: Path, fixed_batch
+    train_root: Path, tmp_path: Path, fixed_batch
 ) -> None:
     tm = module(lr=1e-3, drop_path_rate=0.1)
     t = trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_steps=2, limit_val_batches=0)
-    t.fit(tm, datamodule=datamodule(data_root))
+    t.fit(tm, datamodule=datamodule(train_root))
     ckpt = str(tmp_path / "last.ckpt")
     images = fixed_batch[0]
     with torch.no_grad():
@@ -367,7 +357,7 @@ def test_ft_configs_train_with_the_deit_recipe(config: str, capsys) -> None:
     assert printed["trainer"]["precision"] == "bf16-mixed"
 
 
-def test_fit_a_new_head_on_1000_class_weights(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_fit_a_new_head_on_1000_class_weights(train_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     imagenet = timm.create_model(NAME, depth=2)
@@ -376,8 +366,8 @@ def test_fit_a_new_head_on_1000_class_weights(data_root: Path, tmp_path: Path, m
     small = ("--model.weights", str(weights), "--model.model_kwargs", '{"depth": 2}')
     args = (*small, "--trainer.max_steps", "1")
     with pytest.raises(ValueError, match=r"1000-class classifier but --model.num_classes is 3"):
-        cli(*cpu_args("deit_t_tome_ft.yaml", data_root, *args))
-    fitted = cli(*cpu_args("deit_t_tome_ft.yaml", data_root, *args, "--model.new_head", "true"))
+        cli(*cpu_args("deit_t_tome_ft.yaml", train_root, *args))
+    fitted = cli(*cpu_args("deit_t_tome_ft.yaml", train_root, *args, "--model.new_head", "true"))
     assert fitted.trainer.global_step == 1
     (last,) = tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt")
     tuned = create_model(NAME, weights=str(last), num_classes=3, model_kwargs={"depth": 2})
@@ -385,17 +375,17 @@ def test_fit_a_new_head_on_1000_class_weights(data_root: Path, tmp_path: Path, m
     # One AdamW step at lr ~4e-8 (1e-5 x 2 / 512) leaves the backbone close to the file's.
     assert torch.allclose(tuned.blocks[1].mlp.fc1.weight, imagenet.blocks[1].mlp.fc1.weight, atol=1e-6)
     with pytest.raises(SystemExit):
-        validate = cpu_args("deit_t_tome.yaml", data_root, *small, subcommand="validate")
+        validate = cpu_args("deit_t_tome.yaml", train_root, *small, subcommand="validate")
         cli(*validate, "--model.new_head", "true")
 
 
 @pytest.mark.slow
-def test_atm_fit_resume_and_validate_from_the_ft_config(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_atm_fit_resume_and_validate_from_the_ft_config(train_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     fitted = cli(
         *cpu_args(
             "deit_t_tome_ft.yaml",
-            data_root,
+            train_root,
             "--trainer.max_steps",
             "3",  # one epoch of 3 batches, then validation picks the best checkpoint
             "--trainer.callbacks+=atm_lightning.callbacks.EMA",
@@ -410,7 +400,7 @@ def test_atm_fit_resume_and_validate_from_the_ft_config(data_root: Path, tmp_pat
     assert fit_val["num_images"] == 3
 
     resumed = cli(
-        *cpu_args("deit_t_tome_ft.yaml", data_root, "--trainer.max_steps", "4"),
+        *cpu_args("deit_t_tome_ft.yaml", train_root, "--trainer.max_steps", "4"),
         "--trainer.callbacks+=atm_lightning.callbacks.EMA",  # resume an EMA run with EMA
         "--trainer.callbacks.decay",
         "0.5",
@@ -420,7 +410,7 @@ def test_atm_fit_resume_and_validate_from_the_ft_config(data_root: Path, tmp_pat
     assert resumed.trainer.global_step == 3 + 1
 
     validated = cli(
-        *cpu_args("deit_t_tome.yaml", data_root, subcommand="validate"),
+        *cpu_args("deit_t_tome.yaml", train_root, subcommand="validate"),
         "--model.weights",
         str(best),
         "--model.merger.init_args.prop_attn",
@@ -448,14 +438,14 @@ class SaveRankWeights(Callback):
         torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def test_ddp_fork_two_ranks_train_identically(data_root: Path, tmp_path: Path) -> None:
+def test_ddp_fork_two_ranks_train_identically(train_root: Path, tmp_path: Path) -> None:
     tm = module(lr=1e-3, mixup_alpha=0.8, cutmix_alpha=1.0, drop_path_rate=0.1)
     before = weights_of(tm.model)
     t = trainer(
         tmp_path, [SaveRankWeights(tmp_path), EMA(decay=0.5)], devices=2, strategy="ddp_fork",
         max_steps=2, limit_val_batches=0,
     )
-    t.fit(tm, datamodule=datamodule(data_root))
+    t.fit(tm, datamodule=datamodule(train_root))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["step"] for r in ranks] == [2, 2]
     for name, value in ranks[0]["weights"].items():

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_c
 from atm_lightning import merge_stats, patch
 from atm_lightning.flops import ViTCost
 
-from .test_patch import ATM_LENIENT, blocky_images
+from tests.helpers import ATM_LENIENT, blocky_images
 
 
 @pytest.mark.parametrize(

@@ -16,18 +16,8 @@ from atm_lightning import NoMerge, ToMe, merge_stats, patch
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.module import EvalMetrics, TokenMergingModule
 from atm_lightning.results import format_table
-from tests.fakedata import make_image_folder
 
 NAME = "vit_tiny_patch16_224"
-CLASSES = ["cat", "dog", "fox"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    make_image_folder(root / "val", CLASSES, per_class=3)
-    (root / "val" / "fox" / "fox_2.JPEG").unlink()  # 8 images, unbalanced: constant guesses can't match
-    return root
 
 
 def datamodule(root: Path, batch_size: int = 3) -> ImageNetDataModule:
@@ -60,6 +50,7 @@ def direct(module: TokenMergingModule, root: Path, merger) -> dict:
         "loss": F.cross_entropy(logits.double(), targets).item(),
         "tokens_per_layer": torch.cat(tokens).double().mean(0).tolist(),
         "gflops": torch.cat(gflops).double().mean().item(),
+        "predictions": logits.argmax(1),
     }
 
 
@@ -70,6 +61,7 @@ def test_validate_matches_direct_computation(data_root: Path) -> None:
     t.validate(module, datamodule=datamodule(data_root))
     got, want = module.results["val"], direct(module, data_root, ToMe(r=8))
     assert got["num_images"] == 8
+    assert torch.equal(module.predictions["val"], want["predictions"])  # every image's class, in order
     assert got["top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)  # float32 logits
     assert got["top5"] == 100.0  # top-5 is capped at the 3 classes
@@ -111,7 +103,6 @@ def test_dense_module_is_the_timm_model() -> None:
 
 
 def test_training_step_learns_and_schedules_lr(data_root: Path, tmp_path: Path) -> None:
-    make_image_folder(data_root / "train", CLASSES, per_class=2)
     torch.manual_seed(0)
     module = TokenMergingModule(NAME, num_classes=3, merger=ToMe(r=4), lr=1e-3, warmup_steps=2)
     before = module.model.head.weight.clone()
@@ -144,7 +135,9 @@ def eval_metrics(per_image_gflops: list[list[float]], dense: float) -> dict:
             tokens=torch.full((b, 3), 5),
         )
         metrics.update(torch.randn(b, 4), torch.zeros(b, dtype=torch.long), 0.1, stats)
-    return metrics.compute()
+    results, predictions = metrics.compute()
+    assert len(predictions) == sum(map(len, per_image_gflops))
+    return results
 
 
 def test_dense_reduction_is_exactly_zero_and_merged_is_the_mean_saving() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 PACKAGES = [
     "atm_lightning",
+    "atm_lightning.calibration",
     "atm_lightning.callbacks",
     "atm_lightning.data",
     "atm_lightning.merge",

@@ -11,40 +11,15 @@ import torch.nn.functional as F
 
 from atm_lightning import UnsupportedModelError, merge_stats, patch, unpatch
 from atm_lightning.patch import attention, ragged
-
-IMG = 224
-
-
-def blocky_images(batch: int, seed: int = 0, size: int = IMG) -> torch.Tensor:
-    """Images with flat backgrounds and a few rectangles: many near-duplicate patches, varied per image."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.empty(batch, 3, size, size)
-    for i in range(batch):
-        images[i] = torch.rand(3, 1, 1, generator=g) * 2 - 1
-        for _ in range(int(torch.randint(1, 2 + 3 * i, (1,), generator=g))):
-            y0, x0 = torch.randint(0, size - 32, (2,), generator=g).tolist()
-            h, w = torch.randint(16, 96, (2,), generator=g).tolist()
-            images[i, :, y0 : y0 + h, x0 : x0 + w] = torch.rand(3, 1, 1, generator=g) * 2 - 1
-        images[i] += 0.05 * torch.randn(3, size, size, generator=g) * (i % 2)
-    return images
-
-
-def make(name: str, **kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
+from tests.helpers import ATM_LENIENT, blocky_images, make_vit
 
 MODELS = {
-    "deit_tiny": lambda: make("deit_tiny_patch16_224"),
-    "vit_tiny": lambda: make("vit_tiny_patch16_224"),
-    "deit_tiny_distilled": lambda: make("deit_tiny_distilled_patch16_224"),
-    "vit_tiny_registers": lambda: make("vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
-    "vit_tiny_avgpool": lambda: make("vit_tiny_patch16_224", global_pool="avg", class_token=False, fc_norm=True),
+    "deit_tiny": lambda: make_vit("deit_tiny_patch16_224"),
+    "vit_tiny": lambda: make_vit("vit_tiny_patch16_224"),
+    "deit_tiny_distilled": lambda: make_vit("deit_tiny_distilled_patch16_224"),
+    "vit_tiny_registers": lambda: make_vit("vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
+    "vit_tiny_avgpool": lambda: make_vit("vit_tiny_patch16_224", global_pool="avg", class_token=False, fc_norm=True),
 }
-
-# Randomly initialised ViTs have very similar keys, so thresholds sit close to 1 to merge a
-# varied amount (about 40-90% of tokens gone by the end on blocky_images).
-ATM_LENIENT = {"alpha": 1.0, "beta": 0.001, "theta_min": 0.995, "split_layer": 9}
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-attention_kernels = importlib.import_module("attention_kernels")
+from tests.helpers import load_tool
+
+attention_kernels = load_tool("attention_kernels")
 
 
 pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets torch's thread count

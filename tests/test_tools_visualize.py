@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,14 +13,14 @@ from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
 from atm_lightning import merge_stats, patch
+from atm_lightning.data.images import load_images, unnormalize
+from atm_lightning.evaluation.options import parse_method
 from atm_lightning.vis import paint_merged_groups
-from tests import test_tools_benchmark as bench
-from tests.test_tools_benchmark import ATM_SPEC, MODEL, SMALL_DEPTH, cli_error, draw_shapes
+from tests.helpers import SMALL_DEPTH, draw_shapes, load_tool, usage_error
 
-_common = importlib.import_module("_common")  # tools/ is on sys.path since test_tools_benchmark
-visualize = importlib.import_module("visualize")
-shapes_folder = bench.shapes_folder
-small_vit = bench.small_vit
+visualize = load_tool("visualize")
+MODEL = "vit_tiny_patch16_224"
+ATM_SPEC = "atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=4"
 LAYERS = [1, 2, 4]
 
 
@@ -40,15 +39,15 @@ def test_grid_size_and_token_counts_match_merge_stats(
     grid = Image.open(output)
     assert grid.size == ((1 + len(LAYERS)) * 226 + 2, 4 * 226 + 2)
     paths = sorted(shapes_folder.iterdir())
-    images, config = _common.load_images(paths, MODEL)
+    images, config = load_images(paths, MODEL)
     original = pil_to_tensor(grid.convert("RGB"))[:, 2:226, 2:226].float() / 255
-    assert (original - _common.unnormalize(images[:1], config)[0]).abs().max() <= 1 / 255 + 1e-6
+    assert (original - unnormalize(images[:1], config)[0]).abs().max() <= 1 / 255 + 1e-6
 
     # counts beside the PNG equal merge_stats of the same model, method and image
     written = json.loads(output.with_suffix(".json").read_text())
     assert written["layers"] == LAYERS and written["method"] == ATM_SPEC
     model = small_vit()
-    patch(model, _common.parse_method(ATM_SPEC).merger)
+    patch(model, parse_method(ATM_SPEC).merger)
     last = []
     for path, image, record in zip(paths, images, written["images"]):
         with torch.inference_mode():
@@ -76,12 +75,12 @@ def test_tiles_are_the_merged_groups_after_each_chosen_block(
     assert picture.tokens[1] == 197 and picture.tokens[4] < 100
     assert (picture.tiles[1][:, :, 96] == 0).all()
 
-    images, config = _common.load_images([path], MODEL)
+    images, config = load_images([path], MODEL)
     model = small_vit()
-    patch(model, visualize.tracing(_common.parse_method(ATM_SPEC)))
+    patch(model, visualize.tracing(parse_method(ATM_SPEC)))
     with torch.inference_mode():
         model(images)
-    original = _common.unnormalize(images, config)
+    original = unnormalize(images, config)
     for tile, layer in zip(picture.tiles[1:], (1, 4)):
         painted = paint_merged_groups(original, merge_stats(model).sources[layer - 1], 16, 1)[0]
         below_label = slice(16, None)  # the top rows carry the "block l: n tokens" label
@@ -106,11 +105,12 @@ def test_user_errors_name_the_fix(
     capsys: pytest.CaptureFixture,
 ) -> None:
     argv = ["--random-init", "--images", str(shapes_folder), "--method", "tome:r=4", "--layers", "2", *extra]
-    assert message in cli_error(visualize, argv, capsys)
+    assert message in usage_error(visualize.build_parser(), visualize.main, argv, capsys)
 
 
 def test_rejects_files_that_are_not_images(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
-    message = cli_error(visualize, ["--random-init", "--images", str(notes), "--method", "dense"], capsys)
+    argv = ["--random-init", "--images", str(notes), "--method", "dense"]
+    message = usage_error(visualize.build_parser(), visualize.main, argv, capsys)
     assert "notes.txt is not an image" in message

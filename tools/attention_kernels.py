@@ -22,9 +22,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from _common import HelpFormatter, run_cli
 from torch import Tensor
 
+from atm_lightning.evaluation.options import HelpFormatter, run_cli
 from atm_lightning.patch.attention import MATMUL_ATTENTION_MAX_TOKENS, matmul_attention
 
 

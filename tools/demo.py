@@ -4,7 +4,7 @@
 2. ``atm fit`` a small ViT on the training split (configs/demo/digits_vit.yaml).
 3. ``atm fit`` it a few epochs more with ToMe merging active: the trained baseline (ToMe-ft).
 4. ``atm calibrate`` ATM on the *training* images for a FLOPs target.
-5. ``tools/compare.py``: dense, ToMe off the shelf, ToMe-ft and the training-free calibrated ATM on
+5. ``atm compare``: dense, ToMe off the shelf, ToMe-ft and the training-free calibrated ATM on
    the val images: table, CSV, plot.
 
 ATM's thresholds merge the uniform background, so it saves FLOPs where ToMe, which merges a fixed
@@ -20,10 +20,13 @@ import shlex
 from pathlib import Path
 
 import torch
-from _common import HelpFormatter
-from compare import Row, atm_cli
-from compare import cli as compare_cli
 from digits_data import write_digits
+
+from atm_lightning.cli import run_in_process
+from atm_lightning.evaluation.compare import Row
+from atm_lightning.evaluation.compare import cli as compare_cli
+from atm_lightning.evaluation.options import HelpFormatter
+from atm_lightning.merge import ToMe, to_spec
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "digits_vit.yaml"
 FAST = {"limit": None, "epochs": 5, "ft_epochs": 2, "ft_r": 12, "calibration_images": 200, "tome_r": ["8", "12"]}
@@ -71,11 +74,11 @@ def main(args: argparse.Namespace) -> list[Row]:
         "--atm",
         str(calibrated),
         "--checkpoint",
-        f"tome_ft_r{plan['ft_r']}={tome_ft}:tome:r={plan['ft_r']},prop_attn=false",
+        f"tome_ft_r{plan['ft_r']}={tome_ft}:{to_spec(ToMe(r=plan['ft_r'], prop_attn=False))}",
         "--output",
         str(out / "compare"),
     ]
-    announce("python tools/compare.py", compare_args)
+    announce("atm compare", compare_args)
     return compare_cli(compare_args)
 
 
@@ -90,7 +93,7 @@ def fit(common: list[str], out: Path, epochs: int, name: str = "digits_vit", ext
     args = ["fit", *common, "--trainer.max_epochs", str(epochs), *extra]
     args += ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name", name]
     announce("atm", args)
-    cli = atm_cli(args)
+    cli = run_in_process(args)
     top1 = cli.model.results["val"]["top1"]
     checkpoint = cli.trainer.checkpoint_callback.best_model_path
     print(f"trained: val top-1 {top1:.1f}% after {epochs} epochs; checkpoint {checkpoint}")
@@ -108,7 +111,7 @@ def calibrate(common: list[str], checkpoint: str, output: Path, target: float, n
     args = ["calibrate", *common, "--model.weights", checkpoint, "--target_reduction", str(target)]
     args += ["--num_images", str(num_images), "--output", str(output)]
     announce("atm", args)
-    atm_cli(args)
+    run_in_process(args)
 
 
 def announce(program: str, args: list[str]) -> None:

@@ -5,10 +5,9 @@ outlines) after each chosen block, labelled with the tokens left. With ATM, simp
 into few large groups while cluttered ones keep many tokens. Images run one at a time, so with
 ``batch_rule=min`` each picture shows the image on its own (batch size 1).
 
-Example:
-    python tools/visualize.py --weights ../shared/data/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors \\
-        --images ../shared/data/imagenet-sample/val --max-images 6 --layers 3 6 9 12 \\
-        --method atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=10 --output merged.png
+Example (ViT-Ti weights, an ImageNet val folder):
+    python tools/visualize.py --weights vit_tiny_patch16_224.safetensors --images IMAGENET/val \\
+        --max-images 6 --layers 3 6 9 12 --method configs/vit_t_atm.yaml --output merged.png
 """
 
 from __future__ import annotations
@@ -20,25 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import (
-    METHOD_HELP,
-    HelpFormatter,
-    Method,
-    add_model_args,
-    evenly_spaced,
-    image_paths,
-    load_images,
-    load_model,
-    parse_method,
-    run_cli,
-    unnormalize,
-)
 from PIL import ImageDraw
 from torch import Tensor, nn
 from torchvision.transforms.functional import to_pil_image, to_tensor
 from torchvision.utils import make_grid, save_image
 
 from atm_lightning import TokenMerger, merge_stats, patch
+from atm_lightning.data.images import evenly_spaced, image_paths, load_images, unnormalize
+from atm_lightning.evaluation.options import (
+    METHOD_HELP,
+    HelpFormatter,
+    Method,
+    add_model_args,
+    load_model,
+    parse_method,
+    run_cli,
+    weights_label,
+)
 from atm_lightning.vis import paint_merged_groups
 
 PADDING = 2
@@ -163,9 +160,7 @@ def save_grid(pictures: list[Picture], path: Path) -> None:
 def write_counts(pictures: list[Picture], path: Path, args: argparse.Namespace, method: Method) -> None:
     record = {
         "model": args.model,
-        "weights": str(args.weights)
-        if args.weights
-        else ("timm-pretrained" if args.pretrained else "random-init"),
+        "weights": weights_label(args),
         "method": method.label,
         "merger": method.merger.params(),
         "layers": args.layers,

@@ -17,8 +17,8 @@ from lightning.pytorch import Trainer
 from ..data import ImageNetDataModule
 from ..merge import ATM, to_config
 from ..module import TokenMergingModule
-from .run import calibrate, check_calibrate_args
-from .search import Calibration, unreached_message
+from .run import calibrate, check_calibrate_args, draw_samples
+from .search import Calibration, candidate_shapes, unreached_message
 
 # Options of the calibrate subcommand itself, left out of the written config.
 CALIBRATE_OPTIONS = (
@@ -69,27 +69,29 @@ class CalibrationTrainer(Trainer):
             base_config: the config the written file starts from (the CLI passes its own).
         """
         check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
-        if Path(output).exists() and not overwrite:
-            raise FileExistsError(
-                f"{output} already exists; pass --overwrite true to replace it, or choose another --output"
-            )
-        if self.world_size > 1:
-            raise ValueError("calibrate runs on one device; set --trainer.devices 1")
+        check_output(Path(output), overwrite, self.world_size)
         started = time.perf_counter()
+        shapes = candidate_shapes(len(model.model.blocks), split_layers, decay_layers, alpha_drops)
+        samples = draw_samples(datamodule, num_images, seed)
         result = calibrate(
-            model, datamodule, target_reduction=target_reduction, tolerance=tolerance, num_images=num_images,
-            seed=seed, use_labels=use_labels, split_layers=split_layers, decay_layers=decay_layers,
-            alpha_drops=alpha_drops, max_evals=max_evals, device=self.strategy.root_device,
-            progress=self.progress_bar_callback is not None,
+            model, datamodule, samples, shapes, target=target_reduction, tolerance=tolerance, max_evals=max_evals,
+            use_labels=use_labels, device=self.strategy.root_device, progress=self.progress_bar_callback is not None,
         )  # fmt: skip
         if result.best is None:
             raise RuntimeError(unreached_message(result))
         seconds = time.perf_counter() - started
-        images = datamodule.root / datamodule.train_split
-        comment = header(result, f"{images} (seed {seed})", seconds)
+        comment = header(result, f"{datamodule.root / datamodule.train_split} (seed {seed})", seconds)
         write_calibrated_config(Path(output), comment, base_config or minimal_config(model, datamodule), result.best.merger)
         print(f"chosen: {result.best.describe()}\nwrote {output} ({seconds:.0f} s)")
         return result
+
+
+def check_output(output: Path, overwrite: bool, world_size: int) -> None:
+    """Fail before any image is read when the result could not be written or would be wrong."""
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite true to replace it, or choose another --output")
+    if world_size > 1:
+        raise ValueError("calibrate runs on one device; set --trainer.devices 1")
 
 
 def calibrated_config(base: dict[str, Any], merger: ATM) -> dict[str, Any]:

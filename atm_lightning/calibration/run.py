@@ -25,7 +25,7 @@ from ..data.datasets import Sample
 from ..merge import ATM, NoMerge
 from ..module import TokenMergingModule
 from ..patch import merge_stats, patch
-from .search import Calibration, Point, candidate_shapes, search
+from .search import Calibration, Point, Shape, search
 
 
 @dataclass(frozen=True)
@@ -48,35 +48,29 @@ class CalibrationSet:
 def calibrate(
     module: TokenMergingModule,
     datamodule: ImageNetDataModule,
+    samples: list[Sample],
+    shapes: list[Shape],
     *,
-    target_reduction: float = 0.3,
+    target: float,
     tolerance: float = 0.01,
-    num_images: int = 1000,
-    seed: int = 0,
-    use_labels: bool = False,
-    split_layers: list[int] | None = None,
-    decay_layers: list[int] | None = None,
-    alpha_drops: list[float] | None = None,
     max_evals: int = 8,
+    use_labels: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> Calibration:
-    """Search ATM schedules for ``module``'s model on ``num_images`` training images.
+    """Search ATM schedules of ``shapes`` for ``module``'s model on the images ``samples``.
 
-    The options are those of ``atm calibrate`` (see :class:`.command.CalibrationTrainer`). The
-    module's merger keeps its batch rule and proportional attention; the model is patched with
-    each candidate and given its own merger back afterwards, also when the search fails.
-    ``result.best`` is None when no schedule came within ``tolerance`` of the target.
+    ``samples`` are training images (:func:`draw_samples`), read through the DataModule's eval
+    transform. The module's merger keeps its batch rule and proportional attention; the model is
+    patched with each candidate and given its own merger back afterwards, also when the search
+    fails. ``result.best`` is None when no schedule came within ``tolerance`` of ``target``.
     """
-    check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
     module = module.eval().to(device)
     base = module.merger if isinstance(module.merger, ATM) else ATM()
-    shapes = candidate_shapes(len(module.model.blocks), split_layers, decay_layers, alpha_drops)
-    samples = draw_samples(datamodule, num_images, seed)
     try:
         cal = load_calibration_set(module.model, datamodule, samples, device, progress)
         score = progress_scorer(module.model, cal, use_labels, len(shapes) * max_evals, progress)
-        result = search(score, shapes, base, target_reduction, tolerance, max_evals, use_labels)
+        result = search(score, shapes, base, target, tolerance, max_evals, use_labels)
     finally:
         patch(module.model, module.merger)
     dense_top1 = cal.dense_top1() if use_labels else None

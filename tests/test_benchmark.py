@@ -1,82 +1,33 @@
-"""tools/benchmark.py, driven in-process on a few generated images and a small random ViT."""
+"""`atm benchmark` and the method options it shares, driven in-process on a few generated images and a small random ViT."""
 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
-import random
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from atm_lightning import ATM, NoMerge, ToMe, merge_stats, patch
+from atm_lightning.cli import main as atm_main
+from atm_lightning.data.images import check_not_noise, evenly_spaced, image_paths, load_images
+from atm_lightning.evaluation import benchmark, memory, timing
+from atm_lightning.evaluation.options import parse_method
+from tests.helpers import usage_error
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-_common = importlib.import_module("_common")
-benchmark = importlib.import_module("benchmark")
-
-MODEL = "vit_tiny_patch16_224"  # its name sets the eval transform (224 px); the fixture shrinks the net
+MODEL = "vit_tiny_patch16_224"  # its name sets the eval transform (224 px); small_vit shrinks the net
 ATM_SPEC = "atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=4"
-SMALL_DEPTH = 4
-
-
-def draw_shapes(path: Path, num_rects: int, seed: int, size: int = 96) -> Path:
-    """A flat background with ``num_rects`` solid rectangles: more rectangles, fewer merges."""
-    rng = random.Random(seed)
-    image = Image.new("RGB", (size, size), tuple(rng.randrange(40, 216) for _ in range(3)))
-    draw = ImageDraw.Draw(image)
-    for _ in range(num_rects):
-        x, y = rng.randrange(size - 8), rng.randrange(size - 8)
-        w, h = rng.randrange(4, size // 3), rng.randrange(4, size // 3)
-        draw.rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(256) for _ in range(3)))
-    image.save(path)
-    return path
-
 
 pytestmark = pytest.mark.usefixtures("restore_threads")  # main() sets torch's thread count
 
 
-@pytest.fixture
-def shapes_folder(tmp_path: Path) -> Path:
-    """Four images from flat to busy: 0, 1, 3 and 40 rectangles."""
-    folder = tmp_path / "shapes"
-    folder.mkdir()
-    for i, num_rects in enumerate((0, 1, 3, 40)):
-        draw_shapes(folder / f"img{i}_{num_rects}rects.png", num_rects, seed=i)
-    return folder
-
-
-@pytest.fixture
-def small_vit(monkeypatch: pytest.MonkeyPatch) -> Callable[[], nn.Module]:
-    """Make the tools build a 4-block, 64-wide ViT (same 224 px input), about 20x cheaper than
-    ViT-Ti; returns the factory so a test can rebuild the very same weights."""
-
-    def create(
-        model_name: str, pretrained: bool = False, weights: str | None = None, num_classes: int = 1000
-    ):
-        torch.manual_seed(0)
-        return timm.create_model(
-            model_name, depth=SMALL_DEPTH, embed_dim=64, num_heads=2, num_classes=num_classes
-        )
-
-    monkeypatch.setattr(_common, "create_model", create)
-    return lambda: create(MODEL).eval()
-
-
-def cli_error(tool, argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run a tool's CLI expecting a usage error; return its message."""
-    with pytest.raises(SystemExit) as exit_info:
-        _common.run_cli(tool.build_parser(), tool.main, argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
+def cli_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    return usage_error(benchmark.build_parser(), benchmark.main, argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +45,7 @@ def cli_error(tool, argv: list[str], capsys: pytest.CaptureFixture) -> str:
     ],
 )
 def test_parse_method_reads_inline_specs(spec: str, cls: type, expected: dict) -> None:
-    method = _common.parse_method(spec)
+    method = parse_method(spec)
     assert type(method.merger) is cls
     assert method.label == spec
     params = method.merger.params()
@@ -102,10 +53,10 @@ def test_parse_method_reads_inline_specs(spec: str, cls: type, expected: dict) -
 
 
 def test_parse_method_reads_the_ragged_execution_mode() -> None:
-    assert _common.parse_method("atm:theta_min=0.8").ragged == "packed"
-    method = _common.parse_method("atm:theta_min=0.8,ragged=padded")
+    assert parse_method("atm:theta_min=0.8").ragged == "packed"
+    method = parse_method("atm:theta_min=0.8,ragged=padded")
     assert method.ragged == "padded" and method.merger.theta_min == 0.8
-    assert _common.parse_method("evit:keep_rate=0.7").merger.keep_rate == 0.7
+    assert parse_method("evit:keep_rate=0.7").merger.keep_rate == 0.7
 
 
 def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> None:
@@ -114,7 +65,7 @@ def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> No
         "model:\n  model_name: vit_tiny_patch16_224\n  merger:\n    class_path: atm_lightning.merge.ATM\n"
         "    init_args:\n      alpha: 0.98\n      beta: 0.02\n      theta_min: 0.86\n      split_layer: 9\n"
     )
-    method = _common.parse_method(str(config))
+    method = parse_method(str(config))
     assert method.label == "vit_t_atm"
     assert isinstance(method.merger, ATM)
     assert (method.merger.alpha, method.merger.theta_min, method.merger.split_layer) == (0.98, 0.86, 9)
@@ -134,17 +85,17 @@ def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> No
 )
 def test_parse_method_rejects_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match="bad settings|unknown method|KEY=VALUE") as err:
-        _common.parse_method(spec)
+        parse_method(spec)
     assert message in str(err.value)
 
 
 def test_parse_method_rejects_configs_without_a_merger(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        _common.parse_method(str(tmp_path / "missing.yaml"))
+        parse_method(str(tmp_path / "missing.yaml"))
     config = tmp_path / "data_only.yaml"
     config.write_text("data:\n  batch_size: 8\n")
     with pytest.raises(ValueError, match="no model.merger.class_path"):
-        _common.parse_method(str(config))
+        parse_method(str(config))
 
 
 def test_table_rows_and_ratios_match_merge_stats(
@@ -157,7 +108,7 @@ def test_table_rows_and_ratios_match_merge_stats(
         "--methods", "tome:r=13", ATM_SPEC,
         "--output", str(output), "--malloc", "default",  # keep: would change this test process's allocator
     ]  # fmt: skip
-    rows = benchmark.main(benchmark.build_parser().parse_args(argv))
+    rows = benchmark.cli(argv)
     printed = capsys.readouterr().out
 
     # dense is added first; one row per method and batch size, in that order
@@ -172,11 +123,11 @@ def test_table_rows_and_ratios_match_merge_stats(
     assert "peak mem: CPU resident set size" in printed
 
     # GFLOPs recomputed independently: same weights, same images, merge_stats per image
-    images, _ = _common.load_images(sorted(shapes_folder.iterdir()), MODEL)
+    images, _ = load_images(sorted(shapes_folder.iterdir()), MODEL)
     model = small_vit()
     expected = {}
     for label in ("tome:r=13", ATM_SPEC):
-        patch(model, _common.parse_method(label).merger)
+        patch(model, parse_method(label).merger)
         with torch.inference_mode():
             model(images)
         expected[label] = float(merge_stats(model).gflops.mean())
@@ -204,17 +155,17 @@ def test_methods_take_turns_batch_by_batch(small_vit: Callable[[], nn.Module]) -
     model = small_vit()
     seen: list[str] = []
     model.register_forward_pre_hook(lambda m, args: seen.append(getattr(getattr(m, "_merging", None), "policy", NoMerge()).name))
-    methods = [_common.parse_method(spec) for spec in ("dense", "tome:r=13")]
+    methods = [parse_method(spec) for spec in ("dense", "tome:r=13")]
     batches = list(torch.zeros(6, 3, 224, 224).split(2))
-    seconds = benchmark.interleaved_runs(model, methods, batches, runs=2)
+    seconds = timing.interleaved_runs(model, methods, batches, runs=2)
     assert seen == ["none", "tome"] * 6
     assert [len(s) for s in seconds] == [2, 2] and all(t > 0 for s in seconds for t in s)
 
 
 def test_csv_output_has_one_line_per_row(tmp_path: Path) -> None:
     rows = [
-        benchmark.Row("dense", 8, 100.0, 1.0, 1.25, 1.0, 1.0, 12.5),
-        benchmark.Row("tome:r=13", 8, 150.0, 1.5, 0.73, 1.71, 0.877, None),
+        timing.Row("dense", 8, 100.0, 1.0, 1.25, 1.0, 1.0, 12.5),
+        timing.Row("tome:r=13", 8, 150.0, 1.5, 0.73, 1.71, 0.877, None),
     ]
     path = tmp_path / "out" / "bench.csv"
     benchmark.write_rows(rows, path, settings={})
@@ -235,7 +186,7 @@ class Allocates64MiB(nn.Module):
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS sampling needs Linux /proc")
 def test_cpu_peak_memory_reads_the_rise_of_each_pass() -> None:
-    peaks = [benchmark.rss_peak_mb(Allocates64MiB(), [torch.zeros(1)]) for _ in range(2)]
+    peaks = [memory.rss_peak_mb(lambda: Allocates64MiB()(torch.zeros(1))) for _ in range(2)]
     assert all(56 < peak < 80 for peak in peaks), peaks
 
 
@@ -245,13 +196,13 @@ def test_refuses_random_noise(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         pixels = torch.randint(0, 256, (96, 96, 3), dtype=torch.uint8, generator=generator)
         Image.fromarray(pixels.numpy()).save(tmp_path / f"noise{i}.png")
     argv = ["--random-init", "--data-root", str(tmp_path), "--num-images", "4", "--batch-sizes", "2"]
-    message = cli_error(benchmark, argv, capsys)
+    message = cli_error(argv, capsys)
     assert "look like random noise" in message and "use real photos" in message
 
 
 def test_accepts_real_photos_as_not_noise(shared_images: Path) -> None:
-    paths = _common.evenly_spaced(_common.image_paths([shared_images]), 8)
-    _common.check_not_noise(paths)  # does not raise
+    paths = evenly_spaced(image_paths([shared_images]), 8)
+    check_not_noise(paths)  # does not raise
 
 
 @pytest.mark.parametrize(
@@ -282,9 +233,17 @@ def test_user_errors_name_the_fix(
         "2",
         *extra,
     ]
-    assert message in cli_error(benchmark, argv, capsys)
+    assert message in cli_error(argv, capsys)
 
 
 def test_needs_a_weights_source(shapes_folder: Path, capsys: pytest.CaptureFixture) -> None:
-    message = cli_error(benchmark, ["--data-root", str(shapes_folder)], capsys)
+    message = cli_error(["--data-root", str(shapes_folder)], capsys)
     assert "one of the arguments --weights --pretrained --random-init is required" in message
+
+
+@pytest.mark.parametrize("command", ["benchmark", "compare"])
+def test_atm_runs_the_tools_with_their_own_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        atm_main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: atm {command} ")

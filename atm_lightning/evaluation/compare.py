@@ -1,37 +1,34 @@
 """Dense, a ToMe sweep, ATM operating points and fine-tuned checkpoints: one table, one CSV, one plot.
 
-Every row is an ``atm validate`` run (the same ATMCLI, TokenMergingModule, ImageNetDataModule and
-``Trainer.validate``), so its numbers equal what a single ``atm validate`` with the same options
-writes to metrics.json. Options that are not compare's own (``--model.*``, ``--data.*``,
+Every row is an ``atm validate`` run in this process (the same ATMCLI, TokenMergingModule,
+ImageNetDataModule and ``Trainer.validate``), so its numbers equal what a single ``atm validate``
+with the same options writes to metrics.json; compare takes them, and each image's prediction,
+from the module. Options that are not compare's own (``--model.*``, ``--data.*``,
 ``--trainer.*``) go to every run unchanged, so all rows share images, preprocessing and batch size;
 each run's metrics.json and TensorBoard events land under OUTPUT/runs/<row>.
 
-Example (2 CPU cores, shared ViT-Ti weights, 200 of the sample images):
-    python tools/compare.py --config configs/vit_t.yaml \\
-        --model.weights ../shared/data/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors \\
-        --data.root ../shared/data/imagenet-sample --data.limit 200 \\
+Example (ViT-Ti weights, 200 images of an ImageNet folder):
+    atm compare --config configs/vit_t.yaml --model.weights vit_tiny_patch16_224.safetensors \\
+        --data.root IMAGENET --data.limit 200 \\
         --tome_r 4 8 13 16 --atm configs/vit_t_atm.yaml my_atm.yaml --output runs/compare
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from _common import METHOD_HELP, HelpFormatter, parse_method
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
-from atm_lightning.cli import ATMCLI
-from atm_lightning.merge import NoMerge, TokenMerger, ToMe, to_config
-from atm_lightning.results import METRICS_FILE
+from ..cli import run_in_process
+from ..merge import NoMerge, TokenMerger, ToMe, to_config
+from ..results import METRICS_FILE
+from .options import METHOD_HELP, HelpFormatter, parse_method, write_csv
+from .plot import plot, require_matplotlib
 
 PASSTHROUGH_PREFIXES = ("--model.", "--data.", "--trainer.", "--seed_everything")
 OWN_SETTINGS = ("--model.merger", "--trainer.logger")
@@ -68,7 +65,7 @@ class Row:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python tools/compare.py",
+        prog="atm compare",
         description=__doc__,
         formatter_class=HelpFormatter,
         allow_abbrev=False,
@@ -124,15 +121,6 @@ def check_passthrough(options: list[str]) -> None:
             raise ValueError(f"{name} is set per row by compare; use --tome_r/--atm/--checkpoint and --output")
 
 
-def require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ValueError(
-            "the plot needs matplotlib: pip install -e '.[plot]' (or pass --no-plot for table and CSV only)"
-        ) from None
-
-
 def plan(args: argparse.Namespace) -> list[Run]:
     """Dense first (the reference for agreement), then ToMe, ATM and the checkpoints."""
     runs = [Run("dense", "dense", NoMerge())]
@@ -156,79 +144,59 @@ def parse_checkpoint(spec: str) -> Run:
     return Run(name, "checkpoint", parse_method(method or "dense").merger, weights=path)
 
 
-class PredictionRecorder(Callback):
-    """Top-1 class of every validation image, in loader order, for agreement with the dense row."""
+@dataclass(frozen=True)
+class Evaluated:
+    """One row's run: the module's results, its images' top-1 classes, and where its files are."""
 
-    def __init__(self) -> None:
-        self.predictions: list[Tensor] = []
-        self._handle: Any = None
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.predictions = []
-        self._handle = pl_module.model.register_forward_hook(self._record)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._handle.remove()
-
-    def _record(self, module: Any, args: Any, output: Tensor) -> None:
-        self.predictions.append(output.argmax(-1).cpu())
+    results: dict[str, Any]
+    predictions: Tensor  # [N] in loader order
+    batch_size: int
+    metrics_path: Path
 
 
-def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> tuple[dict, Tensor]:
-    """One `atm validate` of ``run`` in-process; its metrics.json row and its predictions."""
+def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> Evaluated:
+    """One ``atm validate`` of ``run`` in-process (it writes metrics.json and TensorBoard events)."""
     logger = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(output / "runs"), "name": slug(run.label), "default_hp_metric": False},
     }
-    args = ["--config", config, *passthrough, "--model.merger", json.dumps(to_config(run.merger))]
+    args = ["validate", "--config", config, *passthrough, "--model.merger", json.dumps(to_config(run.merger))]
     args += ["--trainer.logger", json.dumps(logger)]
     if run.weights is not None:
         args += ["--model.weights", run.weights]
-    cli = atm_cli(args, run=False)
-    recorder = PredictionRecorder()
-    cli.trainer.callbacks.append(recorder)
-    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
-    cli.after_validate()
-    row = json.loads((Path(cli.trainer.log_dir) / METRICS_FILE).read_text())
-    row["metrics_path"] = str(Path(cli.trainer.log_dir) / METRICS_FILE)
-    return row, torch.cat(recorder.predictions)
-
-
-def atm_cli(args: list[str], run: bool = True) -> ATMCLI:
-    """The `atm` CLI in-process with ``args``; this script's own command line is not for it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args.*command line arguments.*")
-        return ATMCLI(args=args, run=run, raise_parse_errors=True)
+    cli = run_in_process(args)
+    module = cli.model
+    path = Path(cli.trainer.log_dir) / METRICS_FILE
+    return Evaluated(module.results["val"], module.predictions["val"], cli.datamodule.batch_size, path)
 
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
-def to_rows(runs: list[Run], results: list[tuple[dict, Tensor]]) -> list[Row]:
-    dense_predictions = results[0][1]
-    points = [(r["gflops"], r["top1"]) for r, _ in results]
-    front = pareto_front(points)
+def to_rows(runs: list[Run], evaluated: list[Evaluated]) -> list[Row]:
+    dense_predictions = evaluated[0].predictions
+    front = pareto_front([(e.results["gflops"], e.results["top1"]) for e in evaluated])
     rows = []
-    for i, (run, (metrics, predictions)) in enumerate(zip(runs, results)):
+    for i, (run, e) in enumerate(zip(runs, evaluated, strict=True)):
         agreement = None
-        if len(predictions) == len(dense_predictions):
-            agreement = 100 * float((predictions == dense_predictions).double().mean())
+        if len(e.predictions) == len(dense_predictions):
+            agreement = 100 * float((e.predictions == dense_predictions).double().mean())
         rows.append(
             Row(
                 method=run.label,
                 family=run.family,
                 params=describe(run),
-                gflops=metrics["gflops"],
-                reduction_pct=100 * metrics["flops_reduction"],
-                top1=metrics["top1"],
-                top5=metrics["top5"],
+                gflops=e.results["gflops"],
+                reduction_pct=100 * e.results["flops_reduction"],
+                top1=e.results["top1"],
+                top5=e.results["top5"],
                 agreement_pct=agreement,
-                img_per_s=metrics["img_per_s"],
-                num_images=metrics["num_images"],
-                batch_size=metrics["batch_size"],
+                img_per_s=e.results["img_per_s"],
+                num_images=e.results["num_images"],
+                batch_size=e.batch_size,
                 pareto=i in front,
-                metrics=metrics["metrics_path"],
+                metrics=str(e.metrics_path),
             )
         )
     return rows
@@ -265,60 +233,11 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-    records = [asdict(r) for r in rows]
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
-
-
-def plot(rows: list[Row], path: Path) -> None:
-    """Top-1 against GFLOPs, one colour per family, the Pareto front as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colours = {
-        "dense": "black",
-        "ToMe": "tab:blue",
-        "ATM": "tab:red",
-        "EViT": "tab:orange",
-        "NoMerge": "black",
-        "checkpoint": "tab:green",
-    }
-    for family, colour in colours.items():
-        members = [r for r in rows if r.family == family]
-        if members:
-            ax.plot([r.gflops for r in members], [r.top1 for r in members], "o", color=colour, label=family)
-    front = sorted((r for r in rows if r.pareto), key=lambda r: r.gflops)
-    ax.plot(
-        [r.gflops for r in front], [r.top1 for r in front], "--o", color="grey", markerfacecolor="none",
-        markersize=12, label="Pareto front",
-    )
-    for r in rows:
-        ax.annotate(r.method, (r.gflops, r.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("GFLOPs per image (multiply-adds)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{rows[0].num_images} images, batch {rows[0].batch_size}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def cli(argv: list[str] | None = None) -> list[Row]:
-    """Parse compare's own options; the rest go to every `atm validate` run."""
+    """``atm compare ARGS``: compare's own options; the rest go to every ``atm validate`` run."""
     parser = build_parser()
     args, passthrough = parser.parse_known_args(argv)
     try:
         return main(args, passthrough)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,37 +1,26 @@
-"""Helpers shared by the tools: method specs, model loading, real images, and CLI error handling.
-
-The tools are thin scripts over ``atm_lightning``; what they have in common lives here so each
-script reads as its own measurement and nothing else.
-"""
+"""What ``atm compare``, ``atm benchmark`` and the scripts in tools/ share: method arguments,
+model arguments, help formatting, error handling and CSV output."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from dataclasses import dataclass
+import csv
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from atm_lightning import UnsupportedModelError
-from atm_lightning.data.images import (  # noqa: F401 - the tools import them from here
-    check_not_noise,
-    evenly_spaced,
-    image_paths,
-    load_images,
-    unnormalize,
-)
-from atm_lightning.merge import NoMerge, TokenMerger
-from atm_lightning.merge.specs import build, from_config_file, parse_spec
-from atm_lightning.models import create_model
-from atm_lightning.patch import RAGGED_MODES
+from ..merge import NoMerge, TokenMerger
+from ..merge.specs import SPEC_HELP, build, from_config_file, parse_spec
+from ..models import create_model
+from ..patch import RAGGED_MODES, UnsupportedModelError
 
 METHOD_HELP = (
-    "NAME[:KEY=VALUE,...] with NAME dense, tome, atm or evit (e.g. 'tome:r=13', "
-    "'atm:alpha=1.0,beta=0.03,theta_min=0.7,split_layer=10', 'evit:keep_rate=0.7'; lists as "
-    "'tome:r=[8,8,...]'; add 'ragged=padded' to run ragged batches padded instead of packed), "
-    "or a project config YAML whose model.merger gives the method (e.g. configs/vit_t_atm.yaml)"
+    f"{SPEC_HELP}; add 'ragged=padded' to run ragged batches padded instead of packed; "
+    f"or a project config YAML whose model.merger gives the method (e.g. configs/vit_t_atm.yaml)"
 )
 
 
@@ -50,7 +39,7 @@ class Method:
 
 
 def parse_method(spec: str) -> Method:
-    """Build a :class:`Method` from ``NAME[:KEY=VALUE,...]`` or a config YAML path (see METHOD_HELP)."""
+    """A :class:`Method` from ``NAME[:KEY=VALUE,...]`` or a config YAML path (see METHOD_HELP)."""
     if spec.endswith((".yaml", ".yml")):
         return Method(Path(spec).stem, from_config_file(spec))
     name, settings = parse_spec(spec)
@@ -62,34 +51,32 @@ def parse_method(spec: str) -> Method:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """``--model`` plus exactly one weights source: merge counts on random weights mean little."""
-    parser.add_argument(
-        "--model", default="vit_tiny_patch16_224", help="timm model name (default: %(default)s)"
-    )
+    parser.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default: %(default)s)")
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument(
-        "--weights",
-        type=Path,
-        metavar="FILE",
-        help="local weights: .safetensors, .pth or an `atm fit` checkpoint",
+        "--weights", type=Path, metavar="FILE", help="local weights: .safetensors, .pth or an `atm fit` checkpoint"
     )
     weights.add_argument(
-        "--pretrained",
-        action="store_true",
-        help="timm's published weights (needs the network or a hub cache)",
+        "--pretrained", action="store_true", help="timm's published weights (needs the network or a hub cache)"
     )
     weights.add_argument(
-        "--random-init",
-        action="store_true",
-        help="random weights, for smoke tests only (merging is not typical)",
+        "--random-init", action="store_true", help="random weights, for smoke tests only (merging is not typical)"
     )
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The model of ``--model``/``--weights``/``--pretrained``, in eval mode on ``device``, with the
-    classifier the weights have (the tools measure merging, not a label set)."""
+    classifier the weights have (these commands measure merging, not a label set)."""
     weights = str(args.weights) if args.weights is not None else None
     model = create_model(args.model, pretrained=args.pretrained, weights=weights, num_classes=None)
     return model.eval().to(device)
+
+
+def weights_label(args: argparse.Namespace) -> str:
+    """Where the weights came from, as result files record it."""
+    if args.weights:
+        return str(args.weights)
+    return "timm-pretrained" if args.pretrained else "random-init"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -101,10 +88,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], None], argv=None) -> None:
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], Any], argv=None) -> Any:
     """Parse ``argv`` and run ``main``; user mistakes end as one ``error:`` line, not a traceback."""
     args = parser.parse_args(argv)
     try:
-        main(args)
+        return main(args)
     except (ValueError, FileNotFoundError, UnsupportedModelError) as err:
         parser.error(str(err))
+
+
+def write_csv(rows: Sequence[Any], path: Path) -> None:
+    """One line per dataclass row, its fields as columns."""
+    records = [asdict(row) for row in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
