@@ -346,10 +346,10 @@ def test_ft_configs_train_with_the_deit_recipe(config: str, capsys) -> None:
         cli("fit", "--config", str(CONFIGS / config), "--data.root", "R", "--print_config")
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    checkpoint = printed["trainer"]["callbacks"][0]
-    assert checkpoint["class_path"].endswith("ModelCheckpoint")
-    assert checkpoint["init_args"]["monitor"] == "val/top1" and checkpoint["init_args"]["mode"] == "max"
-    assert checkpoint["init_args"]["save_last"] is True
+    best, last = printed["trainer"]["callbacks"][:2]
+    assert best["class_path"].endswith("ModelCheckpoint") and last["class_path"].endswith("ModelCheckpoint")
+    assert best["init_args"]["monitor"] == "val/top1" and best["init_args"]["mode"] == "max"
+    assert last["init_args"]["monitor"] is None and last["init_args"]["filename"] == "last"
     model = printed["model"]
     assert model["merger"]["init_args"]["prop_attn"] is False
     assert (model["mixup_alpha"], model["cutmix_alpha"], model["label_smoothing"]) == (0.8, 1.0, 0.1)
@@ -377,6 +377,19 @@ def test_fit_a_new_head_on_1000_class_weights(train_root: Path, tmp_path: Path, 
     with pytest.raises(SystemExit):
         validate = cpu_args("deit_t_tome.yaml", train_root, *small, subcommand="validate")
         cli(*validate, "--model.new_head", "true")
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_without_a_new_best(train_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """Resuming from last.ckpt must go on from the last epoch. With ModelCheckpoint(save_last=True)
+    on the val/top1 checkpoint, Lightning rewrote last.ckpt only when a new best was saved."""
+    monkeypatch.chdir(tmp_path)
+    small = ("--model.model_kwargs", '{"depth": 2}', "--model.lr", "1e-12")  # lr ~0: val/top1 never improves
+    cli(*cpu_args("deit_t_tome_ft.yaml", train_root, *small, "--trainer.max_epochs", "2"))
+    folder = next(tmp_path.glob("runs/*/version_0/checkpoints"))
+    (best,) = folder.glob("best-*.ckpt")
+    assert best.name == "best-epoch=000.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == [best.name, "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=False)["epoch"] == 1
 
 
 @pytest.mark.slow
