@@ -5,7 +5,7 @@ from .merging import Merged, merge_error, merge_tokens
 from .policies import ATM, EViT, MatchingPolicy, NoMerge, PruningPolicy, TokenMerger, ToMe
 from .pruning import class_attention, keep_count, prune_inattentive
 from .selection import MatchContext, above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
-from .specs import MERGERS, from_config, from_spec, make_merger, to_config, to_spec
+from .specs import MERGERS, from_config, from_config_file, from_spec, make_merger, to_config, to_spec
 
 __all__ = [
     "ATM",
@@ -26,6 +26,7 @@ __all__ = [
     "best_matches",
     "class_attention",
     "from_config",
+    "from_config_file",
     "from_spec",
     "keep_count",
     "layer_threshold",
