@@ -8,6 +8,7 @@ padded at the end with size-0 tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -56,6 +57,27 @@ def _output_order(
     return order, count
 
 
+class _Pairs(NamedTuple):
+    """Every merged pair: its input image, source and destination positions, and source size."""
+
+    image: Tensor  # [P]
+    src_pos: Tensor  # [P]
+    dst_pos: Tensor  # [P]
+    src_size: Tensor  # [P]
+
+
+class _Layout(NamedTuple):
+    """Where each output token comes from: output row i holds input image ``in_image[i]``."""
+
+    order: Tensor  # [B, keep] input positions of the output slots, in [0, N]
+    position: Tensor  # [B, keep] the same, clamped to [0, N-1] (slots that are not real: anything)
+    real: Tensor  # [B, keep] bool: slots that hold a token
+    count: Tensor  # [B] real tokens per output row
+    in_image: Tensor  # [B] input image of each output row
+    out_image: Tensor  # [B] output row of each input image
+    image_order: Tensor | None  # in_image when images were reordered, else None
+
+
 def merge_tokens(
     x: Tensor,
     size: Tensor,
@@ -82,66 +104,86 @@ def merge_tokens(
     count, so that images of similar length sit next to each other (see ``Merged.image_order``).
     """
     batch, n = size.shape
-    dim = x.shape[-1]
-    device = x.device
-    flat_x = x.reshape(-1, dim)
-    in_start = _row_starts((size > 0).sum(dim=1)) if x.dim() == 2 else torch.arange(batch, device=device) * n
     selected = selected & split.a_ok
     image, slot = selected.nonzero().unbind(1)  # every merged pair: input image, source slot
     src_pos = split.a_idx[image, slot]
-    dst_pos = split.b_idx[image, matches.dst_of(image, slot)]
-    src_size = size[image, src_pos]
-    new_size = size.index_put((image, dst_pos), src_size, accumulate=True)
+    pairs = _Pairs(image, src_pos, split.b_idx[image, matches.dst_of(image, slot)], size[image, src_pos])
+    new_size = size.index_put((pairs.image, pairs.dst_pos), pairs.src_size, accumulate=True)
+    layout = _output_layout(size, split, selected, num_protected, sort_images)
+    out_size = (new_size[layout.in_image] if sort_images else new_size).gather(1, layout.position) * layout.real
+    if x.dim() == 2:
+        in_start = _row_starts((size > 0).sum(dim=1))
+    else:
+        in_start = torch.arange(batch, device=x.device) * n
+    padded_start = torch.arange(batch, device=x.device) * layout.order.shape[1]
+    out_start = _row_starts(layout.count) if pack else padded_start
+    flat_x = x.reshape(-1, x.shape[-1])
+    out_x = _gather_tokens(flat_x, in_start, layout, pack)
+    out_source = None
+    if source is not None:
+        source = source.reshape(-1, source.shape[-1])
+        rows = (layout.in_image[:, None] * n + layout.position).view(-1)
+        out_source = _zero_padding(source.index_select(0, rows), layout.real).view(*layout.real.shape, -1)
+    if len(pairs.image) > 0:
+        out_slot = _slot_of_position(layout.order, out_start, n)
+        _average_destinations(out_x, flat_x, in_start, size, new_size, pairs, layout, out_slot)
+        if out_source is not None:  # source stays padded even when x is packed
+            pad_slot = _slot_of_position(layout.order, padded_start, n) if pack else out_slot
+            dst_pad = pad_slot[layout.out_image[pairs.image], pairs.dst_pos]
+            moved = source.index_select(0, pairs.image * n + pairs.src_pos)
+            out_source.view(-1, source.shape[-1]).index_add_(0, dst_pad, moved)
+    return Merged(out_x, out_size, out_source, layout.count, layout.image_order)
 
+
+def _output_layout(size: Tensor, split: Split, selected: Tensor, num_protected: int, sort_images: bool) -> _Layout:
+    """Which input token fills each output slot, with the images optionally sorted by token count."""
+    batch, n = size.shape
     order, count = _output_order(size, split, selected, num_protected)
-    keep = order.shape[1]
-    in_image = torch.arange(batch, device=device)  # input image of each output row
+    in_image = torch.arange(batch, device=size.device)
     image_order = None
     if sort_images:
         image_order = in_image = count.argsort(descending=True, stable=True)
-        order, count, new_size_out = order[in_image], count[in_image], new_size[in_image]
-    else:
-        new_size_out = new_size
-    out_image = torch.empty_like(in_image).index_copy_(0, in_image, torch.arange(batch, device=device))
-    real = torch.arange(keep, device=device)[None, :] < count[:, None]
+        order, count = order[in_image], count[in_image]
+    out_image = torch.empty_like(in_image).index_copy_(0, in_image, torch.arange(batch, device=size.device))
+    real = torch.arange(order.shape[1], device=size.device)[None, :] < count[:, None]
     # Slots that are not real may hold the trash position N: point them at any real column (dropped).
-    position = order.clamp(max=n - 1)
-    out_size = new_size_out.gather(1, position) * real
+    return _Layout(order, order.clamp(max=n - 1), real, count, in_image, out_image, image_order)
 
+
+def _gather_tokens(flat_x: Tensor, in_start: Tensor, layout: _Layout, pack: bool) -> Tensor:
+    """The output tokens, moved in one row gather: packed [T', C], or padded [B, keep, C] with
+    zeros in the slots that are not real."""
     # Input row of every output slot; slots that are not real point anywhere valid and are dropped.
-    rows = (in_start[in_image, None] + position).clamp(max=len(flat_x) - 1)
-    padded_start = torch.arange(batch, device=device) * keep
-    out_start = _row_starts(count) if pack else padded_start
+    rows = (in_start[layout.in_image, None] + layout.position).clamp(max=len(flat_x) - 1)
     if pack:
-        out_x = flat_x.index_select(0, rows[real])
-    else:
-        out_x = _zero_padding(flat_x.index_select(0, rows.view(-1)), real).view(batch, keep, dim)
-    out_source = None
-    if source is not None:
-        source_rows = (in_image[:, None] * n + position).view(-1)
-        source = source.reshape(-1, source.shape[-1])
-        out_source = _zero_padding(source.index_select(0, source_rows), real).view(batch, keep, -1)
-    if len(image) == 0:
-        return Merged(out_x, out_size, out_source, count, image_order)
+        return flat_x.index_select(0, rows[layout.real])
+    batch, keep = rows.shape
+    return _zero_padding(flat_x.index_select(0, rows.view(-1)), layout.real).view(batch, keep, -1)
 
-    out_slot = _slot_of_position(order, out_start, n)
-    dst_rows = out_slot[out_image[image], dst_pos]
 
-    # Destinations that took in sources: size-weighted mean of themselves and their sources.
+def _average_destinations(
+    out_x: Tensor,
+    flat_x: Tensor,
+    in_start: Tensor,
+    size: Tensor,
+    new_size: Tensor,
+    pairs: _Pairs,
+    layout: _Layout,
+    out_slot: Tensor,
+) -> None:
+    """Destinations that took in sources become the size-weighted mean of themselves and their
+    sources, in place in ``out_x``; every other output token stays as it was copied."""
+    dim = flat_x.shape[-1]
+    dst_rows = out_slot[layout.out_image[pairs.image], pairs.dst_pos]
     rec_image, rec_pos = (new_size != size).nonzero().unbind(1)
-    rec_rows = out_slot[out_image[rec_image], rec_pos]
+    rec_rows = out_slot[layout.out_image[rec_image], rec_pos]
     flat = out_x.view(-1, dim)
-    rank = torch.zeros(len(flat), device=device, dtype=torch.long)
-    rank[rec_rows] = torch.arange(len(rec_rows), device=device)
-    weighted = flat_x.index_select(0, in_start[image] + src_pos) * src_size[:, None].to(x.dtype)
-    sums = flat.index_select(0, rec_rows) * size[rec_image, rec_pos, None].to(x.dtype)
+    rank = torch.zeros(len(flat), device=flat.device, dtype=torch.long)
+    rank[rec_rows] = torch.arange(len(rec_rows), device=flat.device)
+    weighted = flat_x.index_select(0, in_start[pairs.image] + pairs.src_pos) * pairs.src_size[:, None].to(flat.dtype)
+    sums = flat.index_select(0, rec_rows) * size[rec_image, rec_pos, None].to(flat.dtype)
     sums = sums.index_add_(0, rank[dst_rows], weighted)
-    flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(x.dtype))
-    if out_source is not None:  # source stays padded even when x is packed
-        pad_slot = _slot_of_position(order, padded_start, n) if pack else out_slot
-        dst_pad = pad_slot[out_image[image], dst_pos]
-        out_source.view(-1, source.shape[-1]).index_add_(0, dst_pad, source.index_select(0, image * n + src_pos))
-    return Merged(out_x, out_size, out_source, count, image_order)
+    flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(flat.dtype))
 
 
 def _slot_of_position(order: Tensor, starts: Tensor, n: int) -> Tensor:

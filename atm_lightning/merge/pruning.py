@@ -54,15 +54,13 @@ def prune_inattentive(
     rank = torch.empty_like(order).scatter_(1, order, positions.expand(batch, -1))
     kept = body & (rank < keep[:, None])
     pruned = body & ~kept
-    has_pruned = pruned.any(dim=1)
 
     keep_mask = kept | ((positions < num_protected) & (size > 0))
-    count = keep_mask.sum(dim=1) + (has_pruned & fuse).long()
+    count = keep_mask.sum(dim=1) + (pruned.any(dim=1) & fuse).long()
     width = int(count.max())
     # Kept tokens first in position order, then the rest; the fused token takes slot ``count-1``.
     slot_order = (positions + (~keep_mask).long() * n).argsort(dim=1)[:, :width]
-    slots = torch.arange(width, device=x.device).expand(batch, -1)
-    real_kept = slots < keep_mask.sum(dim=1, keepdim=True)
+    real_kept = torch.arange(width, device=x.device).expand(batch, -1) < keep_mask.sum(dim=1, keepdim=True)
 
     out_x = x.gather(1, slot_order[..., None].expand(-1, -1, channels)) * real_kept[..., None]
     out_size = size.gather(1, slot_order) * real_kept
@@ -70,18 +68,23 @@ def prune_inattentive(
     if source is not None:
         out_source = source.gather(1, slot_order[..., None].expand(-1, -1, source.shape[-1]))
         out_source = out_source * real_kept[..., None]
+    pruned_tokens = Merged(out_x, out_size, out_source, count)
+    return _fuse_pruned(pruned_tokens, x, size, source, attention, pruned) if fuse else pruned_tokens
 
-    if fuse:
-        rows = has_pruned.nonzero().squeeze(1)
-        slot = (rows, count[rows] - 1)  # the fused token follows the kept ones
-        weight = (attention * pruned).to(x.dtype)  # [B, N]
-        fused = (weight[..., None] * x).sum(1) / weight.sum(1, keepdim=True).clamp_min(1e-12)
-        out_x = out_x.index_put(slot, fused[rows])
-        out_size = out_size.index_put(slot, (size * pruned).sum(1)[rows])
-        if out_source is not None:
-            fused_source = (source * pruned[..., None].to(source.dtype)).sum(1)
-            out_source = out_source.index_put(slot, fused_source[rows])
-    return Merged(out_x, out_size, out_source, count)
+
+def _fuse_pruned(out: Merged, x: Tensor, size: Tensor, source: Tensor | None, attention: Tensor, pruned: Tensor) -> Merged:
+    """Put the attention-weighted mean of each image's pruned tokens after its kept ones."""
+    rows = pruned.any(dim=1).nonzero().squeeze(1)
+    slot = (rows, out.count[rows] - 1)  # the fused token follows the kept ones
+    weight = (attention * pruned).to(x.dtype)  # [B, N]
+    fused = (weight[..., None] * x).sum(1) / weight.sum(1, keepdim=True).clamp_min(1e-12)
+    out_x = out.x.index_put(slot, fused[rows])
+    out_size = out.size.index_put(slot, (size * pruned).sum(1)[rows])
+    out_source = out.source
+    if out_source is not None:
+        fused_source = (source * pruned[..., None].to(source.dtype)).sum(1)
+        out_source = out_source.index_put(slot, fused_source[rows])
+    return Merged(out_x, out_size, out_source, out.count)
 
 
 def check_keep_rate(keep_rate: float) -> None:

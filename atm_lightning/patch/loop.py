@@ -76,7 +76,7 @@ class StepResult(NamedTuple):
     record: LayerRecord | None = None
 
 
-Step = Callable[[Merging, int, TokenState, BlockAttention, "Tensor | None", bool], StepResult]
+Step = Callable[[Merging, int, TokenState, BlockAttention, Tensor | None, bool], StepResult]
 
 
 def run_blocks(merging: Merging, blocks: Sequence[nn.Module], x: Tensor, training: bool) -> Tensor:
