@@ -1,6 +1,7 @@
 """Fine-tuning with merging active: the recipe pieces, gradients, checkpoints, resume, EMA and DDP.
 
-Models are randomly initialised ViT-Ti at 224 px with a 3-class head, on a few generated images.
+Models are randomly initialised DeiT-Ti at 224 px with a 3-class head, cut to 4 blocks where training
+through Lightning (SMALL), on a few generated images.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from atm_lightning.training import param_groups, scaled_lr, set_drop_path, warmu
 from tests.helpers import CONFIGS
 
 NAME = "deit_tiny_patch16_224"
+SMALL = {"depth": 4}  # DeiT-Ti blocks, 4 of them: the Lightning tests train and reload quickly
 FT_CONFIGS = sorted(p.name for p in CONFIGS.glob("*_ft.yaml"))
 
 
@@ -51,7 +53,7 @@ def datamodule(root: Path, batch_size: int = 2) -> ImageNetDataModule:
 def module(**kwargs) -> TokenMergingModule:
     torch.manual_seed(0)
     settings = {"merger": ToMe(r=8), "lr_base_batch": None, "lr": 1e-4, **kwargs}
-    return TokenMergingModule(NAME, num_classes=3, **settings)
+    return TokenMergingModule(NAME, num_classes=3, model_kwargs=SMALL, **settings)
 
 
 def trainer(tmp_path: Path, callbacks: list[Callback] = (), **kwargs) -> pl.Trainer:
@@ -152,7 +154,7 @@ def test_loss_goes_down_on_a_fixed_batch_with_tome(tmp_path: Path, fixed_batch) 
     first, last = recorder.losses[0], recorder.losses[-1]
     assert first == pytest.approx(math.log(3), abs=0.3)  # an untrained 3-way head
     assert last < 0.2 * first, recorder.losses
-    assert merge_stats(tm.model).tokens[0, -1] == 197 - 8 * 12
+    assert merge_stats(tm.model).tokens[0, -1] == 197 - 8 * 4
 
 
 def test_mixup_soft_targets_and_plain_labels(train_root: Path, tmp_path: Path, fixed_batch) -> None:
@@ -192,7 +194,7 @@ def test_optimizer_uses_scaled_lr_and_decay_groups(train_root: Path, tmp_path: P
     assert t.global_step == 1
     groups = t.optimizers[0].param_groups
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
-    assert [len(g["params"]) for g in groups] == [50, 102]
+    assert [len(g["params"]) for g in groups] == [18, 38]  # 4 blocks: 1 + 4 * 4 + 1 and 8 * 4 + 6
     peak = 1e-3 * 2 / 512
     assert groups[0]["initial_lr"] == pytest.approx(peak)
     # 6 train images in batches of 2: a 3-step warm-up epoch; after step 1 the factor is 2/4.
@@ -248,7 +250,7 @@ def test_ema_tracks_the_weights_and_is_validated_and_saved(train_root: Path, tmp
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert torch.equal(saved["state_dict"]["model.head.weight"], ema.ema["head.weight"])
     assert torch.equal(saved["callbacks"]["EMA"]["raw"]["head.weight"], raw["head.weight"])
-    loaded = create_model(NAME, weights=str(tmp_path / "ckpt" / "last.ckpt"), num_classes=3)
+    loaded = create_model(NAME, weights=str(tmp_path / "ckpt" / "last.ckpt"), num_classes=3, model_kwargs=SMALL)
     assert torch.equal(loaded.head.weight, ema.ema["head.weight"])
 
 
@@ -294,11 +296,11 @@ def test_checkpoint_reloads_with_identical_logits_under_any_merger(
     images = fixed_batch[0]
     with torch.no_grad():
         want = tm.model.eval()(images)
-        loaded = create_model(NAME, weights=ckpt, num_classes=3).eval()
+        loaded = create_model(NAME, weights=ckpt, num_classes=3, model_kwargs=SMALL).eval()
         assert torch.equal(patch(loaded, ToMe(r=8))(images), want)
-        for merger in (ATM(alpha=0.9, beta=0.05, theta_min=0.5, split_layer=10), NoMerge()):
-            evaluated = TokenMergingModule(NAME, weights=ckpt, num_classes=3, merger=merger).eval()
-            reference = timm.create_model(NAME, num_classes=3)
+        for merger in (ATM(alpha=0.9, beta=0.05, theta_min=0.5, split_layer=3), NoMerge()):
+            evaluated = TokenMergingModule(NAME, weights=ckpt, num_classes=3, merger=merger, model_kwargs=SMALL).eval()
+            reference = timm.create_model(NAME, num_classes=3, **SMALL)
             reference.load_state_dict(tm.model.state_dict())
             assert torch.equal(evaluated(images), patch(reference.eval(), merger)(images))
 
