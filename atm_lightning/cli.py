@@ -205,8 +205,8 @@ def new_run_folder(trainer: Trainer) -> Path | None:
 class DiscardUnusedRunFolder(Callback):
     """Remove the run's new log folder when the run fails before any batch ends.
 
-    Lightning creates ``version_N`` before the data is even set up, so a mistake in the data or
-    the settings left an empty folder behind and the next good run became ``version_N+1``.
+    Lightning creates ``version_N`` before the data is even set up; without this, a mistake in
+    the data or the settings would leave an empty folder and push the next run to ``version_N+1``.
     """
 
     def __init__(self, folder: Path | None) -> None:

@@ -105,8 +105,8 @@ def _pretrained_classes(model_name: str) -> int | None:
 def _classes_to_load(found: int | None, num_classes: int | None, new_head: bool, source: str) -> int:
     """The classifier size that loads ``source`` exactly: its own, if the caller may have it.
 
-    A weights file with another head size used to load with a fresh random head, which reported
-    chance accuracy as a result; now that takes an explicit ``new_head``.
+    Loading a file with another head size would need a fresh random head, which reports chance
+    accuracy as a result; that takes an explicit ``new_head``.
     """
     if new_head or num_classes is None or found == num_classes:
         return found or 0

@@ -1,4 +1,4 @@
-"""Fact 7: analytic FLOPs match the papers' dense numbers and torch's own op counter."""
+"""FLOPs (docs/flops.md): analytic FLOPs match the papers' dense numbers and torch's own op counter."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_dense_gflops_match_published(name, expected):
 
 
 def _block_formula(n: int, n_out: int, dim: int) -> int:
-    """Spec section 3, written out: qkv + QK^T/AV + proj at N tokens, MLP (ratio 4) at N'."""
+    """docs/flops.md, written out: qkv + QK^T/AV + proj at N tokens, MLP (ratio 4) at N'."""
     return 3 * n * dim**2 + 2 * n**2 * dim + n * dim**2 + 8 * n_out * dim**2
 
 

@@ -1,4 +1,5 @@
-"""The timm patch: spec section 4 facts on real timm models (random weights, no network)."""
+"""The timm patch on real timm models (random weights, no network): the facts of docs/method.md,
+"What the tests hold"."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def images() -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(MODELS))
 @torch.no_grad()
 def test_no_merging_is_bit_identical(name, images):
-    """Fact 1: thresholds above 1 everywhere (and ToMe r=0) give the unpatched logits exactly."""
+    """Nothing to merge, nothing changes: thresholds above 1 everywhere (and ToMe r=0) give the
+    unpatched logits exactly."""
     model = MODELS[name]()
     reference = model(images)
     patch(model, "atm", alpha=1.5, beta=0.01, theta_min=1.01, split_layer=6)
@@ -66,7 +68,8 @@ def test_atm_merges_and_protects_prefix_tokens(name, images):
 
 @torch.no_grad()
 def test_similarity_above_threshold_and_size_split(images):
-    """Facts 2 and 3, from the recorded per-block decisions."""
+    """Every merge is above its threshold, and large tokens stay apart late in the network: from
+    the recorded per-block decisions."""
     model = MODELS["deit_tiny"]()
     patch(model, "atm", record_merges=True, **ATM_LENIENT)
     model(images)
@@ -97,7 +100,8 @@ def test_similarity_above_threshold_and_size_split(images):
 @pytest.mark.parametrize("name", ["deit_tiny", "vit_tiny_avgpool"])
 @torch.no_grad()
 def test_duplicate_patches_merge_losslessly(name):
-    """Fact 4: exact duplicate tokens merged with size weights + proportional attention change nothing."""
+    """Duplicates merge losslessly: exact duplicate tokens merged with size weights and
+    proportional attention change nothing."""
     model = MODELS[name]()
     model.pos_embed.data.zero_()  # without positions, equal patches give equal tokens
     g = torch.Generator().manual_seed(3)
@@ -116,7 +120,7 @@ def test_duplicate_patches_merge_losslessly(name):
 @pytest.mark.parametrize("name", ["deit_tiny", "deit_tiny_distilled"])
 @torch.no_grad()
 def test_exact_rule_is_batch_independent(name):
-    """Fact 5: with batch_rule=exact each image gets the logits and token counts it gets alone."""
+    """Batch independence: with batch_rule=exact each image gets the logits and token counts it gets alone."""
     model = MODELS[name]()
     batch = blocky_images(6, seed=4)
     patch(model, "atm", batch_rule="exact", **ATM_LENIENT)

@@ -82,7 +82,7 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``); otherwise memory freed by the
-    previous method stays resident and hides this method's peak (it read 0 MiB after dense)."""
+    previous method stays resident and hides this method's peak."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the rise may read low
