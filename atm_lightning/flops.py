@@ -71,9 +71,15 @@ class ViTCost:
         tokens = torch.full((1, self.depth + 1), num_tokens, dtype=torch.long)
         return float(self.image_macs(tokens)[0])
 
-    def matching_macs(self, num_a: Tensor, num_b: Tensor) -> Tensor:
-        """Cost of the cosine similarities of one matching step: |A| * |B| * head_dim."""
-        return num_a.double() * num_b.double() * self.head_dim
+    def matching_macs(self, num_a: Tensor, num_b: Tensor, width: int | None = None) -> Tensor:
+        """Cost of the cosine similarities of one matching step: |A| * |B| * the width of the
+        compared keys (head_dim for head-averaged keys, the attention width for per-head ones)."""
+        return num_a.double() * num_b.double() * (self.head_dim if width is None else width)
+
+    def class_attention_macs(self, num_tokens: Tensor) -> Tensor:
+        """Cost of the class token's attention to every token, read by pruning and attention
+        weighting apart from the model's own (fused) attention: N * attention width."""
+        return num_tokens.double() * self.attn_width
 
 
 def to_gflops(macs: Tensor | float) -> Tensor | float:

@@ -1,5 +1,6 @@
 """Token merging as pure tensor functions and policies (no timm in here)."""
 
+from .costs import effective_matches, pair_weight, per_head_keys
 from .matching import Matches, Split, alternating_split, best_matches, size_sorted_split, with_trash_row
 from .merging import Merged, merge_error, merge_tokens
 from .policies import ATM, EViT, MatchingPolicy, NoMerge, PruningPolicy, TokenMerger, ToMe
@@ -25,6 +26,7 @@ __all__ = [
     "batch_min",
     "best_matches",
     "class_attention",
+    "effective_matches",
     "from_config",
     "from_config_file",
     "from_spec",
@@ -33,6 +35,8 @@ __all__ = [
     "make_merger",
     "merge_error",
     "merge_tokens",
+    "pair_weight",
+    "per_head_keys",
     "prune_inattentive",
     "size_sorted_split",
     "threshold_schedule",

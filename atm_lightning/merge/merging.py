@@ -88,6 +88,7 @@ def merge_tokens(
     num_protected: int,
     sort_images: bool = False,
     pack: bool = False,
+    keep_norm: bool = False,
 ) -> Merged:
     """Merge each selected source into its matched destination.
 
@@ -102,6 +103,8 @@ def merge_tokens(
     prefix of its row of ``size``) one image after the other. ``pack=True`` returns ``Merged.x``
     packed the same way. ``sort_images=True`` also reorders the images by descending token
     count, so that images of similar length sit next to each other (see ``Merged.image_order``).
+    ``keep_norm=True`` rescales each merged token to the size-weighted mean length of its parts:
+    averaging tokens that point different ways shortens the result, which the mean alone does not undo.
     """
     batch, n = size.shape
     selected = selected & split.a_ok
@@ -126,7 +129,7 @@ def merge_tokens(
         out_source = _zero_padding(source.index_select(0, rows), layout.real).view(*layout.real.shape, -1)
     if len(pairs.image) > 0:
         out_slot = _slot_of_position(layout.order, out_start, n)
-        _average_destinations(out_x, flat_x, in_start, size, new_size, pairs, layout, out_slot)
+        _average_destinations(out_x, flat_x, in_start, size, new_size, pairs, layout, out_slot, keep_norm)
         if out_source is not None:  # source stays padded even when x is packed
             pad_slot = _slot_of_position(layout.order, padded_start, n) if pack else out_slot
             dst_pad = pad_slot[layout.out_image[pairs.image], pairs.dst_pos]
@@ -170,9 +173,11 @@ def _average_destinations(
     pairs: _Pairs,
     layout: _Layout,
     out_slot: Tensor,
+    keep_norm: bool,
 ) -> None:
     """Destinations that took in sources become the size-weighted mean of themselves and their
-    sources, in place in ``out_x``; every other output token stays as it was copied."""
+    sources (rescaled to their parts' mean length with ``keep_norm``), in place in ``out_x``;
+    every other output token stays as it was copied."""
     dim = flat_x.shape[-1]
     dst_rows = out_slot[layout.out_image[pairs.image], pairs.dst_pos]
     rec_image, rec_pos = (new_size != size).nonzero().unbind(1)
@@ -180,10 +185,17 @@ def _average_destinations(
     flat = out_x.view(-1, dim)
     rank = torch.zeros(len(flat), device=flat.device, dtype=torch.long)
     rank[rec_rows] = torch.arange(len(rec_rows), device=flat.device)
-    weighted = flat_x.index_select(0, in_start[pairs.image] + pairs.src_pos) * pairs.src_size[:, None].to(flat.dtype)
-    sums = flat.index_select(0, rec_rows) * size[rec_image, rec_pos, None].to(flat.dtype)
-    sums = sums.index_add_(0, rank[dst_rows], weighted)
-    flat.index_copy_(0, rec_rows, sums / new_size[rec_image, rec_pos, None].to(flat.dtype))
+    src_x = flat_x.index_select(0, in_start[pairs.image] + pairs.src_pos)
+    src_weight = pairs.src_size[:, None].to(flat.dtype)
+    rec_x, rec_weight = flat.index_select(0, rec_rows), size[rec_image, rec_pos, None].to(flat.dtype)
+    rec_size = new_size[rec_image, rec_pos, None].to(flat.dtype)
+    mean = (rec_x * rec_weight).index_add_(0, rank[dst_rows], src_x * src_weight) / rec_size
+    if keep_norm:
+        lengths = (rec_x.norm(dim=-1, keepdim=True) * rec_weight).index_add_(
+            0, rank[dst_rows], src_x.norm(dim=-1, keepdim=True) * src_weight
+        )
+        mean = mean * (lengths / rec_size / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    flat.index_copy_(0, rec_rows, mean)
 
 
 def _slot_of_position(order: Tensor, starts: Tensor, n: int) -> Tensor:

@@ -24,10 +24,13 @@ from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
+from .costs import effective_matches, pair_weight
+from .matching import Matches
 from .pruning import check_keep_rate, keep_count
 from .selection import MatchContext, above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
 
 SplitKind = Literal["alternate", "size"]
+KeyForm = Literal["mean", "per_head"]
 _SHARED = ("prop_attn", "trace_source")  # settings every policy has
 
 
@@ -94,6 +97,25 @@ class MatchingPolicy(TokenMerger):
     def threshold(self, layer: int) -> float | None:
         """Similarity a pair must exceed in block ``layer`` (0-indexed), or None for fixed counts."""
         return None
+
+    @property
+    def key_form(self) -> KeyForm:
+        """Keys matched on: ``mean`` (averaged over heads, as ToMe) or ``per_head`` (each head's own)."""
+        return "mean"
+
+    @property
+    def needs_class_attention(self) -> bool:
+        """Whether :meth:`score` reads the class token's attention (the block loop computes it then)."""
+        return False
+
+    @property
+    def keeps_norm(self) -> bool:
+        """Whether merged tokens keep the mean length of their parts (see ``merge_tokens``)."""
+        return False
+
+    def score(self, context: MatchContext) -> Matches:
+        """The similarities selection and merging use; by default the cosine similarities as they are."""
+        return context.matches
 
     @abstractmethod
     def select(self, context: MatchContext) -> Tensor:
@@ -170,6 +192,14 @@ class ATM(MatchingPolicy):
             alternating split everywhere.
         batch_rule: ``exact`` merges each image's own above-threshold pairs (batch-size
             independent); ``min`` merges ``min_i c_i`` pairs in every image (the paper's reading).
+        keys: ``mean`` matches on the cosine similarity of head-averaged keys (the paper);
+            ``per_head`` on the mean of the heads' own cosine similarities.
+        size_weighted: compare pairs by their merge error (Theorem 1: ``1 - cos`` times
+            ``2 n_a n_b / (n_a + n_b)``) instead of plain cosine, so large tokens merge less readily.
+        attention_power: weight each pair's dissimilarity by the class token's attention to it,
+            raised to this power (0: off, the paper); tokens the class token ignores merge more
+            readily. Needs a class token.
+        keep_norm: merged tokens keep the size-weighted mean length of their parts.
     """
 
     name: ClassVar[str] = "atm"
@@ -178,6 +208,10 @@ class ATM(MatchingPolicy):
     theta_min: float = 0.86
     split_layer: int = 10
     batch_rule: Literal["exact", "min"] = "exact"
+    keys: KeyForm = "mean"
+    size_weighted: bool = False
+    attention_power: float = 0.0
+    keep_norm: bool = False
 
     def __post_init__(self) -> None:
         for key in ("alpha", "beta", "theta_min"):
@@ -198,6 +232,12 @@ class ATM(MatchingPolicy):
             )
         if not _check_integers([self.split_layer], 1):
             raise ValueError(f"ATM split_layer is a 1-indexed block number >= 1, got {self.split_layer!r}")
+        if self.keys not in ("mean", "per_head"):
+            raise ValueError(f"ATM keys must be 'mean' or 'per_head', got {self.keys!r}")
+        power = self.attention_power
+        if not isinstance(power, (int, float)) or isinstance(power, bool) or not 0 <= power <= 4:
+            raise ValueError(f"ATM attention_power must be a number in [0, 4] (0: off; 0.5 works well), got {power!r}")
+        object.__setattr__(self, "attention_power", float(power))
         if self.batch_rule not in ("exact", "min"):
             raise ValueError(f"ATM batch_rule must be 'exact' or 'min', got {self.batch_rule!r}")
 
@@ -221,6 +261,29 @@ class ATM(MatchingPolicy):
 
     def threshold(self, layer: int) -> float:
         return layer_threshold(self.alpha, self.beta, self.theta_min, layer + 1)
+
+    @property
+    def key_form(self) -> KeyForm:
+        return self.keys
+
+    @property
+    def needs_class_attention(self) -> bool:
+        return self.attention_power > 0
+
+    @property
+    def keeps_norm(self) -> bool:
+        return self.keep_norm
+
+    def score(self, context: MatchContext) -> Matches:
+        weight = pair_weight(
+            context.split,
+            context.size,
+            self.size_weighted,
+            context.class_attention,
+            self.attention_power,
+            context.num_unprotected,
+        )
+        return effective_matches(context.matches, context.split, weight)
 
     def select(self, context: MatchContext) -> Tensor:
         similarity = context.matches.similarity

@@ -25,6 +25,7 @@ class MatchContext:
     matches: Matches
     size: Tensor  # [B, N] tokens' sizes (patches each stands for), 0 on padding
     num_unprotected: Tensor  # [B] real tokens per image that may merge
+    class_attention: Tensor | None = None  # [B, N] the class token's attention (policies that ask)
 
     def slot_sizes(self) -> tuple[Tensor, Tensor, Tensor]:
         """Sizes of the source slots [B, Na], the destination slots [B, Nb] and of each source's

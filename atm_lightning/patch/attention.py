@@ -77,43 +77,65 @@ Norm = Callable[[Tensor], Tensor]
 
 
 def grouped_attention(
-    qkv: Tensor, layout: RaggedLayout, bias: Tensor, heads: int, scale: float, q_norm: Norm, k_norm: Norm
-) -> tuple[Tensor, Tensor]:
+    qkv: Tensor,
+    layout: RaggedLayout,
+    bias: Tensor,
+    heads: int,
+    scale: float,
+    q_norm: Norm,
+    k_norm: Norm,
+    per_head_keys: bool = False,
+    class_attention: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Attention of packed tokens, group by group: ``qkv`` [T, 3*H*d] in, mixed values [T, H*d] out.
 
     Each group's rows are gathered into a [G, L, 3, H, d] block padded to its longest image (the
     padding slots repeat a real row: finite, and masked out by ``bias``), normalised with
     ``q_norm``/``k_norm`` and attended; the real rows go back to their packed places. Also returns
-    the keys averaged over heads, [B, 1, W, d], for matching.
+    the keys for matching, averaged over heads [B, 1, W, d] or per head [B, H, W, d]
+    (``per_head_keys``), and with ``class_attention`` the head-averaged attention of each image's
+    first token (the class token) to every token, [B, W] (None otherwise).
     """
     batch, width = bias.shape[0], bias.shape[-1]
     head_dim = qkv.shape[-1] // (3 * heads)
-    keys = qkv.new_zeros(batch, 1, width, head_dim)
+    keys = qkv.new_zeros(batch, heads if per_head_keys else 1, width, head_dim)
+    cls_attention = qkv.new_zeros(batch, width) if class_attention else None
     mixed = qkv.new_empty(len(qkv), heads * head_dim)
     for group in layout.groups:
         rows, length = group.stop - group.start, group.length
         padded = qkv.index_select(0, group.gather).view(rows, length, 3, heads, head_dim)
         mask = bias[group.start : group.stop, 0, :, :length]  # [G, 1, L]
-        out = _group_attention(padded, mask, scale, q_norm, k_norm, keys[group.start : group.stop, 0, :length])
+        q, k, out = _group_attention(padded, mask, scale, q_norm, k_norm)  # each [G, L, H, d]
+        part = keys[group.start : group.stop, :, :length]
+        if per_head_keys:
+            part.copy_(k.transpose(1, 2))
+        else:
+            head_mean(k, dim=2, out=part[:, 0])
+        if cls_attention is not None:
+            cls_attention[group.start : group.stop, :length] = _first_token_attention(q, k, mask, scale)
         real = out.reshape(rows * length, -1)
         if torch.is_grad_enabled():  # ``out=`` ops record no gradient
             mixed[group.packed] = real.index_select(0, group.slots)
         else:
             torch.index_select(real, 0, group.slots, out=mixed[group.packed])
-    return mixed, keys
+    return mixed, keys, cls_attention
 
 
 def _group_attention(
-    padded: Tensor, mask: Tensor, scale: float, q_norm: Norm, k_norm: Norm, keys: Tensor
-) -> Tensor:
-    """[G, L, H, d] attention output of one padded group; its head-averaged keys go into ``keys``."""
+    padded: Tensor, mask: Tensor, scale: float, q_norm: Norm, k_norm: Norm
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and attention output of one padded group, each [G, L, H, d]."""
     if padded.device.type == "cpu" and padded.shape[1] <= MATMUL_ATTENTION_MAX_TOKENS:
         q, k = q_norm(padded[:, :, 0]), k_norm(padded[:, :, 1])  # [G, L, H, d]
-        head_mean(k, dim=2, out=keys)
-        return matmul_attention(q, k, padded[:, :, 2], mask, scale)
+        return q, k, matmul_attention(q, k, padded[:, :, 2], mask, scale)
     q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, L, d]
     q, k = q_norm(q), k_norm(k)
-    head_mean(k, out=keys)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
     # The fused CPU kernel writes [G, L, H, d] memory, so the caller's reshape is a view.
-    return out.transpose(1, 2)
+    return q.transpose(1, 2), k.transpose(1, 2), out.transpose(1, 2)
+
+
+def _first_token_attention(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """[G, L]: head-averaged softmax attention of token 0 to every token, for [G, L, H, d] q/k."""
+    logits = torch.einsum("ghd,glhd->ghl", q[:, 0], k) * scale + mask  # mask [G, 1, L]
+    return logits.softmax(-1).mean(1)

@@ -26,6 +26,7 @@ from ..merge import (
     best_matches,
     class_attention,
     merge_tokens,
+    per_head_keys,
     prune_inattentive,
     size_sorted_split,
 )
@@ -42,15 +43,31 @@ class BlockAttention(NamedTuple):
     keys: Tensor  # [B, H, W, d] per-head keys, or [B, 1, W, d] already averaged over heads
     query_cls: Tensor | None  # [B, H, 1, d] the class token's query (padded runs only)
     scale: float  # the attention's logit scale
+    class_attention: Tensor | None = None  # [B, W] the class token's attention, when asked for
+
+
+class KeyNeeds(NamedTuple):
+    """What the merge step needs from a block's attention beyond head-averaged keys."""
+
+    per_head_keys: bool = False  # every head's keys, [B, H, W, d]
+    class_attention: bool = False  # the class token's head-averaged attention, [B, W]
+
+    @classmethod
+    def of(cls, policy: TokenMerger) -> KeyNeeds:
+        if isinstance(policy, MatchingPolicy):
+            return cls(policy.key_form == "per_head", policy.needs_class_attention)
+        return cls()
 
 
 class BlockRunner(Protocol):
     """How one architecture runs the two halves of its blocks around the merge step."""
 
     def attention_residual(
-        self, layer: int, block: nn.Module, state: TokenState, bias: Tensor | None
+        self, layer: int, block: nn.Module, state: TokenState, bias: Tensor | None, needs: KeyNeeds
     ) -> tuple[Tensor, BlockAttention]:
-        """``x + attention(norm(x))`` for ``state.x`` (padded or packed), with the block's keys."""
+        """``x + attention(norm(x))`` for ``state.x`` (padded or packed), with the block's keys
+        (per head with ``needs.per_head_keys``, else averaged or per head) and, with
+        ``needs.class_attention``, the class token's attention."""
 
     def mlp_residual(self, block: nn.Module, x: Tensor) -> Tensor:
         """``x + mlp(norm(x))``: token-wise, so the same for padded or packed tokens."""
@@ -90,9 +107,10 @@ def run_blocks(merging: Merging, blocks: Sequence[nn.Module], x: Tensor, trainin
     pack = merging.ragged == "packed" and not training
     state = TokenState.start(x, policy.trace_source)
     recorder = TraceRecorder(state)
+    needs = KeyNeeds.of(policy)
     for layer, block in enumerate(blocks):
         bias = attention_bias(state.size, policy.prop_attn, x.dtype)
-        tokens, attention = merging.blocks.attention_residual(layer, block, state, bias)
+        tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
         state = replace(state, x=tokens)
         if step is not None:
             result = step(merging, layer, state, attention, bias, pack)
@@ -129,15 +147,21 @@ def match_step(
         split = size_sorted_split(size, protected)
     else:
         split = alternating_split(size > 0, protected)
-    matches = best_matches(head_mean(attention.keys), split)
-    context = MatchContext(layer, split, matches, size, state.count - protected)
+    per_head = policy.key_form == "per_head"
+    metric = per_head_keys(attention.keys) if per_head else head_mean(attention.keys)
+    matches = best_matches(metric, split)
+    context = MatchContext(layer, split, matches, size, state.count - protected, attention.class_attention)
+    context = replace(context, matches=policy.score(context))
     selected = policy.select(context)
-    cost = merging.cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1))
+    cost = merging.cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), metric.shape[-1])
+    if attention.class_attention is not None:
+        cost = cost + merging.cost.class_attention_macs(state.count)
     record = layer_record(policy, context, selected) if merging.record else None
     if not bool(selected.any()):
         return StepResult(state, cost, record)
     merged = merge_tokens(
-        state.x, size, state.source, split, matches, selected, protected, sort_images=pack, pack=pack
+        state.x, size, state.source, split, context.matches, selected, protected,
+        sort_images=pack, pack=pack, keep_norm=policy.keeps_norm,
     )
     return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
 
@@ -155,7 +179,7 @@ def prune_step(
         return StepResult(state, torch.zeros_like(count, dtype=torch.float64))
     query = attention.query_cls
     weights = class_attention(query, attention.keys, attention.scale, bias)
-    cost = (count * query.shape[1] * query.shape[-1]).double()  # q_cls . k for every token
+    cost = merging.cost.class_attention_macs(count)
     if not bool((keep < count - protected).any()):
         return StepResult(state, cost)
     pruned = prune_inattentive(state.x, state.sizes(), state.source, weights, keep, protected, policy.fuse_token)

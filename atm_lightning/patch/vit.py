@@ -20,9 +20,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..flops import ViTCost
-from ..merge import PruningPolicy, TokenMerger
+from ..merge import MatchingPolicy, PruningPolicy, TokenMerger, class_attention
 from .attention import grouped_attention
-from .loop import RAGGED_MODES, BlockAttention, Merging, run_blocks
+from .loop import RAGGED_MODES, BlockAttention, KeyNeeds, Merging, run_blocks
 from .ragged import RaggedLayout
 from .state import TokenState
 
@@ -76,35 +76,41 @@ class VitBlocks:
             hook.remove()
 
     def attention_residual(
-        self, layer: int, block: Block, state: TokenState, bias: Tensor | None
+        self, layer: int, block: Block, state: TokenState, bias: Tensor | None, needs: KeyNeeds
     ) -> tuple[Tensor, BlockAttention]:
         tap = self.taps[layer]
         if state.layout is None:
             x = state.x + block.drop_path1(block.ls1(block.attn(block.norm1(state.x), attn_mask=bias)))
             query, keys = tap.take()
-            return x, BlockAttention(keys, query, block.attn.scale)
-        x, keys = packed_attention_residual(block, state.x, bias, state.layout)
+            cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
+            return x, BlockAttention(keys, query, block.attn.scale, cls)
+        x, keys, cls = packed_attention_residual(block, state.x, bias, state.layout, needs)
         tap.clear()  # the hooks saw the grouped keys too
-        return x, BlockAttention(keys, None, block.attn.scale)
+        return x, BlockAttention(keys, None, block.attn.scale, cls)
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return add_residual(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
 
-def packed_attention_residual(block: Block, x: Tensor, bias: Tensor, layout: RaggedLayout) -> tuple[Tensor, Tensor]:
+def packed_attention_residual(
+    block: Block, x: Tensor, bias: Tensor, layout: RaggedLayout, needs: KeyNeeds
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """``x + attn(norm1(x))`` for packed tokens ``x`` [T, C] (inference: no drop-path).
 
     Runs the pieces of timm's ``Attention`` (qkv, q/k norms, norm, gate, proj) around the
     grouped attention with the block's additive mask, which is what timm's fused path computes.
-    Also returns the keys averaged over heads, [B, 1, W, d], for matching.
+    Also returns the keys for matching and, if ``needs`` asks, the class token's attention.
     """
     attn = block.attn
     h = block.norm1(x)
-    mixed, keys = grouped_attention(attn.qkv(h), layout, bias, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
+    mixed, keys, cls = grouped_attention(
+        attn.qkv(h), layout, bias, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm,
+        needs.per_head_keys, needs.class_attention,
+    )
     mixed = attn.norm(mixed)
     if getattr(attn, "gate", None) is not None:
         mixed = mixed * attn.gate(h).sigmoid()
-    return add_residual(x, block.ls1(attn.proj_drop(attn.proj(mixed)))), keys
+    return add_residual(x, block.ls1(attn.proj_drop(attn.proj(mixed)))), keys, cls
 
 
 def add_residual(x: Tensor, update: Tensor) -> Tensor:
@@ -192,10 +198,16 @@ def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ra
     if not patched:
         check_supported(model)
     merger.check(len(model.blocks))
-    if isinstance(merger, PruningPolicy) and getattr(model, "cls_token", None) is None:
-        raise UnsupportedModelError(
-            f"{merger.name} prunes by class-token attention, but {type(model).__name__} has no class token"
-        )
+    if getattr(model, "cls_token", None) is None:
+        if isinstance(merger, PruningPolicy):
+            raise UnsupportedModelError(
+                f"{merger.name} prunes by class-token attention, but {type(model).__name__} has no class token"
+            )
+        if isinstance(merger, MatchingPolicy) and merger.needs_class_attention:
+            raise UnsupportedModelError(
+                f"{merger.name} weighs merges by the class token's attention (attention_power), but "
+                f"{type(model).__name__} has no class token; set attention_power 0"
+            )
     if patched:
         blocks, cost = model._merging.blocks, model._merging.cost
     else:

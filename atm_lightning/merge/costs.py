@@ -1,0 +1,78 @@
+"""What it costs to merge a pair: the cosine similarity, or an estimate of the damage done.
+
+Plain cosine similarity (ToMe, ATM) treats every pair alike. Two refinements make a threshold mean
+the same damage wherever it is applied:
+
+- size weighting: merging tokens of sizes ``n_a`` and ``n_b`` moves their ``n_a + n_b`` patches by
+  ``n_a n_b / (n_a + n_b) * ||x_a - x_b||^2`` in total (the paper's Theorem 1), so two large tokens
+  cost more than two fresh patches at the same similarity;
+- attention weighting: a token the class token hardly attends to changes the output little
+  however it is merged, one it attends to strongly changes it a lot.
+
+Both scale the pair's dissimilarity ``1 - cos`` and give back an *effective similarity*
+``1 - (1 - cos) * weight``. The weight is 1 for two fresh patches of average attention, so
+thresholds keep their meaning: a pair of such patches merges exactly when its cosine does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .matching import Matches, Split, with_trash_row
+
+
+def pair_weight(
+    split: Split,
+    size: Tensor,
+    size_weighted: bool,
+    attention: Tensor | None = None,
+    attention_power: float = 0.0,
+    num_unprotected: Tensor | None = None,
+) -> Tensor | None:
+    """[B, Na, Nb] factor on each pair's dissimilarity, or None when every factor is 1.
+
+    ``size`` [B, N] holds the tokens' sizes; ``attention`` [B, N] the class token's attention
+    (rows sum to 1) and ``num_unprotected`` [B] the tokens that may merge, for attention weighting:
+    a pair weighs ``(M * a_pair) ** attention_power``, with ``a_pair`` the attention of the
+    merged token's patches, ``(a_a n_b + a_b n_a) / (n_a + n_b)`` (each token's attention shared
+    out to the other's patches, as the merged token's value is), so an average token weighs 1.
+    """
+    if not size_weighted and attention_power == 0.0:
+        return None
+    sizes = with_trash_row(size)
+    n_a = sizes.gather(1, split.a_idx)[:, :, None]
+    n_b = sizes.gather(1, split.b_idx)[:, None, :]
+    total = (n_a + n_b).clamp_min(1e-12)  # slots that are not real have size 0 and stay masked
+    weight = 2 * n_a * n_b / total if size_weighted else None
+    if attention_power != 0.0:
+        if attention is None or num_unprotected is None:
+            raise ValueError("attention weighting needs the class token's attention and the token counts")
+        att = with_trash_row(attention.to(size.dtype))
+        a_a = att.gather(1, split.a_idx)[:, :, None]
+        a_b = att.gather(1, split.b_idx)[:, None, :]
+        share = (a_a * n_b + a_b * n_a) / total * num_unprotected.to(size.dtype)[:, None, None]
+        factor = share.clamp_min(1e-6).pow(attention_power)
+        weight = factor if weight is None else weight * factor
+    return weight
+
+
+def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> Matches:
+    """Each source's best destination by effective similarity ``1 - (1 - cos) * weight``."""
+    if weight is None:
+        return matches
+    # ``1 - (1 - cos) * w`` written so that a weight of exactly 1 leaves the cosine bit for bit.
+    scores = matches.scores - (1 - matches.scores) * (weight.to(matches.scores.dtype) - 1)
+    if scores.shape[-1] == 0:
+        return Matches(matches.similarity, scores)
+    scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
+    similarity = scores.amax(dim=-1).masked_fill_(~split.a_ok, float("-inf"))
+    return Matches(similarity, scores)
+
+
+def per_head_keys(keys: Tensor) -> Tensor:
+    """[B, N, H*d] from per-head keys [B, H, N, d], each head L2-normalised and scaled by
+    ``1/sqrt(H)``: their cosine similarity is the mean of the heads' cosine similarities."""
+    heads = keys.shape[1]
+    normed = torch.nn.functional.normalize(keys, dim=-1) / heads**0.5
+    return normed.permute(0, 2, 1, 3).reshape(keys.shape[0], keys.shape[2], -1)
