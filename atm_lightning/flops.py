@@ -6,9 +6,15 @@ D, attention width A (= D for ViTs), MLP hidden H, with N tokens entering and N'
 
     qkv  N*D*3A      attention  2*N^2*A      proj  N*A*D      MLP  2*N'*D*H
 
-plus the patch embedding (patches * 3*P*P * D) and the classifier head (D * classes).
-Merging happens after attention, so attention is paid at N and the MLP at N'.
-Padding never counts: callers pass each image's real counts.
+(the qkv term sums whatever linear layers the attention has besides its output projection: fused
+qkv, separate q/k/v, a gate; the MLP term sums the MLP's linear layers, so SwiGLU counts its three),
+plus the patch embedding (patches * 3*P*P * D), an attention-pooling head's work on the final
+tokens if the model has one, and the classifier head (D * classes). Patches are those of the
+image as it came in (``N`` entering the first block minus the prefix tokens), so models at any
+resolution, or with ``dynamic_img_size``, are counted at their real grid. Merging happens after
+attention, so attention is paid at N and the MLP at N'. Rotary position embeddings are
+element-wise and, like norms and activations, not counted. Padding never counts: callers pass
+each image's real counts.
 """
 
 from __future__ import annotations
@@ -29,28 +35,33 @@ class ViTCost:
     proj_per_token: int  # A * D
     mlp_per_token: int  # 2 * D * H (sum over the MLP's linear layers)
     head_dim: int  # width of the keys used for matching
-    patch_embed: int  # whole patch embedding
-    head: int  # classifier(s)
+    patch_embed: int  # patch embedding of one patch
+    num_prefix: int  # class, distillation and register tokens (no patch embedding)
+    head: int  # classifier(s), and the attention-pooling head's work that does not depend on N
+    pool_per_token: int = 0  # attention pooling: keys/values and scores of each pooled final token
+    pool_skips: int = 0  # prefix tokens the attention pooling leaves out
 
     @classmethod
     def from_model(cls, model: nn.Module) -> ViTCost:
-        """Read the cost from a timm-style ViT (``patch_embed.proj``, ``blocks[i].attn/mlp``, ``head``)."""
-        block = model.blocks[0]
-        attn = block.attn
-        mlp_per_token = sum(m.in_features * m.out_features for m in block.mlp.modules() if isinstance(m, nn.Linear))
+        """Read the cost from a timm-style ViT (``patch_embed.proj``, ``blocks[i].attn/mlp``, ``head``,
+        optionally ``attn_pool``): timm's VisionTransformer and Eva."""
+        attn = model.blocks[0].attn
         conv = model.patch_embed.proj
         kh, kw = conv.kernel_size
-        patch_embed = model.patch_embed.num_patches * conv.in_channels * kh * kw * conv.out_channels
         heads = [m for name in ("head", "head_dist") if isinstance(m := getattr(model, name, None), nn.Linear)]
+        pool_fixed, pool_per_token = _attention_pool_macs(getattr(model, "attn_pool", None))
         return cls(
             depth=len(model.blocks),
-            qkv_per_token=attn.qkv.in_features * attn.qkv.out_features,
+            qkv_per_token=_linear_macs(attn, skip=attn.proj),
             attn_width=attn.num_heads * attn.head_dim,
             proj_per_token=attn.proj.in_features * attn.proj.out_features,
-            mlp_per_token=mlp_per_token,
+            mlp_per_token=_linear_macs(model.blocks[0].mlp),
             head_dim=attn.head_dim,
-            patch_embed=patch_embed,
-            head=sum(h.in_features * h.out_features for h in heads),
+            patch_embed=conv.in_channels * kh * kw * conv.out_channels,
+            num_prefix=model.num_prefix_tokens,
+            head=sum(h.in_features * h.out_features for h in heads) + pool_fixed,
+            pool_per_token=pool_per_token,
+            pool_skips=0 if getattr(model, "pool_include_prefix", True) else model.num_prefix_tokens,
         )
 
     def block_macs(self, n_in: Tensor, n_out: Tensor) -> Tensor:
@@ -64,7 +75,9 @@ class ViTCost:
         if tokens.shape[-1] != self.depth + 1:
             raise ValueError(f"tokens must have depth+1={self.depth + 1} columns, got {tokens.shape[-1]}")
         blocks = self.block_macs(tokens[..., :-1], tokens[..., 1:]).sum(-1)
-        return blocks + self.patch_embed + self.head
+        patches = (tokens[..., 0] - self.num_prefix).double()
+        pooled = (tokens[..., -1] - self.pool_skips).double()
+        return blocks + patches * self.patch_embed + pooled * self.pool_per_token + self.head
 
     def dense_macs(self, num_tokens: int) -> float:
         """Multiply-adds of the unmerged model with ``num_tokens`` tokens in every block."""
@@ -80,6 +93,20 @@ class ViTCost:
         """Cost of the class token's attention to every token, read by pruning and attention
         weighting apart from the model's own (fused) attention: N * attention width."""
         return num_tokens.double() * self.attn_width
+
+
+def _linear_macs(module: nn.Module, skip: nn.Module | None = None) -> int:
+    """Multiply-adds per token of the linear layers in ``module`` (but ``skip``)."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear) and m is not skip)
+
+
+def _attention_pool_macs(pool: nn.Module | None) -> tuple[int, int]:
+    """timm's ``AttentionPoolLatent``: (work independent of the tokens: the latent queries, the
+    output projection and MLP; work per pooled token: its keys/values and two score products)."""
+    if pool is None:
+        return 0, 0
+    latents, width = pool.latent_len, pool.kv.out_features // 2
+    return latents * _linear_macs(pool, skip=pool.kv), pool.kv.in_features * pool.kv.out_features + 2 * latents * width
 
 
 def to_gflops(macs: Tensor | float) -> Tensor | float:

@@ -1,8 +1,9 @@
-"""timm integration: one call patches a VisionTransformer in place to merge tokens.
+"""timm integration: one call patches a timm ViT in place to merge tokens.
 
-``loop.py`` runs the blocks for any architecture over a ``state.TokenState``; ``vit.py`` adapts
-timm's VisionTransformer to it; ``attention.py`` and ``ragged.py`` run packed ragged batches;
-``stats.py`` reports the last forward.
+``loop.py`` runs the blocks for any architecture over a ``state.TokenState``; ``adapters.py``
+says which models are supported and patches them; ``vit.py`` adapts timm's VisionTransformer and
+``eva.py`` timm's Eva (RoPE at merged positions: ``rope.py``); ``pooling.py`` pools merged tokens;
+``attention.py`` and ``ragged.py`` run packed ragged batches; ``stats.py`` reports the last forward.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from torch import nn
 from ..merge import TokenMerger, make_merger
 from .loop import RAGGED_MODES
 from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
-from .vit import UnsupportedModelError, apply, check_supported, remove
+from .adapters import apply, check_supported, remove
+from .errors import UnsupportedModelError
 
 
 def patch(
@@ -26,7 +28,8 @@ def patch(
     """Make ``model`` merge tokens at inference time; returns the same (still timm) model.
 
     Args:
-        model: a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, registers, avg-pool).
+        model: a timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, registers, average or
+            attention pooling, any image size) or ``Eva`` (EVA-02, RoPE ViTs, DINOv3).
         method: ``"atm"``, ``"tome"``, ``"evit"`` or ``"none"`` (dense, with token/FLOPs
             accounting), or a :class:`~atm_lightning.merge.TokenMerger` instance.
         record_merges: keep every block's merge decisions in :func:`merge_stats` (tests, debugging).

@@ -96,16 +96,19 @@ class StepResult(NamedTuple):
 Step = Callable[[Merging, int, TokenState, BlockAttention, Tensor | None, bool], StepResult]
 
 
-def run_blocks(merging: Merging, blocks: Sequence[nn.Module], x: Tensor, training: bool) -> Tensor:
+def run_blocks(
+    merging: Merging, blocks: Sequence[nn.Module], x: Tensor, training: bool, coords: Tensor | None = None
+) -> Tensor:
     """Run ``blocks`` on tokens ``x`` [B, N, C], merging after each attention; returns the tokens
-    padded and in input order, and keeps the record of the run in ``merging.last``.
+    padded and in input order, and keeps the record of the run in ``merging.last``. ``coords``
+    [B, N, 2] (grid positions) travel with the tokens for models that need positions (RoPE).
 
     Packed execution (``ragged="packed"``) is for inference only: drop-path needs the batch as it is.
     """
     policy = merging.policy
     step = step_for(policy)
     pack = merging.ragged == "packed" and not training
-    state = TokenState.start(x, policy.trace_source)
+    state = TokenState.start(x, policy.trace_source, coords)
     recorder = TraceRecorder(state)
     needs = KeyNeeds.of(policy)
     for layer, block in enumerate(blocks):
@@ -160,7 +163,7 @@ def match_step(
     if not bool(selected.any()):
         return StepResult(state, cost, record)
     merged = merge_tokens(
-        state.x, size, state.source, split, context.matches, selected, protected,
+        state.x, size, state.carried(), split, context.matches, selected, protected,
         sort_images=pack, pack=pack, keep_norm=policy.keeps_norm,
     )
     return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
@@ -182,7 +185,7 @@ def prune_step(
     cost = merging.cost.class_attention_macs(count)
     if not bool((keep < count - protected).any()):
         return StepResult(state, cost)
-    pruned = prune_inattentive(state.x, state.sizes(), state.source, weights, keep, protected, policy.fuse_token)
+    pruned = prune_inattentive(state.x, state.sizes(), state.carried(), weights, keep, protected, policy.fuse_token)
     return StepResult(state.after(pruned, merging.cost.attn_width), cost)
 
 

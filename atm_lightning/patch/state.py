@@ -27,14 +27,29 @@ class TokenState:
     source: Tensor | None = None  # [B, W, T0]: which input tokens each token holds (trace_source)
     image_order: Tensor | None = None  # [B]: row i holds input image image_order[i]
     layout: RaggedLayout | None = None  # where the real tokens are while ``x`` is packed
+    coords: Tensor | None = None  # [B, W, 2] float32: sum of the grid (row, col) of the patches each holds
 
     @classmethod
-    def start(cls, x: Tensor, trace_source: bool) -> TokenState:
-        """The tokens entering the first block: ``x`` [B, N, C], each its own source."""
+    def start(cls, x: Tensor, trace_source: bool, coords: Tensor | None = None) -> TokenState:
+        """The tokens entering the first block: ``x`` [B, N, C], each its own source; ``coords``
+        [B, N, 2], where the model needs token positions (RoPE), each token's grid position."""
         batch, n, _ = x.shape
         count = torch.full((batch,), n, device=x.device, dtype=torch.long)
         source = torch.eye(n, device=x.device, dtype=x.dtype).expand(batch, n, n) if trace_source else None
-        return cls(x, count, source=source)
+        return cls(x, count, source=source, coords=coords)
+
+    def carried(self) -> Tensor | None:
+        """What a merge step adds up over merged tokens besides sizes: the source (if traced) and
+        the coordinate sums (if kept), side by side in one [B, W, K] tensor (see :meth:`after`)."""
+        if self.coords is None:
+            return self.source
+        if self.source is None:
+            return self.coords
+        return torch.cat([self.source.to(self.coords.dtype), self.coords], dim=-1)
+
+    def positions(self) -> Tensor:
+        """[B, W, 2] each token's position: the size-weighted mean grid (row, col) of its patches."""
+        return self.coords / self.sizes()[..., None].to(self.coords.dtype).clamp_min(1)
 
     def sizes(self) -> Tensor:
         """[B, W] token sizes, ones before the first merge."""
@@ -51,12 +66,16 @@ class TokenState:
         image_order = self.image_order
         if merged.image_order is not None:
             image_order = merged.image_order if image_order is None else image_order[merged.image_order]
+        source, coords = merged.source, None
+        if self.coords is not None:
+            coords = source[..., -2:]
+            source = None if self.source is None else source[..., :-2].to(self.source.dtype)
         x, layout = merged.x, None
         if x.dim() == 2:  # packed by the merge step
             layout = ragged_layout(merged.count, merged.size.shape[1], attention_width)
             if layout is None:  # no padding left: the packed rows are the padded batch
                 x = x.view(len(merged.count), merged.size.shape[1], -1)
-        return TokenState(x, merged.count, merged.size, merged.source, image_order, layout)
+        return TokenState(x, merged.count, merged.size, source, image_order, layout, coords)
 
     def in_input_order(self, value: Tensor | None) -> Tensor | None:
         """``value`` (rows follow this state's images) with its rows back in the input order."""

@@ -1,6 +1,6 @@
 """The one place that knows timm's VisionTransformer, Block and Attention.
 
-``apply(model, merger)`` swaps the model's class for a subclass whose ``forward_features`` runs
+:func:`.adapters.apply` swaps the model's class for a subclass whose ``forward_features`` runs
 the blocks through :func:`.loop.run_blocks`, so tokens merge between each block's attention and
 its MLP. Blocks and attention modules are timm's own and untouched: the head-averaged keys that
 ToMe and ATM match on (and the class token's query EViT needs) are read by forward hooks on each
@@ -16,21 +16,19 @@ from typing import Any
 
 import torch
 from timm.layers.attention import Attention
+from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ..flops import ViTCost
-from ..merge import MatchingPolicy, PruningPolicy, TokenMerger, class_attention
+from ..merge import class_attention
 from .attention import grouped_attention
-from .loop import RAGGED_MODES, BlockAttention, KeyNeeds, Merging, run_blocks
+from .errors import UnsupportedModelError
+from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
+from .pooling import pool_merged
 from .ragged import RaggedLayout
 from .state import TokenState
 
 SUPPORTED_POOLS = ("token", "avg", "")
-
-
-class UnsupportedModelError(TypeError):
-    """The model is not a timm VisionTransformer this patch knows how to merge tokens in."""
 
 
 class _QueryKeyTap:
@@ -118,8 +116,8 @@ def add_residual(x: Tensor, update: Tensor) -> Tensor:
     return x + update if torch.is_grad_enabled() else x.add_(update)
 
 
-class TokenMergingMixin:
-    """Placed in front of the model's own class by :func:`apply`."""
+class VitMergingMixin:
+    """Placed in front of a VisionTransformer's own class by :func:`.adapters.apply`."""
 
     _merging: Merging
 
@@ -134,93 +132,41 @@ class TokenMergingMixin:
         return self.norm(x)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        """timm's pooling, except that average pooling weights each token by its size.
+        """timm's pooling, except that average and attention pooling count each token as many
+        patches as it holds (:mod:`.pooling`).
 
         The sizes are those of the forward that produced ``x``: timm's ``forward_head`` (and
         distilled DeiT's own) passes the features alone.
         """
         pool_type = self.global_pool if pool_type is None else pool_type
         size = self._merging.last.size if self._merging.last is not None else None
-        if pool_type != "avg" or size is None:
+        if size is None or (pool_type != "avg" and self.attn_pool is None):
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-        weights = size[:, start:, None].to(x.dtype)  # padding has weight 0
-        return (x[:, start:] * weights).sum(1) / weights.sum(1)
+        return pool_merged(self, x, pool_type, size, start)
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def _merging_class(cls: type) -> type:
-    """A subclass of the model's class with merging, made once per class (stable for pickling)."""
-    if cls not in _PATCHED_CLASSES:
-        name = f"Merging{cls.__name__}"
-        patched = type(name, (TokenMergingMixin, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = patched  # so pickle (ddp_spawn, torch.save) finds it by name
-        _PATCHED_CLASSES[cls] = patched
-    return _PATCHED_CLASSES[cls]
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` naming the model and the reason, or return."""
-    name = getattr(getattr(model, "pretrained_cfg", None), "get", lambda *_: None)("architecture")
-    label = f"{type(model).__name__}" + (f" ({name})" if name else "")
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(
-            f"cannot merge tokens in {label}: only timm VisionTransformer models are supported "
-            f"(ViT, DeiT, distilled DeiT, DeiT-III, MAE, ViTs with registers or average pooling)"
-        )
+def check_vit(model: VisionTransformer, label: str) -> None:
+    """Raise :class:`UnsupportedModelError` for VisionTransformer variants the adapter cannot run."""
     for i, block in enumerate(model.blocks):
         if type(block) is not Block or type(block.attn) is not Attention:
             raise UnsupportedModelError(
                 f"cannot merge tokens in {label}: block {i} is {type(block).__name__} with "
                 f"{type(block.attn).__name__}; only timm's standard Block/Attention are supported"
             )
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+    check_pool(model, label)
+
+
+def check_pool(model: nn.Module, label: str) -> None:
+    """Class-token, average or attention (``map``) pooling; a ``map`` head with its own position
+    embedding (fixed token count) cannot pool merged tokens."""
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None and (not isinstance(pool, AttentionPoolLatent) or pool.pos_embed is not None):
+        raise UnsupportedModelError(
+            f"cannot merge tokens in {label}: its attention pooling {type(pool).__name__} needs a fixed token count"
+        )
+    if pool is None and model.global_pool not in SUPPORTED_POOLS:
         raise UnsupportedModelError(
             f"cannot merge tokens in {label}: global_pool={model.global_pool!r} is not supported "
-            f"(use a class-token or average-pooled model)"
+            f"(use a class-token, average or attention-pooled model)"
         )
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModelError(f"cannot merge tokens in {label}: dynamic_img_size is not supported")
-
-
-def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ragged: str = "packed") -> nn.Module:
-    """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
-
-    ``ragged`` chooses how images with different token counts run: ``packed`` runs norms, linear
-    layers and the MLP on real tokens only and attention in groups of similar length, ``padded``
-    runs every layer on the padded batch (for comparison). Training always runs padded.
-    """
-    if ragged not in RAGGED_MODES:
-        raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
-    patched = isinstance(model, TokenMergingMixin)
-    if not patched:
-        check_supported(model)
-    merger.check(len(model.blocks))
-    if getattr(model, "cls_token", None) is None:
-        if isinstance(merger, PruningPolicy):
-            raise UnsupportedModelError(
-                f"{merger.name} prunes by class-token attention, but {type(model).__name__} has no class token"
-            )
-        if isinstance(merger, MatchingPolicy) and merger.needs_class_attention:
-            raise UnsupportedModelError(
-                f"{merger.name} weighs merges by the class token's attention (attention_power), but "
-                f"{type(model).__name__} has no class token; set attention_power 0"
-            )
-    if patched:
-        blocks, cost = model._merging.blocks, model._merging.cost
-    else:
-        blocks, cost = VitBlocks(model.blocks), ViTCost.from_model(model)
-        model.__class__ = _merging_class(type(model))
-    model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged)
-    return model
-
-
-def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`: the model is timm's own class again, with no hooks."""
-    if isinstance(model, TokenMergingMixin):
-        model._merging.blocks.remove_hooks()
-        model.__class__ = type(model).__bases__[1]
-        del model._merging
-    return model

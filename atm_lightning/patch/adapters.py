@@ -1,0 +1,122 @@
+"""Which timm models can merge tokens, and patching them in place.
+
+Each supported family has an adapter: a check that refuses what it cannot run (naming the model
+and the reason), a :class:`~.loop.BlockRunner` for its blocks, and a mixin placed in front of the
+model's own class that runs its ``forward_features`` through :func:`.loop.run_blocks`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..flops import ViTCost
+from ..merge import MatchingPolicy, PruningPolicy, TokenMerger
+from . import eva, vit
+from .errors import UnsupportedModelError
+from .loop import RAGGED_MODES, BlockRunner, Merging
+
+SUPPORTED = (
+    "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-III, CLIP, DINOv2, registers, average or "
+    "attention pooling (SigLIP), any image size) and timm Eva (EVA-02, RoPE ViTs, DINOv3)"
+)
+
+
+class Adapter(NamedTuple):
+    check: Callable[[nn.Module, str], None]
+    blocks: Callable[[nn.Module], BlockRunner]
+    mixin: type
+
+
+ADAPTERS: dict[type, Adapter] = {
+    VisionTransformer: Adapter(vit.check_vit, lambda m: vit.VitBlocks(m.blocks), vit.VitMergingMixin),
+    Eva: Adapter(eva.check_eva, eva.EvaBlocks, eva.EvaMergingMixin),
+}
+MIXINS = tuple(adapter.mixin for adapter in ADAPTERS.values())
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def model_label(model: nn.Module) -> str:
+    """The model's class and, when timm knows it, its architecture name."""
+    name = getattr(getattr(model, "pretrained_cfg", None), "get", lambda *_: None)("architecture")
+    return f"{type(model).__name__}" + (f" ({name})" if name else "")
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family, after its checks; :class:`UnsupportedModelError` otherwise."""
+    label = model_label(model)
+    for family, adapter in ADAPTERS.items():
+        if isinstance(model, family):
+            adapter.check(model, label)
+            return adapter
+    raise UnsupportedModelError(f"cannot merge tokens in {label}: only {SUPPORTED} are supported")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` naming the model and the reason, or return."""
+    adapter_for(model)
+
+
+def _merging_class(cls: type, mixin: type) -> type:
+    """A subclass of the model's class with merging, made once per class (stable for pickling)."""
+    if cls not in _PATCHED_CLASSES:
+        name = f"Merging{cls.__name__}"
+        module = mixin.__module__
+        patched = type(name, (mixin, cls), {"__module__": module, "__qualname__": name})
+        setattr(__import__(module, fromlist=[name]), name, patched)  # so pickle finds it by name
+        _PATCHED_CLASSES[cls] = patched
+    return _PATCHED_CLASSES[cls]
+
+
+def _check_merger(model: nn.Module, merger: TokenMerger) -> None:
+    """Mergers that need what the model lacks: a class token, or RoPE-free keys (pruning scores
+    the class token's attention on the keys as matched, before RoPE)."""
+    if isinstance(merger, PruningPolicy) and getattr(model, "rope", None) is not None:
+        raise UnsupportedModelError(f"{merger.name} is not supported on {model_label(model)}, a RoPE model")
+    if getattr(model, "cls_token", None) is not None:
+        return
+    if isinstance(merger, PruningPolicy):
+        raise UnsupportedModelError(
+            f"{merger.name} prunes by class-token attention, but {type(model).__name__} has no class token"
+        )
+    if isinstance(merger, MatchingPolicy) and merger.needs_class_attention:
+        raise UnsupportedModelError(
+            f"{merger.name} weighs merges by the class token's attention (attention_power), but "
+            f"{type(model).__name__} has no class token; set attention_power 0"
+        )
+
+
+def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ragged: str = "packed") -> nn.Module:
+    """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
+
+    ``ragged`` chooses how images with different token counts run: ``packed`` runs norms, linear
+    layers and the MLP on real tokens only and attention in groups of similar length, ``padded``
+    runs every layer on the padded batch (for comparison). Training always runs padded.
+    """
+    if ragged not in RAGGED_MODES:
+        raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
+    patched = isinstance(model, MIXINS)
+    adapter = None if patched else adapter_for(model)
+    merger.check(len(model.blocks))
+    _check_merger(model, merger)
+    if patched:
+        blocks, cost = model._merging.blocks, model._merging.cost
+    else:
+        blocks, cost = adapter.blocks(model), ViTCost.from_model(model)
+        model.__class__ = _merging_class(type(model), adapter.mixin)
+    model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: the model is timm's own class again, with no hooks."""
+    if isinstance(model, MIXINS):
+        model._merging.blocks.remove_hooks()
+        model.__class__ = type(model).__bases__[1]
+        del model._merging
+    return model

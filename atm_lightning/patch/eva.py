@@ -1,0 +1,200 @@
+"""The one place that knows timm's Eva (EVA-02, timm's RoPE ViTs, DINOv3) and its blocks.
+
+Like :mod:`.vit`: the model's class gets a mixin whose ``forward_features`` runs timm's own
+blocks through :func:`.loop.run_blocks`, the keys ToMe and ATM match on are read by hooks on each
+``attn.k_norm`` (before RoPE: keys compare content; positions are averaged, not matched), and
+proportional attention is the additive ``attn_mask`` the attention forwards to SDPA.
+
+RoPE needs a position for every token. Each token carries the sum of the grid (row, col) of the
+patches it holds (``TokenState.coords``, added up by merges like sizes), so its position is the
+size-weighted mean of theirs, and its rotation is timm's rotary embedding at that continuous
+position (:mod:`.rope`). Until the first merge the model's own RoPE table is used, so an
+unmerged forward is timm's bit for bit. Prefix tokens (class, registers) are never rotated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers.attention import AttentionRope
+from timm.models.eva import EvaAttention, EvaBlock
+from torch import Tensor, nn
+
+from ..merge import class_attention
+from .attention import grouped_attention, head_mean
+from .errors import UnsupportedModelError
+from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
+from .pooling import pool_merged
+from .rope import grid_coords, rope_at, rope_problem, rotate
+from .state import TokenState
+from .vit import _QueryKeyTap, add_residual, check_pool
+
+EVA_POOLS = ("token", "avg", "", "map")
+
+
+class EvaBlocks:
+    """Runs timm ``EvaBlock``s for the block loop, with each token's rotation from its position."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.rope_module = model.rope
+        self.num_prefix = model.num_prefix_tokens
+        self.taps = [_QueryKeyTap() for _ in model.blocks]
+        self.hooks = []
+        for block, tap in zip(model.blocks, self.taps, strict=True):
+            self.hooks.append(block.attn.q_norm.register_forward_hook(tap.on_query))
+            self.hooks.append(block.attn.k_norm.register_forward_hook(tap.on_key))
+        self.table: Tensor | None = None  # the model's RoPE table for this forward's grid
+        self.grid: tuple[int, int] = (0, 0)
+        self._rope: tuple[int, Tensor] | None = None  # (id of the coords, per-token rope) of the last state
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def begin(self, table: Tensor | None, grid: tuple[int, int]) -> None:
+        """The RoPE table and patch grid of the forward about to run."""
+        self.table, self.grid, self._rope = table, grid, None
+
+    def token_rope(self, state: TokenState) -> Tensor:
+        """[B, W, 2d] each token's rotation (identity on prefix tokens), recomputed after merges only."""
+        if self._rope is None or self._rope[0] is not state.coords:
+            rope = rope_at(self.rope_module, state.positions(), self.grid)
+            half = rope.shape[-1] // 2
+            rope[:, : self.num_prefix, :half] = 0  # sin 0, cos 1: no rotation
+            rope[:, : self.num_prefix, half:] = 1
+            self._rope = (state.coords, rope)
+        return self._rope[1]
+
+    def attention_residual(
+        self, layer: int, block: EvaBlock, state: TokenState, bias: Tensor | None, needs: KeyNeeds
+    ) -> tuple[Tensor, BlockAttention]:
+        tap, attn = self.taps[layer], block.attn
+        rope = None
+        if self.rope_module is not None:
+            rope = self.table if state.size is None else self.token_rope(state)
+        if state.layout is not None:
+            x, keys, cls = self._packed(block, state, bias, rope, needs)
+            tap.clear()
+            return x, BlockAttention(keys, None, attn.scale, cls)
+        timm_rope = rope if rope is None or rope.dim() == 2 else rope[:, None, self.num_prefix :]
+        update = attn(block.norm1(state.x), rope=timm_rope, attn_mask=bias)
+        if block.gamma_1 is not None:
+            update = block.gamma_1 * update
+        x = state.x + block.drop_path1(update)
+        query, keys = tap.take()
+        cls = None
+        if needs.class_attention:
+            rotated = keys
+            if rope is not None:
+                full = rope if rope.dim() == 3 else self._expand_table(rope, keys)
+                rotated = rotate(keys, full[:, None], attn.rotate_half)
+            cls = class_attention(query, rotated, attn.scale, bias)
+        return x, BlockAttention(keys, query, attn.scale, cls)
+
+    def _expand_table(self, table: Tensor, like: Tensor) -> Tensor:
+        """The model's [N - prefix, 2d] table as [B, N, 2d] with identity rows for prefix tokens."""
+        identity = torch.cat([table.new_zeros(self.num_prefix, table.shape[-1] // 2),
+                              table.new_ones(self.num_prefix, table.shape[-1] // 2)], -1)
+        return torch.cat([identity, table]).expand(like.shape[0], -1, -1)
+
+    def _packed(
+        self, block: EvaBlock, state: TokenState, bias: Tensor, rope: Tensor | None, needs: KeyNeeds
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``x + ls(attn(norm1(x)))`` for packed tokens [T, C], with the keys for matching
+        (before RoPE, as the hooks see them in padded runs) and the class token's attention."""
+        attn, x, layout = block.attn, state.x, state.layout
+        h = block.norm1(x)
+        heads, dim = attn.num_heads, attn.head_dim
+        q, k, v = project_qkv(attn, h).view(len(h), 3, heads, dim).unbind(1)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        batch, width = state.size.shape
+        keys = k.new_zeros(batch * width, heads if needs.per_head_keys else 1, dim)
+        keys[layout.real_rows] = k if needs.per_head_keys else head_mean(k, dim=1)[:, None]
+        keys = keys.view(batch, width, -1, dim).transpose(1, 2)
+        if rope is not None:
+            token_rope = rope.view(batch * width, -1)[layout.real_rows][:, None]  # [T, 1, 2d]
+            q, k = rotate(q, token_rope, attn.rotate_half), rotate(k, token_rope, attn.rotate_half)
+        qkv = torch.stack([q, k, v], dim=1).view(len(h), -1)
+        identity = nn.Identity()
+        mixed, _, cls = grouped_attention(
+            qkv, layout, bias, heads, attn.scale, identity, identity, False, needs.class_attention
+        )
+        mixed = attn.norm(mixed)
+        if attn.gate is not None:
+            mixed = mixed * attn.gate(h).sigmoid()
+        update = attn.proj_drop(attn.proj(mixed))
+        if block.gamma_1 is not None:
+            update = block.gamma_1 * update
+        return add_residual(x, update), keys, cls
+
+    def mlp_residual(self, block: EvaBlock, x: Tensor) -> Tensor:
+        update = block.mlp(block.norm2(x))
+        if block.gamma_2 is not None:
+            update = block.gamma_2 * update
+        return add_residual(x, block.drop_path2(update))
+
+
+def project_qkv(attn: nn.Module, h: Tensor) -> Tensor:
+    """[T, 3*H*d] queries, keys and values of tokens ``h`` [T, C], computed as the attention does
+    (fused with Eva's q/v biases and zero k bias, fused with a bias, or three projections)."""
+    if attn.qkv is None:
+        return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+    if getattr(attn, "q_bias", None) is None:
+        return attn.qkv(h)
+    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    if attn.qkv_bias_separate:
+        return attn.qkv(h) + bias
+    return F.linear(h, weight=attn.qkv.weight, bias=bias)
+
+
+class EvaMergingMixin:
+    """Placed in front of an Eva model's own class by :func:`.adapters.apply`."""
+
+    _merging: Merging
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("token merging does not support attn_mask/is_causal; unpatch the model")
+        if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
+            raise NotImplementedError("token merging does not support patch dropout or RoPE coordinate augmentation")
+        x = self.patch_embed(x)
+        grid = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
+        x, table = self._pos_embed(x)
+        x = self.norm_pre(x)
+        coords = None
+        if self.rope is not None:
+            coords = grid_coords(x.shape[0], grid, self.num_prefix_tokens, x.device)
+        self._merging.blocks.begin(table, grid)
+        x = run_blocks(self._merging, self.blocks, x, self.training, coords)
+        return self.norm(x)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        """timm's pooling, except that average and attention pooling count each token as many
+        patches as it holds (:mod:`.pooling`); Eva's attention pooling sees every token."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        size = self._merging.last.size if self._merging.last is not None else None
+        if size is None or (pool_type != "avg" and self.attn_pool is None):
+            return super().pool(x, pool_type)
+        return pool_merged(self, x, pool_type, size, 0 if self.attn_pool is not None else self.num_prefix_tokens)
+
+
+def check_eva(model: nn.Module, label: str) -> None:
+    """Raise :class:`UnsupportedModelError` for Eva variants the adapter cannot run."""
+    for i, block in enumerate(model.blocks):
+        attn = getattr(block, "attn", None)
+        if type(block) is not EvaBlock or type(attn) not in (EvaAttention, AttentionRope):
+            raise UnsupportedModelError(
+                f"cannot merge tokens in {label}: block {i} is {type(block).__name__} with "
+                f"{type(attn).__name__}; only timm's pre-norm EvaBlock with EvaAttention/AttentionRope is supported"
+            )
+        if getattr(attn, "num_kv_groups", 1) != 1:
+            raise UnsupportedModelError(f"cannot merge tokens in {label}: grouped-query attention is not supported")
+    problem = rope_problem(model.rope) or ("per-block mixed RoPE" if model.rope_mixed else None)
+    if problem:
+        raise UnsupportedModelError(f"cannot merge tokens in {label}: its rotary embedding {problem} is not supported")
+    if model.attn_pool is None and model.global_pool not in EVA_POOLS:
+        raise UnsupportedModelError(
+            f"cannot merge tokens in {label}: global_pool={model.global_pool!r} is not supported "
+            f"(use a class-token, average or attention-pooled model)"
+        )
+    check_pool(model, label)

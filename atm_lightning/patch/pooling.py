@@ -1,0 +1,28 @@
+"""Pooling of merged tokens: each token counts as many patches as it holds.
+
+Average pooling weights every token by its size; attention pooling (timm's ``AttentionPoolLatent``,
+``global_pool='map'``: SigLIP, SigLIP 2) adds ``log(size)`` to the pooling attention's logits
+(proportional attention on its keys), so a merged token of size ``s`` receives the attention its
+``s`` identical copies would. Padding (size 0) gets weight 0 and logit ``-inf``. Before any merge
+(no sizes) the model's own pooling runs, so unmerged logits are timm's bit for bit.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .attention import attention_bias
+
+
+def pool_merged(model: nn.Module, x: Tensor, pool_type: str, size: Tensor, start: int) -> Tensor:
+    """Pool features ``x`` [B, W, C] of merged tokens with sizes ``size`` [B, W] as ``model`` would
+    pool the patches they stand for: its ``attn_pool`` head if it has one, else ``pool_type``
+    ``avg``; tokens before ``start`` (prefix tokens the model leaves out) are not pooled."""
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        x, size = x[:, start:], size[:, start:]
+        return attn_pool(x, attn_mask=attention_bias(size, True, x.dtype))
+    if pool_type != "avg":
+        raise ValueError(f"merged tokens are pooled by size only with avg or map pooling, got {pool_type!r}")
+    weights = size[:, start:, None].to(x.dtype)  # padding has weight 0
+    return (x[:, start:] * weights).sum(1) / weights.sum(1)
