@@ -16,6 +16,7 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -85,3 +86,27 @@ def usage_error(parser, main, argv: list[str], capsys: pytest.CaptureFixture) ->
         run_cli(parser, main, argv)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+def _cpu_sdpa_mapping() -> dict:
+    """FlopCounterMode in torch 2.14 counts 0 for the CPU flash-attention op; count it like SDPA."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_registry or op.default in flop_registry:
+        return {}
+
+    def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: cpu_sdpa_flops}
+
+
+def counted_macs(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """Multiply-adds of ``model(images)`` as torch's own op counter counts them (matmuls, SDPA).
+
+    The parameters stop requiring gradients: the counter's module tracker fails on views of
+    parameters made under no_grad (SigLIP's attention-pool latent)."""
+    model.requires_grad_(False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
+    with counter:
+        model(images)
+    return counter.get_total_flops() // 2

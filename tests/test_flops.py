@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from atm_lightning import merge_stats, patch
 from atm_lightning.flops import ViTCost
 
-from tests.helpers import ATM_LENIENT, blocky_images
+from tests.helpers import ATM_LENIENT, blocky_images, counted_macs
 
 
 @pytest.mark.parametrize(
@@ -43,30 +42,11 @@ def test_merged_gflops_sum_the_formula_over_observed_tokens():
     assert (stats.flops_reduction > 0.2).all()
 
 
-def _cpu_sdpa_mapping() -> dict:
-    """FlopCounterMode in torch 2.14 counts 0 for the CPU flash-attention op; count it like SDPA."""
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if op in flop_registry or op.default in flop_registry:
-        return {}
-
-    def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    return {op: cpu_sdpa_flops}
-
-
-def _counted_macs(model: torch.nn.Module, images: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping())
-    with counter:
-        model(images)
-    return counter.get_total_flops() // 2
-
-
 @torch.no_grad()
 def test_dense_formula_equals_flop_counter():
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
-    assert _counted_macs(model, torch.randn(1, 3, 224, 224)) == 1_253_683_200
+    assert counted_macs(model, torch.randn(1, 3, 224, 224)) == 1_253_683_200
 
 
 @pytest.mark.parametrize("method", ["tome", "atm"])
@@ -78,7 +58,7 @@ def test_merged_formula_plus_matching_equals_flop_counter(method):
     settings = {"r": 13} if method == "tome" else ATM_LENIENT
     patch(model, method, **settings)
     image = blocky_images(2)[1:]
-    counted = _counted_macs(model, image)
+    counted = counted_macs(model, image)
     stats = merge_stats(model)
     assert stats.tokens[0, -1] < 100
     analytic = round((stats.gflops[0].double().item() + stats.gflops_matching[0].double().item()) * 1e9)
@@ -90,7 +70,7 @@ def test_evit_flops_follow_the_same_counter():
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
     patch(model, "evit", keep_rate=0.7)
-    counted = _counted_macs(model, blocky_images(1))
+    counted = counted_macs(model, blocky_images(1))
     stats = merge_stats(model)
     analytic = round((stats.gflops[0].item() + stats.gflops_matching[0].item()) * 1e9)
     assert counted == analytic
