@@ -20,6 +20,7 @@ MODELS = {
     "deit_tiny_distilled": lambda: make_vit("deit_tiny_distilled_patch16_224"),
     "vit_tiny_registers": lambda: make_vit("vit_tiny_patch16_224", reg_tokens=4, no_embed_class=True),
     "vit_tiny_avgpool": lambda: make_vit("vit_tiny_patch16_224", global_pool="avg", class_token=False, fc_norm=True),
+    "vit_tiny_map": lambda: make_vit("vit_tiny_patch16_224", global_pool="map", class_token=False),  # SigLIP-like
 }
 
 
@@ -97,7 +98,7 @@ def test_similarity_above_threshold_and_size_split(images):
     assert merged_in_size_layers > 0
 
 
-@pytest.mark.parametrize("name", ["deit_tiny", "vit_tiny_avgpool"])
+@pytest.mark.parametrize("name", ["deit_tiny", "vit_tiny_avgpool", "vit_tiny_map"])
 @torch.no_grad()
 def test_duplicate_patches_merge_losslessly(name):
     """Duplicates merge losslessly: exact duplicate tokens merged with size weights and

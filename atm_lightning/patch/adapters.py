@@ -77,7 +77,9 @@ def _check_merger(model: nn.Module, merger: TokenMerger) -> None:
     """Mergers that need what the model lacks: a class token, or RoPE-free keys (pruning scores
     the class token's attention on the keys as matched, before RoPE)."""
     if isinstance(merger, PruningPolicy) and getattr(model, "rope", None) is not None:
-        raise UnsupportedModelError(f"{merger.name} is not supported on {model_label(model)}, a RoPE model")
+        raise UnsupportedModelError(
+            f"{merger.name} (pruning by class-token attention) is not supported on {model_label(model)}, a RoPE model"
+        )
     if getattr(model, "cls_token", None) is not None:
         return
     if isinstance(merger, PruningPolicy):
