@@ -45,7 +45,7 @@ class EvaBlocks:
             self.hooks.append(block.attn.k_norm.register_forward_hook(tap.on_key))
         self.table: Tensor | None = None  # the model's RoPE table for this forward's grid
         self.grid: tuple[int, int] = (0, 0)
-        self._rope: tuple[int, Tensor] | None = None  # (id of the coords, per-token rope) of the last state
+        self._rope: tuple[Tensor, Tensor] | None = None  # (coords, their per-token rope) of the last state
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -93,8 +93,8 @@ class EvaBlocks:
 
     def _expand_table(self, table: Tensor, like: Tensor) -> Tensor:
         """The model's [N - prefix, 2d] table as [B, N, 2d] with identity rows for prefix tokens."""
-        identity = torch.cat([table.new_zeros(self.num_prefix, table.shape[-1] // 2),
-                              table.new_ones(self.num_prefix, table.shape[-1] // 2)], -1)
+        half = table.shape[-1] // 2
+        identity = torch.cat([table.new_zeros(self.num_prefix, half), table.new_ones(self.num_prefix, half)], -1)
         return torch.cat([identity, table]).expand(like.shape[0], -1, -1)
 
     def _packed(
