@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..threads import set_threads
 from ..data.images import check_not_noise, evenly_spaced, image_paths, load_images
 from .memory import MALLOC_MODES, keep_freed_memory, memory_note
 from .options import METHOD_HELP, HelpFormatter, add_model_args, load_model, parse_method, run_cli, weights_label, write_csv
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=3, help="untimed warm-up batches per method and batch size")
     add("--runs", type=int, default=5, help="timed passes over all images; the median is reported")
     add("--device", default="cpu", help="cpu, cuda or cuda:N")
-    add("--threads", type=int, default=2, help="torch CPU threads (torch.set_num_threads)")
+    add("--threads", type=int, metavar="N",
+        help="torch CPU threads; default: every core this process may use (cached images need no workers)")
     add("--malloc", choices=MALLOC_MODES, default="keep",
         help="keep: glibc reuses freed memory instead of returning it to the OS (mallopt M_MMAP_MAX=0, "
         "M_TRIM_THRESHOLD=2 GiB), so CPU passes time the model, not page faults (which cost dense ViT-Ti "
@@ -53,7 +55,7 @@ def main(args: argparse.Namespace) -> list[Row]:
     check_args(args)
     busy = busy_cpu_note()
     device = resolve_device(args.device)
-    torch.set_num_threads(args.threads)
+    args.threads = set_threads(args.threads, workers=0)
     methods = with_dense([parse_method(spec) for spec in args.methods])
     paths = evenly_spaced(image_paths([args.data_root]), args.num_images)
     check_not_noise(paths)
@@ -81,7 +83,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"batch sizes {too_big} exceed --num-images {args.num_images}; lower them or raise --num-images"
         )
-    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+    if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ValueError("--runs and --threads must be >= 1 and --warmup >= 0")
     if args.output is not None and args.output.suffix not in (".csv", ".json"):
         raise ValueError(f"--output {args.output} must end in .csv or .json")
