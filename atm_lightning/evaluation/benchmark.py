@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep: glibc reuses freed memory instead of returning it to the OS (mallopt M_MMAP_MAX=0, "
         "M_TRIM_THRESHOLD=2 GiB), so CPU passes time the model, not page faults (which cost dense ViT-Ti "
         "a quarter of its time on a 2-core VM); default: the allocator as configured")
+    add("--compile", action="store_true",
+        help="run every method under torch.compile: dense compiles the whole model, ToMe/ATM their blocks' "
+        "attention and MLP (the merge step stays eager); one untimed pass per method compiles every shape first")
     add("--output", type=Path, metavar="FILE", help="also write the rows to a .csv or .json file")
     return parser  # fmt: skip
 
@@ -63,7 +66,9 @@ def main(args: argparse.Namespace) -> list[Row]:
     model = load_model(args, device)
     keep = device.type == "cpu" and args.malloc == "keep"
     before_timing = (lambda: keep_freed_memory() or print("mallopt unavailable: --malloc keep ignored")) if keep else None
-    rows = benchmark(model, images.to(device), methods, args.batch_sizes, args.warmup, args.runs, before_timing)
+    rows = benchmark(
+        model, images.to(device), methods, args.batch_sizes, args.warmup, args.runs, before_timing, args.compile
+    )
     print(header(args, device, len(paths)) + busy)
     print(markdown_table(rows))
     if args.output is not None:
@@ -120,6 +125,7 @@ def header(args: argparse.Namespace, device: torch.device, num_images: int) -> s
         (
             f"img/s: median of {args.runs} passes over all images (methods take turns batch by batch), after "
             f"{args.warmup} warm-up batches; dense is timm's unpatched forward; malloc: {args.malloc}"
+            + ("; torch.compile: dense whole model, merging methods their blocks (merge step eager)" if args.compile else "")
         ),
         (
             "GFLOPs: mean analytic multiply-adds per image (merge_stats, matching excluded); "

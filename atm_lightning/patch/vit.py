@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..flops import ViTCost
 from ..merge import MatchingPolicy, PruningPolicy, TokenMerger, class_attention
 from .attention import grouped_attention
+from .compiled import CompiledVitBlocks, backend_of
 from .loop import RAGGED_MODES, BlockAttention, KeyNeeds, Merging, run_blocks
 from .ragged import RaggedLayout
 from .state import TokenState
@@ -185,12 +186,20 @@ def check_supported(model: nn.Module) -> None:
         raise UnsupportedModelError(f"cannot merge tokens in {label}: dynamic_img_size is not supported")
 
 
-def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ragged: str = "packed") -> nn.Module:
+def apply(
+    model: nn.Module,
+    merger: TokenMerger,
+    record_merges: bool = False,
+    ragged: str = "packed",
+    compile: bool | str = False,
+) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
     ``ragged`` chooses how images with different token counts run: ``packed`` runs norms, linear
     layers and the MLP on real tokens only and attention in groups of similar length, ``padded``
     runs every layer on the padded batch (for comparison). Training always runs padded.
+    ``compile`` runs each block's attention and MLP residuals through ``torch.compile``
+    (:mod:`.compiled`; a string names its backend); the merge step stays eager.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
@@ -208,11 +217,16 @@ def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ra
                 f"{merger.name} weighs merges by the class token's attention (attention_power), but "
                 f"{type(model).__name__} has no class token; set attention_power 0"
             )
-    if patched:
+    backend = backend_of(compile) if compile else None  # the runner's, None for eager
+    if patched and getattr(model._merging.blocks, "backend", None) == backend:
         blocks, cost = model._merging.blocks, model._merging.cost
     else:
-        blocks, cost = VitBlocks(model.blocks), ViTCost.from_model(model)
-        model.__class__ = _merging_class(type(model))
+        if patched:
+            model._merging.blocks.remove_hooks()
+        blocks = VitBlocks(model.blocks) if backend is None else CompiledVitBlocks(backend)
+        cost = ViTCost.from_model(model)
+        if not patched:
+            model.__class__ = _merging_class(type(model))
     model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged)
     return model
 
