@@ -294,3 +294,10 @@ def test_shipped_configs_parse(config: str, capsys) -> None:
 def test_short_name_config_is_the_atm_config(short: str) -> None:
     same = [yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()) for name in (short, f"{short}_atm")]
     assert same[0] == same[1]
+
+
+def test_model_compile_option_compiles_the_blocks(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = eval_args("vit_t_atm.yaml", weights, data_root, "--model.compile", "true")
+    cli = ATMCLI(args=args[1:], run=False)  # instantiated, not run: compiling takes a minute
+    assert cli.model.model._merging.blocks.backend == "inductor"
