@@ -1,11 +1,12 @@
 """torch.compile for patched ViTs: the blocks' static parts compiled, the merge step eager.
 
 What a block computes around the merge step has a fixed structure whatever the token count: the
-attention residual of a padded batch, the MLP residual of padded or packed tokens. Those run as
-compiled functions with dynamic token and image counts, one compiled graph serving every block
+attention residual of a padded batch; for packed tokens the norm and qkv projection before the
+grouped attention and the output projection and residual after it; the MLP residual. Those run
+as compiled functions with dynamic token and image counts, one compiled graph serving every block
 (parameters are graph inputs), so a new batch never recompiles once each variant was seen (with
-and without the attention bias, padded and packed tokens, one image or several). The merge step,
-whose shapes depend on the data, and the grouped attention of packed ragged batches stay eager.
+and without the attention bias, padded and packed tokens, one image or several). The merge step
+and the grouped attention of packed ragged batches, whose shapes depend on the data, stay eager.
 
 Keys are returned by the compiled attention instead of read by hooks, so this runner registers none.
 """
@@ -18,6 +19,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from ..merge import class_attention
+from .attention import grouped_attention
 from .loop import BlockAttention, KeyNeeds
 from .state import TokenState
 
@@ -37,6 +39,21 @@ def attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> tuple[Te
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(h).sigmoid()
     return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q[:, :, :1], k
+
+
+def packed_qkv(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``norm1(x)`` and its qkv projection for packed tokens [T, C]: what precedes grouped attention."""
+    h = block.norm1(x)
+    return h, block.attn.qkv(h)
+
+
+def packed_output(block: Block, x: Tensor, h: Tensor, mixed: Tensor) -> Tensor:
+    """``x`` plus the attention output of packed tokens, from the grouped attention's ``mixed`` values."""
+    attn = block.attn
+    mixed = attn.norm(mixed)
+    if getattr(attn, "gate", None) is not None:
+        mixed = mixed * attn.gate(h).sigmoid()
+    return x + block.ls1(attn.proj_drop(attn.proj(mixed)))
 
 
 def mlp_residual(block: Block, x: Tensor) -> Tensor:
@@ -59,6 +76,8 @@ class CompiledVitBlocks:
         self.backend = backend
         self.attention = torch.compile(attention_residual, dynamic=True, backend=backend)
         self.mlp = torch.compile(mlp_residual, dynamic=True, backend=backend)
+        self.packed_qkv = torch.compile(packed_qkv, dynamic=True, backend=backend)
+        self.packed_output = torch.compile(packed_output, dynamic=True, backend=backend)
 
     def remove_hooks(self) -> None:
         """Nothing to remove: the compiled attention returns the keys itself."""
@@ -66,14 +85,17 @@ class CompiledVitBlocks:
     def attention_residual(
         self, layer: int, block: Block, state: TokenState, bias: Tensor | None, needs: KeyNeeds
     ) -> tuple[Tensor, BlockAttention]:
-        from .vit import packed_attention_residual  # vit imports this module
-
+        attn = block.attn
         if state.layout is None:
             x, query, keys = self.attention(block, state.x, bias)
-            cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
-            return x, BlockAttention(keys, query, block.attn.scale, cls)
-        x, keys, cls = packed_attention_residual(block, state.x, bias, state.layout, needs)
-        return x, BlockAttention(keys, None, block.attn.scale, cls)
+            cls = class_attention(query, keys, attn.scale, bias) if needs.class_attention else None
+            return x, BlockAttention(keys, query, attn.scale, cls)
+        h, qkv = self.packed_qkv(block, state.x)
+        mixed, keys, cls = grouped_attention(
+            qkv, state.layout, bias, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm,
+            needs.per_head_keys, needs.class_attention,
+        )  # fmt: skip
+        return self.packed_output(block, state.x, h, mixed), BlockAttention(keys, None, attn.scale, cls)
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return self.mlp(block, x)
