@@ -1,4 +1,8 @@
-"""patch(compile=...): compiled blocks compute what eager ones do, and compile once per shape kind."""
+"""patch(compile=...): compiled blocks compute what eager ones do, and compile once per shape kind.
+
+Named to run after test_fit.py: once torch.compile has run in the test process, fork-based DDP
+children of a later training test fail to backpropagate (autograd's threads and fork).
+"""
 
 from __future__ import annotations
 
