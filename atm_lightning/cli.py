@@ -25,10 +25,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
 from .calibration import Calibration, CalibrationTrainer
 from .data import ImageNetDataModule
+from .data.imagenet import default_num_workers
 from .failures import failure_summary, rank_label
 from .merge import MERGERS
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
+from .threads import set_threads
 
 EVAL_SUBCOMMANDS = ("validate", "test")
 # Subcommands whose numbers come from the model's predictions, so a random new head is refused.
@@ -82,6 +84,10 @@ class ATMCLI(LightningCLI):
         # The model name picks the eval preprocessing and the head size the labels: one source each.
         parser.link_arguments("model.model_name", "data.model_name", apply_on="parse")
         parser.link_arguments("model.num_classes", "data.num_classes", apply_on="parse")
+        parser.add_argument(
+            "--threads", type=int | None, default=None,
+            help="torch intra-op threads of each process; default: the cores the DataLoader workers leave (at least 1)",
+        )  # fmt: skip
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         try:
@@ -132,6 +138,28 @@ class ATMCLI(LightningCLI):
         trainer.callbacks.append(DiscardUnusedRunFolder(new_run_folder(trainer)))
         return trainer
 
+    def _set_threads(self) -> None:
+        """Intra-op threads against the DataLoader workers (see :mod:`atm_lightning.threads`)."""
+        subcommand = self.config.get("subcommand")
+        threads = self.config[subcommand].get("threads") if subcommand else self.config.get("threads")
+        workers = getattr(self.datamodule, "num_workers", None)
+        devices = self.trainer.num_devices
+        if workers is None:
+            workers = default_num_workers(devices)
+        self.threads = {"threads": set_threads(threads, workers, devices), "num_workers": workers}
+
+    def before_fit(self) -> None:
+        self._set_threads()
+
+    def before_validate(self) -> None:
+        self._set_threads()
+
+    def before_test(self) -> None:
+        self._set_threads()
+
+    def before_calibrate(self) -> None:
+        self._set_threads()
+
     def calibrate(self, **options: Any) -> Calibration:
         """Run ``trainer.calibrate``; the calibrated file is this very config with a new merger,
         so ``atm validate --config`` takes it as given."""
@@ -174,6 +202,7 @@ class ATMCLI(LightningCLI):
             batch_size=self.datamodule.batch_size,
             world_size=self.trainer.world_size,
         )
+        row |= getattr(self, "threads", {})  # set before the run by _set_threads
         path = write_metrics(row, log_dir)
         print(format_table(row))
         print(f"wrote {path}")

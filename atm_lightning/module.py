@@ -138,6 +138,8 @@ class TokenMergingModule(LightningModule):
         drop_path_rate: stochastic depth of the last block, rising linearly from 0 (DeiT: 0.1).
         model_kwargs: further timm constructor arguments, e.g. ``{img_size: 32, patch_size: 4,
             depth: 4}`` for a small ViT trained from scratch (set ``data.img_size`` to match).
+        compile: run each block's attention and MLP through ``torch.compile`` (the merge step
+            stays eager; the first batches compile, see ``atm_lightning.patch``).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class TokenMergingModule(LightningModule):
         cutmix_alpha: float = 0.0,
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if warmup_steps and warmup_epochs:
@@ -169,7 +172,7 @@ class TokenMergingModule(LightningModule):
         self.merger = merger
         model = create_model(model_name, pretrained, weights, num_classes, model_kwargs, new_head=new_head)
         model = set_drop_path(model, drop_path_rate)
-        self.model = patch(model, merger)
+        self.model = patch(model, merger, compile=compile)
         self.mixup = build_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.criterion = train_criterion(self.mixup, label_smoothing)
         depth = len(self.model.blocks)

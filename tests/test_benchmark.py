@@ -247,3 +247,22 @@ def test_atm_runs_the_tools_with_their_own_help(command: str, capsys: pytest.Cap
         atm_main([command, "--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: atm {command} ")
+
+
+def test_end_to_end_times_the_decoding_loop(
+    shapes_folder: Path, small_vit: Callable[[], nn.Module], capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """Whole passes with the validate defaults: workers and threads recorded, same FLOPs as cached images."""
+    monkeypatch.setattr("atm_lightning.evaluation.benchmark.default_num_workers", lambda: 0)
+    argv = [
+        "--model", MODEL, "--random-init", "--data-root", str(shapes_folder), "--num-images", "4",
+        "--batch-sizes", "2", "--runs", "2", "--methods", "tome:r=13", "--end-to-end",
+    ]  # fmt: skip
+    rows = benchmark.cli(argv)
+    printed = capsys.readouterr().out
+    assert "whole evaluation passes (decoding in 0 DataLoader workers" in printed
+    assert f"{torch.get_num_threads()} threads" in printed
+    assert [r.method for r in rows] == ["dense", "tome:r=13"]
+    assert rows[1].flops_ratio > 1 and rows[1].img_per_s > 0 and rows[1].peak_mem_mb is None
+    cached = benchmark.cli([*argv[:-1], "--runs", "1", "--warmup", "0", "--malloc", "default"])
+    assert cached[1].gflops == pytest.approx(rows[1].gflops, rel=1e-12)

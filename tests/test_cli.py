@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from atm_lightning import ATM, NoMerge, ToMe, patch
 from atm_lightning.cli import ATMCLI, main, run_name
 from atm_lightning.data import ImageNetDataModule
+from atm_lightning.threads import available_cpus, default_threads
 from tests.helpers import CONFIGS
 
 NAME = "vit_tiny_patch16_224"
@@ -40,6 +41,8 @@ ROW_KEYS = {
     "flops_reduction",
     "tokens_per_layer",
     "img_per_s",
+    "threads",
+    "num_workers",
 }
 
 
@@ -115,6 +118,7 @@ def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights
     row = metrics(tmp_path)
     assert set(row) == ROW_KEYS
     assert row["num_images"] == 8 and row["world_size"] == 1 and row["batch_size"] == 3
+    assert row["num_workers"] == 0 and row["threads"] == min(2, available_cpus())  # no workers: every core
     assert row["method"] == merger.name and row["crop_pct"] == 0.9 and row["weights"] == str(weights)
     want = reference(weights, data_root, merger)
     assert row["top1"] == pytest.approx(want["top1"], abs=1e-9)
@@ -124,6 +128,26 @@ def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights
         assert row["flops_reduction"] > 0.05
     else:
         assert row["flops_reduction"] == 0.0
+
+
+def test_threads_option_is_set_and_recorded(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--threads", "1", "--data.limit", "3"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    row = metrics(tmp_path)
+    assert row["threads"] == 1 and row["num_workers"] == 0
+
+
+def test_default_threads_leave_the_workers_their_cores(monkeypatch) -> None:
+    monkeypatch.setattr("atm_lightning.threads.available_cpus", lambda: 8)
+    assert default_threads(workers=0) == 8
+    assert default_threads(workers=3) == 5
+    assert default_threads(workers=1, devices=2) == 3
+    assert default_threads(workers=8) == 1
 
 
 def test_merger_from_the_shell(tmp_path, monkeypatch, data_root, weights) -> None:
@@ -270,3 +294,10 @@ def test_shipped_configs_parse(config: str, capsys) -> None:
 def test_short_name_config_is_the_atm_config(short: str) -> None:
     same = [yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()) for name in (short, f"{short}_atm")]
     assert same[0] == same[1]
+
+
+def test_model_compile_option_compiles_the_blocks(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = eval_args("vit_t_atm.yaml", weights, data_root, "--model.compile", "true")
+    cli = ATMCLI(args=args[1:], run=False)  # instantiated, not run: compiling takes a minute
+    assert cli.model.model._merging.blocks.backend == "inductor"

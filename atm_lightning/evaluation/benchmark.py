@@ -20,9 +20,12 @@ from pathlib import Path
 
 import torch
 
+from ..threads import set_threads
+from ..data.imagenet import default_num_workers
 from ..data.images import check_not_noise, evenly_spaced, image_paths, load_images
 from .memory import MALLOC_MODES, keep_freed_memory, memory_note
 from .options import METHOD_HELP, HelpFormatter, add_model_args, load_model, parse_method, run_cli, weights_label, write_csv
+from .end_to_end import end_to_end
 from .timing import Row, benchmark, with_dense
 
 
@@ -40,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=3, help="untimed warm-up batches per method and batch size")
     add("--runs", type=int, default=5, help="timed passes over all images; the median is reported")
     add("--device", default="cpu", help="cpu, cuda or cuda:N")
-    add("--threads", type=int, default=2, help="torch CPU threads (torch.set_num_threads)")
+    add("--threads", type=int, metavar="N",
+        help="torch CPU threads; default: every core this process may use (cached images need no workers)")
     add("--malloc", choices=MALLOC_MODES, default="keep",
         help="keep: glibc reuses freed memory instead of returning it to the OS (mallopt M_MMAP_MAX=0, "
         "M_TRIM_THRESHOLD=2 GiB), so CPU passes time the model, not page faults (which cost dense ViT-Ti "
         "a quarter of its time on a 2-core VM); default: the allocator as configured")
+    add("--compile", action="store_true",
+        help="run every method under torch.compile: dense compiles the whole model, ToMe/ATM their blocks' "
+        "attention and MLP (the merge step stays eager); one untimed pass per method compiles every shape first")
+    add("--end-to-end", action="store_true",
+        help="time whole evaluation passes as atm validate runs them (decoding in DataLoader workers, forward, "
+        "merge statistics) with its default workers and threads, instead of forwards on cached images (CPU only)")
     add("--output", type=Path, metavar="FILE", help="also write the rows to a .csv or .json file")
     return parser  # fmt: skip
 
@@ -53,16 +63,25 @@ def main(args: argparse.Namespace) -> list[Row]:
     check_args(args)
     busy = busy_cpu_note()
     device = resolve_device(args.device)
-    torch.set_num_threads(args.threads)
+    workers = default_num_workers() if args.end_to_end else 0
+    args.threads = set_threads(args.threads, workers=workers)
     methods = with_dense([parse_method(spec) for spec in args.methods])
     paths = evenly_spaced(image_paths([args.data_root]), args.num_images)
     check_not_noise(paths)
-    images, _ = load_images(paths, args.model)
     model = load_model(args, device)
-    keep = device.type == "cpu" and args.malloc == "keep"
-    before_timing = (lambda: keep_freed_memory() or print("mallopt unavailable: --malloc keep ignored")) if keep else None
-    rows = benchmark(model, images.to(device), methods, args.batch_sizes, args.warmup, args.runs, before_timing)
-    print(header(args, device, len(paths)) + busy)
+    if args.end_to_end:
+        rows = [
+            row for batch_size in args.batch_sizes
+            for row in end_to_end(model, args.model, paths, methods, batch_size, args.runs, workers, args.compile)
+        ]  # fmt: skip
+    else:
+        images, _ = load_images(paths, args.model)
+        keep = device.type == "cpu" and args.malloc == "keep"
+        before_timing = (lambda: keep_freed_memory() or print("mallopt unavailable: --malloc keep ignored")) if keep else None
+        rows = benchmark(
+            model, images.to(device), methods, args.batch_sizes, args.warmup, args.runs, before_timing, args.compile
+        )
+    print(header(args, device, len(paths), workers) + busy)
     print(markdown_table(rows))
     if args.output is not None:
         write_rows(rows, args.output, settings=vars(args) | {"memory": memory_note(device)})
@@ -81,8 +100,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"batch sizes {too_big} exceed --num-images {args.num_images}; lower them or raise --num-images"
         )
-    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+    if args.runs < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ValueError("--runs and --threads must be >= 1 and --warmup >= 0")
+    if args.end_to_end and args.device != "cpu":
+        raise ValueError("--end-to-end times the CPU evaluation loop; use --device cpu")
     if args.output is not None and args.output.suffix not in (".csv", ".json"):
         raise ValueError(f"--output {args.output} must end in .csv or .json")
 
@@ -108,17 +129,25 @@ def busy_cpu_note() -> str:
     )
 
 
-def header(args: argparse.Namespace, device: torch.device, num_images: int) -> str:
+def header(args: argparse.Namespace, device: torch.device, num_images: int, workers: int = 0) -> str:
     weights = weights_label(args)
+    if args.end_to_end:
+        timed = (
+            f"img/s: median of {args.runs} whole evaluation passes (decoding in {workers} DataLoader workers, "
+            "forward, merge statistics; methods take turns pass by pass) after one untimed pass each"
+        )
+    else:
+        timed = (
+            f"img/s: median of {args.runs} passes over all images (methods take turns batch by batch), after "
+            f"{args.warmup} warm-up batches; malloc: {args.malloc}"
+        )
+    compiled = "; torch.compile: dense whole model, merging methods their blocks (merge step eager)"
     lines = [
         (
             f"model {args.model} ({weights}) on {device}, {torch.get_num_threads()} threads; "
             f"{num_images} images from {args.data_root}"
         ),
-        (
-            f"img/s: median of {args.runs} passes over all images (methods take turns batch by batch), after "
-            f"{args.warmup} warm-up batches; dense is timm's unpatched forward; malloc: {args.malloc}"
-        ),
+        timed + "; dense is timm's unpatched forward" + (compiled if args.compile else ""),
         (
             "GFLOPs: mean analytic multiply-adds per image (merge_stats, matching excluded); "
             "FLOPs ratio = dense GFLOPs / GFLOPs; realised = speed-up / FLOPs ratio "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,20 +61,28 @@ def benchmark(
     warmup: int,
     runs: int,
     before_timing: Callable[[], object] | None = None,
+    compile: bool = False,
 ) -> list[Row]:
     """Measure every method at every batch size; ``methods[0]`` is the dense baseline.
 
     FLOPs and memory are measured first for all batch sizes, then ``before_timing`` runs (the
     allocator setting of ``--malloc``, which would distort memory), then the timed passes.
+    With ``compile`` every method runs under ``torch.compile`` (dense: the whole timm model;
+    merging: see ``patch(compile=True)``), and the warm-up is at least one pass over all batches,
+    so that every shape is compiled before timing.
     """
     all_batches = [list(images.split(batch_size)) for batch_size in batch_sizes]
     flops = [[mean_gflops(model, method, batches) for method in methods] for batches in all_batches]
-    memory = [[warm_up_then_peak_memory(model, m, batches, warmup) for m in methods] for batches in all_batches]
+    memory = [
+        [warm_up_then_peak_memory(model, m, batches, max(warmup, len(batches)) if compile else warmup, compile)
+         for m in methods]
+        for batches in all_batches
+    ]  # fmt: skip
     if before_timing is not None:
         before_timing()
     rows = []
     for batch_size, batches, size_flops, size_memory in zip(batch_sizes, all_batches, flops, memory):
-        seconds = interleaved_runs(model, methods, batches, runs)
+        seconds = interleaved_runs(model, methods, batches, runs, compile)
         num_images = sum(len(b) for b in batches)
         results = [
             Measurement(num_images / statistics.median(s), gflops, dense, peak, tuple(s))
@@ -84,12 +93,20 @@ def benchmark(
     return rows
 
 
-def use(model: nn.Module, method: Method) -> None:
-    """Set the model up to run ``method``; dense runs timm's own forward, without accounting hooks."""
-    if method.dense:
-        unpatch(model)
-    else:
-        patch(model, method.merger, ragged=method.ragged)
+_COMPILED_DENSE: weakref.WeakKeyDictionary[nn.Module, Callable[[Tensor], Tensor]] = weakref.WeakKeyDictionary()
+
+
+def use(model: nn.Module, method: Method, compile: bool = False) -> Callable[[Tensor], Tensor]:
+    """Set the model up to run ``method`` and return what to call; dense runs timm's own forward,
+    without accounting hooks (with ``compile``, ``torch.compile`` of the whole model)."""
+    if not method.dense:
+        return patch(model, method.merger, ragged=method.ragged, compile=compile)
+    unpatch(model)
+    if not compile:
+        return model
+    if model not in _COMPILED_DENSE:
+        _COMPILED_DENSE[model] = torch.compile(model)
+    return _COMPILED_DENSE[model]
 
 
 def mean_gflops(model: nn.Module, method: Method, batches: list[Tensor]) -> tuple[float, float]:
@@ -104,18 +121,18 @@ def mean_gflops(model: nn.Module, method: Method, batches: list[Tensor]) -> tupl
 
 
 def warm_up_then_peak_memory(
-    model: nn.Module, method: Method, batches: list[Tensor], warmup: int
+    model: nn.Module, method: Method, batches: list[Tensor], warmup: int, compile: bool = False
 ) -> float | None:
     """Run ``warmup`` batches, then one pass measuring peak memory (see :func:`peak_memory_mb`)."""
-    use(model, method)
+    forward = use(model, method, compile)
     with torch.inference_mode():
         for i in range(warmup):
-            model(batches[i % len(batches)])
-        return peak_memory_mb(lambda: timed_pass(model, batches), batches[0].device)
+            forward(batches[i % len(batches)])
+        return peak_memory_mb(lambda: timed_pass(forward, batches), batches[0].device)
 
 
 def interleaved_runs(
-    model: nn.Module, methods: list[Method], batches: list[Tensor], runs: int
+    model: nn.Module, methods: list[Method], batches: list[Tensor], runs: int, compile: bool = False
 ) -> list[list[float]]:
     """Seconds per pass, ``runs`` per method. Methods take turns batch by batch, so that a
     machine whose speed drifts (shared VMs do, by 10% within a minute) affects all alike."""
@@ -124,17 +141,16 @@ def interleaved_runs(
         for run in range(runs):
             for batch in batches:
                 for method, times in zip(methods, seconds):
-                    use(model, method)
-                    times[run] += timed_forward(model, batch)
+                    times[run] += timed_forward(use(model, method, compile), batch)
     return seconds
 
 
-def timed_pass(model: nn.Module, batches: list[Tensor]) -> float:
+def timed_pass(forward: Callable[[Tensor], Tensor], batches: list[Tensor]) -> float:
     """Seconds for one forward over every batch."""
-    return sum(timed_forward(model, batch) for batch in batches)
+    return sum(timed_forward(forward, batch) for batch in batches)
 
 
-def timed_forward(model: nn.Module, batch: Tensor) -> float:
+def timed_forward(model: Callable[[Tensor], Tensor], batch: Tensor) -> float:
     """Seconds for one forward (CUDA synchronised at both ends)."""
     synchronize(batch.device)
     start = time.perf_counter()

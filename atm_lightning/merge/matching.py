@@ -27,6 +27,7 @@ class Split:
     # alternating split): matching then reads A and B as views instead of gathering them.
     a_slice: slice | None = None
     b_slice: slice | None = None
+    all_real: bool = False  # every slot is real (no padding): masks can be skipped
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def best_matches(metric: Tensor, split: Split) -> Matches:
     scores = a @ b.transpose(-1, -2)
     if b.shape[1] == 0:
         return Matches(torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype), scores)
+    if split.all_real:
+        return Matches(scores.amax(dim=-1), scores)
     if not bool(split.b_ok.all()):
         scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
     similarity = scores.amax(dim=-1).masked_fill_(~split.a_ok, float("-inf"))

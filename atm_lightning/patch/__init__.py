@@ -23,6 +23,7 @@ def patch(
     *,
     record_merges: bool = False,
     ragged: str = "packed",
+    compile: bool | str = False,
     **settings,
 ) -> nn.Module:
     """Make ``model`` merge tokens at inference time; returns the same (still timm) model.
@@ -36,9 +37,14 @@ def patch(
         ragged: ``"packed"`` (default) skips most padding where images of a batch kept different
             numbers of tokens (MLP on real tokens, attention grouped by length); ``"padded"``
             computes it all (same results, for comparison).
+        compile: run each block's attention and MLP through ``torch.compile`` with dynamic token
+            counts; the data-dependent merge step stays eager. The first batches of each new
+            shape kind (one image or several, before and after the first merge) compile. A
+            string names the backend (e.g. ``"aot_eager"``); True is inductor.
         **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
     """
-    return apply(model, make_merger(method, **settings), record_merges=record_merges, ragged=ragged)
+    merger = make_merger(method, **settings)
+    return apply(model, merger, record_merges=record_merges, ragged=ragged, compile=compile)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

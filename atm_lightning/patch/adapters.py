@@ -18,6 +18,7 @@ from ..flops import ViTCost
 from ..merge import MatchingPolicy, PruningPolicy, TokenMerger
 from . import eva, vit
 from .errors import UnsupportedModelError
+from .compiled import CompiledVitBlocks, backend_of
 from .loop import RAGGED_MODES, BlockRunner, Merging
 
 SUPPORTED = (
@@ -93,12 +94,20 @@ def _check_merger(model: nn.Module, merger: TokenMerger) -> None:
         )
 
 
-def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ragged: str = "packed") -> nn.Module:
+def apply(
+    model: nn.Module,
+    merger: TokenMerger,
+    record_merges: bool = False,
+    ragged: str = "packed",
+    compile: bool | str = False,
+) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
     ``ragged`` chooses how images with different token counts run: ``packed`` runs norms, linear
     layers and the MLP on real tokens only and attention in groups of similar length, ``padded``
     runs every layer on the padded batch (for comparison). Training always runs padded.
+    ``compile`` runs each block's attention and MLP residuals through ``torch.compile``
+    (:mod:`.compiled`; a string names its backend); the merge step stays eager. VisionTransformer only.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
@@ -106,11 +115,20 @@ def apply(model: nn.Module, merger: TokenMerger, record_merges: bool = False, ra
     adapter = None if patched else adapter_for(model)
     merger.check(len(model.blocks))
     _check_merger(model, merger)
-    if patched:
+    backend = backend_of(compile) if compile else None  # None: eager
+    if backend is not None and not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"compile=True supports timm VisionTransformer only, not {model_label(model)}")
+    if patched and getattr(model._merging.blocks, "backend", None) == backend:
         blocks, cost = model._merging.blocks, model._merging.cost
     else:
-        blocks, cost = adapter.blocks(model), ViTCost.from_model(model)
-        model.__class__ = _merging_class(type(model), adapter.mixin)
+        if patched:
+            model._merging.blocks.remove_hooks()
+            cost = model._merging.cost
+        else:
+            cost = ViTCost.from_model(model)
+            model.__class__ = _merging_class(type(model), adapter.mixin)
+        family = next(a for cls, a in ADAPTERS.items() if isinstance(model, cls))
+        blocks = family.blocks(model) if backend is None else CompiledVitBlocks(backend)
     model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged)
     return model
 

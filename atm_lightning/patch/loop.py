@@ -21,6 +21,7 @@ from ..merge import (
     MatchContext,
     MatchingPolicy,
     PruningPolicy,
+    Split,
     TokenMerger,
     alternating_split,
     best_matches,
@@ -30,6 +31,7 @@ from ..merge import (
     prune_inattentive,
     size_sorted_split,
 )
+from ..merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image
 from .attention import attention_bias, head_mean
 from .state import TokenState
 from .stats import LayerRecord, MergeTrace, TraceRecorder
@@ -111,8 +113,10 @@ def run_blocks(
     state = TokenState.start(x, policy.trace_source, coords)
     recorder = TraceRecorder(state)
     needs = KeyNeeds.of(policy)
+    bias, bias_size = None, None
     for layer, block in enumerate(blocks):
-        bias = attention_bias(state.size, policy.prop_attn, x.dtype)
+        if state.size is not bias_size:  # sizes change only where a step merged
+            bias, bias_size = attention_bias(state.size, policy.prop_attn, x.dtype), state.size
         tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
         state = replace(state, x=tokens)
         if step is not None:
@@ -146,20 +150,20 @@ def match_step(
     """
     policy, protected = merging.policy, merging.num_protected
     size = state.sizes()
-    if policy.split_kind(layer) == "size":
-        split = size_sorted_split(size, protected)
-    else:
-        split = alternating_split(size > 0, protected)
+    split = choose_split(policy.split_kind(layer), state, size, protected)
     per_head = policy.key_form == "per_head"
     metric = per_head_keys(attention.keys) if per_head else head_mean(attention.keys)
     matches = best_matches(metric, split)
     context = MatchContext(layer, split, matches, size, state.count - protected, attention.class_attention)
     context = replace(context, matches=policy.score(context))
     selected = policy.select(context)
-    cost = merging.cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), metric.shape[-1])
+    cost = matching_cost(merging.cost, split, metric.shape[-1])
     if attention.class_attention is not None:
         cost = cost + merging.cost.class_attention_macs(state.count)
     record = layer_record(policy, context, selected) if merging.record else None
+    if split.all_real and len(size) == 1 and state.source is None and state.coords is None and not policy.keeps_norm:
+        merged = merge_single_image(state.x, size, split, context.matches, selected, protected)
+        return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost, record)
     if not bool(selected.any()):
         return StepResult(state, cost, record)
     merged = merge_tokens(
@@ -167,6 +171,26 @@ def match_step(
         sort_images=pack, pack=pack, keep_norm=policy.keeps_norm,
     )
     return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
+
+
+def matching_cost(cost: ViTCost, split: Split, width: int) -> Tensor:
+    """[B] similarity computations of one matching step."""
+    if split.all_real:  # the same count for every image
+        num_a, num_b = split.a_idx.shape[1], split.b_idx.shape[1]
+        macs = float(num_a * num_b * width)
+        return torch.full((len(split.a_idx),), macs, device=split.a_idx.device, dtype=torch.float64)
+    return cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), width)
+
+
+def choose_split(kind: str, state: TokenState, size: Tensor, protected: int) -> Split:
+    """The policy's split for ``state``; without index masks when no image is padded (before the
+    first merge, or one image alone)."""
+    padded = state.size is not None and (state.x.dim() == 2 or len(size) > 1)
+    if kind == "size":
+        return size_sorted_split(size, protected) if padded else full_size_sorted_split(size, protected)
+    if padded:
+        return alternating_split(size > 0, protected)
+    return full_alternating_split(len(size), size.shape[1], protected, size.device)
 
 
 def prune_step(
