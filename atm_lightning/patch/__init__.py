@@ -7,12 +7,15 @@ timm's VisionTransformer to it; ``attention.py`` and ``ragged.py`` run packed ra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
-from ..merge import TokenMerger, make_merger
+from ..merge import NoMerge, TokenMerger, make_merger
 from .loop import RAGGED_MODES
 from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
-from .vit import UnsupportedModelError, apply, check_supported, remove
+from .vit import TokenMergingMixin, UnsupportedModelError, apply, check_supported, remove
 
 
 def patch(
@@ -38,6 +41,21 @@ def patch(
     return apply(model, make_merger(method, **settings), record_merges=record_merges, ragged=ragged)
 
 
+@contextmanager
+def unmerged(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a patched ``model`` as the dense model inside the ``with`` block (same weights, nothing
+    merged), for comparisons; its policy and the record of its last forward are kept as they were."""
+    if not isinstance(model, TokenMergingMixin):
+        raise TypeError("unmerged needs a patched model: call atm_lightning.patch(model, ...) first")
+    merging = model._merging
+    policy, last = merging.policy, merging.last
+    merging.policy = NoMerge()
+    try:
+        yield model
+    finally:
+        merging.policy, merging.last = policy, last
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore timm's own model class (no hooks, no accounting)."""
     return remove(model)
@@ -52,5 +70,6 @@ __all__ = [
     "check_supported",
     "merge_stats",
     "patch",
+    "unmerged",
     "unpatch",
 ]
