@@ -173,6 +173,7 @@ class ATMCLI(LightningCLI):
             data_config=self.datamodule.data_config,
             batch_size=self.datamodule.batch_size,
             world_size=self.trainer.world_size,
+            hflip=getattr(self.datamodule, "eval_hflip", False),
         )
         path = write_metrics(row, log_dir)
         print(format_table(row))

@@ -26,6 +26,7 @@ def result_row(
     data_config: dict[str, Any],
     batch_size: int,
     world_size: int,
+    hflip: bool = False,
 ) -> dict[str, Any]:
     """Merge an epoch's ``results`` (from ``TokenMergingModule.results``) with its settings."""
     settings = merger.params()
@@ -41,6 +42,7 @@ def result_row(
         "img_size": data_config.get("input_size", (None, None, None))[-1],
         "crop_pct": data_config.get("crop_pct"),
         "interpolation": data_config.get("interpolation"),
+        "hflip": hflip,
         "num_images": results["num_images"],
         "top1": results["top1"],
         "top5": results["top5"],

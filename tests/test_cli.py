@@ -30,6 +30,7 @@ ROW_KEYS = {
     "img_size",
     "crop_pct",
     "interpolation",
+    "hflip",
     "num_images",
     "top1",
     "top5",
