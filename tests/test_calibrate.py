@@ -191,6 +191,12 @@ def test_shape_reproduces_the_vit_ti_reference_schedule() -> None:
     assert atm.beta == pytest.approx(math.log(1.2) / 9, rel=1e-3)  # ~0.0203: the known operating point
 
 
+def test_default_grid_keeps_block_1_strict_with_attention_weighting() -> None:
+    assert {(s.split_layer, s.alpha_drop) for s in candidate_shapes(12)} == {(10, 0.0), (11, 0.0), (10, 0.5), (11, 0.5)}
+    assert {(s.split_layer, s.alpha_drop) for s in candidate_shapes(12, strict_first_block=True)} == {(10, 0.0), (11, 0.0)}
+    assert {s.alpha_drop for s in candidate_shapes(12, alpha_drops=[0.5], strict_first_block=True)} == {0.5}
+
+
 def test_bad_grid_is_refused_with_the_valid_range() -> None:
     with pytest.raises(ValueError, match=r"--decay_layers in 2..12"):
         candidate_shapes(12, decay_layers=[13])
