@@ -201,6 +201,7 @@ class ATMCLI(LightningCLI):
             data_config=self.datamodule.data_config,
             batch_size=self.datamodule.batch_size,
             world_size=self.trainer.world_size,
+            hflip=getattr(self.datamodule, "eval_hflip", False),
         )
         row |= getattr(self, "threads", {})  # set before the run by _set_threads
         path = write_metrics(row, log_dir)

@@ -7,113 +7,26 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from .merge import NoMerge, TokenMerger
+from .metrics import EvalMetrics
 from .models import create_model
-from .patch import merge_stats, patch
+from .patch import merge_stats, patch, unmerged
 from .training import build_mixup, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
-
-
-class Float64Sum(Metric):
-    """Sum of tensors of a fixed shape, kept in float64.
-
-    torchmetrics' SumMetric flattens vectors to a scalar and casts inputs to float32 after
-    ``module.to(device)``; summing 50k images in float32 loses digits the results report.
-    """
-
-    full_state_update = False
-
-    def __init__(self, shape: tuple[int, ...] = ()) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, value: Tensor) -> None:
-        self.total += value.to(self.total)
-
-    def compute(self) -> Tensor:
-        return self.total
-
-
-class EvalMetrics(nn.Module):
-    """Epoch accumulators of one evaluation stage; all are sums (or accuracy counts), so DDP is exact."""
-
-    def __init__(self, num_classes: int, depth: int) -> None:
-        super().__init__()
-        self.accuracy = MetricCollection(
-            {
-                f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
-                for k in (1, 5)
-            }
-        )
-        names = ("num_images", "loss", "gflops", "gflops_matching", "flops_reduction", "seconds")
-        self.sums = MetricCollection({name: Float64Sum() for name in names})
-        self.tokens = Float64Sum((depth + 1,))
-        self.gflops_dense = math.nan
-        self.predictions: list[Tensor] = []  # top-1 classes of this process's images, in order
-
-    def update(self, logits: Tensor, targets: Tensor, seconds: float, stats: Any) -> None:
-        self.accuracy.update(logits, targets)
-        self.predictions.append(logits.argmax(-1).cpu())
-        # In the per-image values' precision, so that a dense image saves exactly 0.
-        dense = stats.gflops.new_tensor(stats.gflops_dense)
-        sums = {
-            "num_images": torch.tensor(len(targets)),
-            "loss": F.cross_entropy(logits.double(), targets, reduction="sum"),
-            "gflops": stats.gflops.double().sum(),
-            "gflops_matching": stats.gflops_matching.double().sum(),
-            # Summed per image: 1 - mean/dense would round a dense run to -2.2e-16 ("-0.0 %").
-            "flops_reduction": (1.0 - stats.gflops / dense).double().sum(),
-            "seconds": torch.tensor(seconds),
-        }
-        for name, value in sums.items():
-            self.sums[name].update(value)
-        self.tokens.update(stats.tokens.sum(0))
-        self.gflops_dense = dense.item()
-
-    def compute(self) -> tuple[dict[str, Any], Tensor]:
-        """Collect (and, under DDP, sync) the epoch into plain Python numbers, then reset.
-
-        Also returns this process's predictions (not synced: under DDP each rank has its share).
-        """
-        accuracy = self.accuracy.compute()
-        sums = {name: float(value) for name, value in self.sums.compute().items()}
-        tokens = self.tokens.compute()
-        predictions = torch.cat(self.predictions) if self.predictions else torch.zeros(0, dtype=torch.long)
-        self.accuracy.reset()
-        self.sums.reset()
-        self.tokens.reset()
-        self.predictions = []
-        images = sums["num_images"]
-        gflops = sums["gflops"] / images
-        gflops_dense = self.gflops_dense
-        results = {
-            "num_images": int(images),
-            "top1": 100 * float(accuracy["top1"]),
-            "top5": 100 * float(accuracy["top5"]),
-            "loss": sums["loss"] / images,
-            "gflops": gflops,
-            "gflops_dense": gflops_dense,
-            "gflops_matching": sums["gflops_matching"] / images,
-            "flops_reduction": sums["flops_reduction"] / images,
-            "tokens_per_layer": (tokens / images).tolist(),
-            "img_per_s": images / sums["seconds"] if sums["seconds"] > 0 else math.nan,
-        }
-        return results, predictions
 
 
 class TokenMergingModule(LightningModule):
     """A timm Vision Transformer that merges tokens with a pluggable policy (ATM, ToMe or none).
 
     Evaluation reports top-1/top-5, mean GFLOPs per image (multiply-adds, from each image's real
-    token counts), mean tokens per layer and forward throughput. Results of the last epoch of each
-    stage are kept in ``results["val"]`` / ``results["test"]`` as plain numbers (top-1/top-5 in %),
-    and the top-1 class of each image in ``predictions["val"]`` / ``predictions["test"]`` (the
-    images this process evaluated, in loader order).
+    token counts), mean tokens per layer, forward throughput and, with ``fidelity``, how far the
+    predictions moved from the unmerged model's. Results of the last epoch of each stage are kept
+    in ``results["val"]`` / ``results["test"]`` as plain numbers (top-1/top-5 in %), and the top-1
+    class and label of each image in ``predictions[stage]`` / ``targets[stage]`` (the images this
+    process evaluated, in loader order).
 
     Args:
         model_name: timm architecture, e.g. ``deit_small_patch16_224``.
@@ -140,6 +53,9 @@ class TokenMergingModule(LightningModule):
             depth: 4}`` for a small ViT trained from scratch (set ``data.img_size`` to match).
         compile: run each block's attention and MLP through ``torch.compile`` (the merge step
             stays eager; the first batches compile, see ``atm_lightning.patch``).
+        fidelity: also run the unmerged model on every evaluation batch and report how far merging
+            moves its predictions (agreement, KL, top-1 change with a 95% paired-bootstrap
+            interval; see ``fidelity.py``). Costs one dense forward per batch, left out of img/s.
     """
 
     def __init__(
@@ -161,6 +77,7 @@ class TokenMergingModule(LightningModule):
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         compile: bool = False,
+        fidelity: bool = True,
     ) -> None:
         super().__init__()
         if warmup_steps and warmup_epochs:
@@ -181,6 +98,7 @@ class TokenMergingModule(LightningModule):
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.results: dict[str, dict[str, Any]] = {}
         self.predictions: dict[str, Tensor] = {}
+        self.targets: dict[str, Tensor] = {}
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -226,14 +144,25 @@ class TokenMergingModule(LightningModule):
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
-        metrics.update(logits, targets, seconds, merge_stats(self.model))
+        stats = merge_stats(self.model)
+        metrics.update(logits, targets, seconds, stats, self._dense_logits(images, logits))
+
+    def _dense_logits(self, images: Tensor, logits: Tensor) -> Tensor | None:
+        """The unmerged model's logits for ``images``, for the fidelity report (None: not asked)."""
+        if not self.hparams.fidelity:
+            return None
+        if not self.merger.merges:
+            return logits  # the model already ran dense
+        with unmerged(self.model):
+            return self.model(images)
 
     def _eval_epoch_end(self, stage: str, metrics: EvalMetrics) -> None:
-        results, predictions = metrics.compute()
+        results, predictions, targets = metrics.compute()
         if self.trainer.sanity_checking:
             return  # a few batches only: not a result
         self.results[stage] = results
         self.predictions[stage] = predictions
+        self.targets[stage] = targets
         for key in (
             "top1",
             "top5",
@@ -243,7 +172,12 @@ class TokenMergingModule(LightningModule):
             "flops_reduction",
             "num_images",
             "img_per_s",
+            "agreement",
+            "kl",
+            "top1_change",
         ):
+            if results[key] is None:
+                continue  # fidelity was not measured
             # Values are already global (torchmetrics synced the sums); max of identical values
             # keeps them bit-exact on every rank and avoids Lightning's unsynced-epoch warning.
             self.log(f"{stage}/{key}", float(results[key]), sync_dist=True, reduce_fx="max")

@@ -26,6 +26,7 @@ def result_row(
     data_config: dict[str, Any],
     batch_size: int,
     world_size: int,
+    hflip: bool = False,
 ) -> dict[str, Any]:
     """Merge an epoch's ``results`` (from ``TokenMergingModule.results``) with its settings."""
     settings = merger.params()
@@ -41,6 +42,7 @@ def result_row(
         "img_size": data_config.get("input_size", (None, None, None))[-1],
         "crop_pct": data_config.get("crop_pct"),
         "interpolation": data_config.get("interpolation"),
+        "hflip": hflip,
         "num_images": results["num_images"],
         "top1": results["top1"],
         "top5": results["top5"],
@@ -49,6 +51,12 @@ def result_row(
         "gflops_dense": results["gflops_dense"],
         "gflops_matching": results["gflops_matching"],
         "flops_reduction": results["flops_reduction"],
+        "top1_dense": results["top1_dense"],
+        "top1_change": results["top1_change"],
+        "top1_change_ci95": results["top1_change_ci95"],
+        "lossless": results["lossless"],
+        "agreement": results["agreement"],
+        "kl": results["kl"],
         "tokens_per_layer": results["tokens_per_layer"],
         "img_per_s": results["img_per_s"],
     }
@@ -72,14 +80,24 @@ def format_table(row: dict[str, Any]) -> str:
 
 
 def _format_value(key: str, value: Any) -> str:
+    if value is None:
+        return "not measured (--model.fidelity false)" if key in FIDELITY_KEYS else "-"
+    if key == "top1_change_ci95":
+        low, high = value
+        return f"[{low:+.2f}, {high:+.2f}] pp (width {high - low:.2f})"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, list):
         return " ".join(f"{v:.1f}" for v in value)
     if isinstance(value, float):
-        if key in ("top1", "top5"):
+        if key in ("top1", "top5", "top1_dense", "agreement"):
             return f"{value:.2f} %"
+        if key == "top1_change":
+            return f"{value:+.2f} pp"
         if key == "flops_reduction":
             return f"{100 * value:.1f} %"
         return f"{value:.4g}"
     return str(value)
+
+
+FIDELITY_KEYS = ("top1_dense", "top1_change", "top1_change_ci95", "lossless", "agreement", "kl")

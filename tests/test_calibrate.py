@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -28,7 +29,7 @@ from atm_lightning.calibration.run import draw_samples
 from atm_lightning.calibration import run as calibration_run
 from atm_lightning.cli import main
 from atm_lightning.data import ImageNetDataModule
-from atm_lightning.merge import ATM, ToMe
+from atm_lightning.merge import ATM, NoMerge, ToMe
 from atm_lightning.module import TokenMergingModule
 from tests.fakedata import make_image_folder
 from tests.helpers import CONFIGS
@@ -190,6 +191,12 @@ def test_shape_reproduces_the_vit_ti_reference_schedule() -> None:
     assert atm.beta == pytest.approx(math.log(1.2) / 9, rel=1e-3)  # ~0.0203: the known operating point
 
 
+def test_default_grid_keeps_block_1_strict_with_attention_weighting() -> None:
+    assert {(s.split_layer, s.alpha_drop) for s in candidate_shapes(12)} == {(10, 0.0), (11, 0.0), (10, 0.5), (11, 0.5)}
+    assert {(s.split_layer, s.alpha_drop) for s in candidate_shapes(12, strict_first_block=True)} == {(10, 0.0), (11, 0.0)}
+    assert {s.alpha_drop for s in candidate_shapes(12, alpha_drops=[0.5], strict_first_block=True)} == {0.5}
+
+
 def test_bad_grid_is_refused_with_the_valid_range() -> None:
     with pytest.raises(ValueError, match=r"--decay_layers in 2..12"):
         candidate_shapes(12, decay_layers=[13])
@@ -214,6 +221,8 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_r
     assert result.best is not None and abs(result.best.reduction - 0.3) <= 0.03
     assert result.num_images == 6 and result.dense_top1 is None
     assert module.model._merging.policy == ToMe(r=2)
+    chosen = result.best.merger  # not ATM before: the options that transferred best
+    assert (chosen.keys, chosen.size_weighted, chosen.attention_power, chosen.keep_norm) == ("per_head", True, 0.5, True)
 
     def fail(*args, **kwargs):
         raise RuntimeError("search failed")
@@ -222,3 +231,12 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_r
     with pytest.raises(RuntimeError, match="search failed"):
         calibrate(module, datamodule, samples, shapes, target=0.3)
     assert module.model._merging.policy == ToMe(r=2)  # restored although the search raised
+
+
+def test_the_search_starts_from_the_models_own_atm_options() -> None:
+    own = ATM(keys="per_head", batch_rule="min")
+    module = SimpleNamespace(merger=own, model=SimpleNamespace(cls_token=torch.zeros(1)))
+    assert calibration_run.starting_merger(module) is own
+    pooled = SimpleNamespace(merger=NoMerge(), model=SimpleNamespace(cls_token=None))  # average pooling
+    start = calibration_run.starting_merger(pooled)
+    assert start.attention_power == 0.0 and start.size_weighted and start.keep_norm and start.keys == "per_head"

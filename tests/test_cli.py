@@ -31,6 +31,7 @@ ROW_KEYS = {
     "img_size",
     "crop_pct",
     "interpolation",
+    "hflip",
     "num_images",
     "top1",
     "top5",
@@ -39,6 +40,12 @@ ROW_KEYS = {
     "gflops_dense",
     "gflops_matching",
     "flops_reduction",
+    "top1_dense",
+    "top1_change",
+    "top1_change_ci95",
+    "lossless",
+    "agreement",
+    "kl",
     "tokens_per_layer",
     "img_per_s",
     "threads",
@@ -84,8 +91,8 @@ def metrics(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def reference(weights: Path, root: Path, merger) -> dict:
-    """top-1 and loss computed by hand: timm model, the same weights and preprocessing, batch 3."""
+def predict(weights: Path, root: Path, merger) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels computed by hand: timm model, the same weights and preprocessing, batch 3."""
     model = timm.create_model(NAME, num_classes=3)
     model.load_state_dict(load_file(str(weights)))
     patch(model.eval(), merger)
@@ -95,10 +102,20 @@ def reference(weights: Path, root: Path, merger) -> dict:
     dm.setup("validate")
     with torch.no_grad():
         pairs = [(model(x), y) for x, y in dm.val_dataloader()]
-    logits, targets = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def reference(weights: Path, root: Path, merger) -> dict:
+    """top-1, loss and fidelity to the unmerged model, computed independently of the module."""
+    logits, targets = predict(weights, root, merger)
+    dense, _ = predict(weights, root, NoMerge())
+    kl = F.kl_div(logits.double().log_softmax(1), dense.double().log_softmax(1), log_target=True, reduction="sum")
     return {
         "top1": 100 * (logits.argmax(1) == targets).double().mean().item(),
+        "top1_dense": 100 * (dense.argmax(1) == targets).double().mean().item(),
         "loss": F.cross_entropy(logits.double(), targets).item(),
+        "agreement": 100 * (logits.argmax(1) == dense.argmax(1)).double().mean().item(),
+        "kl": kl.item() / len(targets),
     }
 
 
@@ -123,6 +140,13 @@ def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights
     want = reference(weights, data_root, merger)
     assert row["top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert row["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert row["top1_dense"] == pytest.approx(want["top1_dense"], abs=1e-9)
+    assert row["top1_change"] == pytest.approx(want["top1"] - want["top1_dense"], abs=1e-9)
+    assert row["agreement"] == pytest.approx(want["agreement"], abs=1e-9)
+    assert row["kl"] == pytest.approx(want["kl"], rel=1e-5, abs=1e-9)
+    low, high = row["top1_change_ci95"]
+    assert low <= row["top1_change"] <= high
+    assert row["lossless"] == (low <= 0 <= high)
     assert len(row["tokens_per_layer"]) == 13 and row["tokens_per_layer"][0] == 197
     if merger.merges:
         assert row["flops_reduction"] > 0.05

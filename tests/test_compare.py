@@ -9,6 +9,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from atm_lightning.cli import main as atm_main
 from atm_lightning.evaluation import compare
@@ -42,7 +43,7 @@ def shared(weights: Path, root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, data_root, weights) -> tuple[list, Path]:
     out = tmp_path_factory.mktemp("compare")
-    args = [*shared(weights, data_root), "--tome_r", "8", "--atm", ATM_SPEC]
+    args = [*shared(weights, data_root), "--tome_r", "8", "--evit_keep", "0.7", "--evit_layers", "2", "4", "--atm", ATM_SPEC]
     args += ["--checkpoint", f"ft={weights}:tome:r=8", "--output", str(out)]
     return compare.cli(args), out
 
@@ -65,20 +66,51 @@ def test_rows_equal_single_validate_runs(tmp_path, monkeypatch, compared, data_r
 
 def test_table_csv_and_plot_are_written(compared) -> None:
     rows, out = compared
-    assert [r.method for r in rows] == ["dense", "ToMe r=8", "ATM", "ft"]
-    assert [r.family for r in rows] == ["dense", "ToMe", "ATM", "checkpoint"]
-    dense, tome, atm, _ = rows
+    assert [r.method for r in rows] == ["dense", "ToMe r=8", "EViT keep=0.7", "ATM", "ft"]
+    assert [r.family for r in rows] == ["dense", "ToMe", "EViT", "ATM", "checkpoint"]
+    dense, tome, evit, atm, _ = rows
     assert dense.reduction_pct == 0.0 and dense.agreement_pct == 100.0
+    assert (dense.top1_change, dense.ci_low, dense.ci_high, dense.kl, dense.lossless) == (0.0, 0.0, 0.0, 0.0, True)
+    for row in rows[1:]:
+        assert row.top1_change == pytest.approx(row.top1 - dense.top1, abs=1e-9)
+        assert row.ci_low <= row.top1_change <= row.ci_high and row.lossless == (row.ci_low <= 0 <= row.ci_high)
+    assert tome.kl > 0 and evit.kl > 0 and evit.reduction_pct > 10
     assert tome.reduction_pct > 20 and atm.reduction_pct > 5 and atm.params.startswith("alpha=1.0 beta=0.003")
     assert all(r.num_images == 8 and r.batch_size == 4 for r in rows)
     table = (out / "compare.md").read_text()
     assert "8 images, batch size 4" in table and "| ToMe r=8 | r=8 |" in table
     with (out / "compare.csv").open() as file:
         records = list(csv.DictReader(file))
-    assert [r["method"] for r in records] == ["dense", "ToMe r=8", "ATM", "ft"]
+    assert [r["method"] for r in records] == ["dense", "ToMe r=8", "EViT keep=0.7", "ATM", "ft"]
+    assert float(records[1]["kl"]) == tome.kl and records[1]["ci_low"] == str(tome.ci_low)
     assert float(records[1]["gflops"]) == tome.gflops
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(out.glob("runs/*/version_*/metrics.json"))) == 4
+    assert len(list(out.glob("runs/*/version_*/metrics.json"))) == 5
+
+
+def evaluated(predictions: list[int], targets: list[int]) -> compare.Evaluated:
+    return compare.Evaluated({}, torch.tensor(predictions), torch.tensor(targets), 1, Path("m.json"))
+
+
+def test_against_dense_counts_lost_and_gained_images() -> None:
+    dense = evaluated([0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 1, 1])  # 4 of 6 right
+    merged = evaluated([0, 1, 9, 9, 1, 0], [0, 1, 2, 3, 1, 1])  # loses 2, gains 1
+    got = compare.against_dense(merged, dense)
+    assert got["agreement_pct"] == pytest.approx(100 * 3 / 6)
+    assert got["top1_change"] == pytest.approx(100 * (1 - 2) / 6)
+    assert got["ci_low"] < got["top1_change"] < got["ci_high"] and got["lossless"]
+    other_order = evaluated([0, 1, 9, 9, 1, 0], [1, 0, 2, 3, 1, 1])
+    assert set(compare.against_dense(other_order, dense).values()) == {None}
+
+
+def test_sweep_fills_in_the_sweeps_not_given() -> None:
+    parser = compare.build_parser()
+    runs = compare.plan(parser.parse_args(["--config", "c.yaml", "--sweep", "--tome_r", "8"]))
+    assert [r.label for r in runs] == ["dense", "ToMe r=8"] + [f"EViT keep={k:g}" for k in compare.SWEEP_EVIT_KEEP]
+    runs = compare.plan(parser.parse_args(["--config", "c.yaml"]))
+    assert [r.label for r in runs] == ["dense", "ToMe r=4", "ToMe r=8", "ToMe r=13", "ToMe r=16"]
+    runs = compare.plan(parser.parse_args(["--config", "c.yaml", "--sweep"]))
+    assert sum(r.family == "ToMe" for r in runs) == len(compare.SWEEP_TOME_R)
 
 
 def test_pareto_front() -> None:

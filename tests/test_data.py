@@ -380,3 +380,14 @@ def test_image_without_a_label_line(tmp_path: Path) -> None:
     label_file.write_text("\n".join(label_file.read_text().splitlines()[:2]))
     with pytest.raises(ValueError, match="1 images in .* have no line in"):
         datamodule(tmp_path, num_classes=5, label_file=str(label_file)).setup("validate")
+
+
+def test_eval_hflip_mirrors_every_eval_image(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", IMAGENET_WNIDS, per_class=1)
+    plain, mirrored = datamodule(tmp_path), datamodule(tmp_path, eval_hflip=True)
+    for dm in (plain, mirrored):
+        dm.setup("validate")
+    for i in range(len(plain.val_dataset)):
+        (image, label), (flipped, flipped_label) = plain.val_dataset[i], mirrored.val_dataset[i]
+        assert label == flipped_label and not torch.equal(image, flipped)
+        torch.testing.assert_close(flipped, image.flip(-1), atol=1e-6, rtol=0)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from atm_lightning import NoMerge, ToMe, merge_stats, patch
 from atm_lightning.data import ImageNetDataModule
-from atm_lightning.module import EvalMetrics, TokenMergingModule
+from atm_lightning.metrics import EvalMetrics
+from atm_lightning.module import TokenMergingModule
 from atm_lightning.results import format_table
 
 NAME = "vit_tiny_patch16_224"
@@ -45,7 +46,17 @@ def direct(module: TokenMergingModule, root: Path, merger) -> dict:
             tokens.append(merge_stats(model).tokens)
             gflops.append(merge_stats(model).gflops)
     logits, targets = torch.cat(logits), torch.cat(targets)
+    patch(model, NoMerge())
+    with torch.no_grad():
+        dense = torch.cat([model(images) for images, _ in dm.val_dataloader()])
+    dense_right, right = dense.argmax(1) == targets, logits.argmax(1) == targets
+    log_p, log_q = F.log_softmax(dense.double(), -1), F.log_softmax(logits.double(), -1)
     return {
+        "agreement": 100 * (dense.argmax(1) == logits.argmax(1)).double().mean().item(),
+        "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+        "top1_dense": 100 * dense_right.double().mean().item(),
+        "lost": int((dense_right & ~right).sum()),
+        "gained": int((right & ~dense_right).sum()),
         "top1": 100 * (logits.argmax(1) == targets).double().mean().item(),
         "loss": F.cross_entropy(logits.double(), targets).item(),
         "tokens_per_layer": torch.cat(tokens).double().mean(0).tolist(),
@@ -75,6 +86,15 @@ def test_validate_matches_direct_computation(data_root: Path) -> None:
     logged = {k: float(v) for k, v in t.callback_metrics.items()}
     assert logged["val/top1"] == pytest.approx(got["top1"], rel=1e-6)
     assert logged["val/num_images"] == 8
+    # Fidelity: the same model unmerged on the same images, compared image by image.
+    assert got["agreement"] == pytest.approx(want["agreement"], abs=1e-9)
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-5, abs=1e-9)
+    assert got["top1_dense"] == pytest.approx(want["top1_dense"], abs=1e-9)
+    assert got["top1_change"] == pytest.approx(100 * (want["gained"] - want["lost"]) / 8, abs=1e-9)
+    assert got["top1"] - got["top1_dense"] == pytest.approx(got["top1_change"], abs=1e-9)
+    low, high = got["top1_change_ci95"]
+    assert low <= got["top1_change"] <= high and got["lossless"] == (low <= 0 <= high)
+    assert logged["val/agreement"] == pytest.approx(got["agreement"], rel=1e-6)
 
 
 def test_val_and_test_keep_separate_results(data_root: Path) -> None:
@@ -89,6 +109,21 @@ def test_val_and_test_keep_separate_results(data_root: Path) -> None:
     assert val["top1"] == test["top1"] and val["loss"] == pytest.approx(test["loss"], rel=1e-12)
     assert val["flops_reduction"] == 0.0 and val["gflops_matching"] == 0.0
     assert val["tokens_per_layer"] == [197.0] * 13
+    # The dense model is its own reference: nothing moved, and the interval says so exactly.
+    assert (val["agreement"], val["kl"], val["top1_change"]) == (100.0, 0.0, 0.0)
+    assert val["top1_change_ci95"] == [0.0, 0.0] and val["lossless"] is True
+    assert val["top1_dense"] == val["top1"]
+
+
+def test_fidelity_can_be_turned_off(data_root: Path) -> None:
+    module = TokenMergingModule(NAME, num_classes=3, merger=ToMe(r=8), fidelity=False)
+    calls = []
+    module.model.register_forward_hook(lambda *_: calls.append(1))
+    trainer().validate(module, datamodule=datamodule(data_root))
+    results = module.results["val"]
+    assert len(calls) == 3  # 8 images in batches of 3: one forward each, no dense reference
+    assert all(results[key] is None for key in ("agreement", "kl", "top1_change", "top1_change_ci95", "lossless"))
+    assert "not measured" in format_table({"agreement": results["agreement"]})
 
 
 def test_dense_module_is_the_timm_model() -> None:
@@ -134,8 +169,8 @@ def eval_metrics(per_image_gflops: list[list[float]], dense: float) -> dict:
             gflops_matching=torch.zeros(b, dtype=torch.float64),
             tokens=torch.full((b, 3), 5),
         )
-        metrics.update(torch.randn(b, 4), torch.zeros(b, dtype=torch.long), 0.1, stats)
-    results, predictions = metrics.compute()
+        metrics.update(torch.randn(b, 4), torch.zeros(b, dtype=torch.long), 0.1, stats, None)
+    results, predictions, _ = metrics.compute()
     assert len(predictions) == sum(map(len, per_image_gflops))
     return results
 

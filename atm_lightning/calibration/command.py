@@ -17,7 +17,7 @@ from lightning.pytorch import Trainer
 from ..data import ImageNetDataModule
 from ..merge import ATM, to_config
 from ..module import TokenMergingModule
-from .run import calibrate, check_calibrate_args, draw_samples
+from .run import calibrate, check_calibrate_args, draw_samples, starting_merger
 from .search import Calibration, candidate_shapes, unreached_message
 
 # Options of the calibrate subcommand itself, left out of the written config.
@@ -64,14 +64,16 @@ class CalibrationTrainer(Trainer):
             split_layers: candidate ATM split layers (1-indexed); default: depth-2 and depth-1.
             decay_layers: candidate blocks where the threshold reaches its floor; default: depth-2.
             alpha_drops: candidate first thresholds, as alpha = 1 - alpha_drop * (1 - theta_min);
-                default: 0 (block 1 merges only exact duplicates) and 0.5.
+                default: 0 (block 1 merges only exact duplicates) and 0.5; 0 only with
+                class-attention weighting (attention_power > 0).
             max_evals: evaluations allowed per schedule shape.
             base_config: the config the written file starts from (the CLI passes its own).
         """
         check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
         check_output(Path(output), overwrite, self.world_size)
         started = time.perf_counter()
-        shapes = candidate_shapes(len(model.model.blocks), split_layers, decay_layers, alpha_drops)
+        strict = starting_merger(model).attention_power > 0
+        shapes = candidate_shapes(len(model.model.blocks), split_layers, decay_layers, alpha_drops, strict)
         samples = draw_samples(datamodule, num_images, seed)
         result = calibrate(
             model, datamodule, samples, shapes, target=target_reduction, tolerance=tolerance, max_evals=max_evals,

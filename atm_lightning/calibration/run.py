@@ -66,7 +66,7 @@ def calibrate(
     fails. ``result.best`` is None when no schedule came within ``tolerance`` of ``target``.
     """
     module = module.eval().to(device)
-    base = module.merger if isinstance(module.merger, ATM) else ATM()
+    base = starting_merger(module)
     try:
         cal = load_calibration_set(module.model, datamodule, samples, device, progress)
         score = progress_scorer(module.model, cal, use_labels, len(shapes) * max_evals, progress)
@@ -75,6 +75,17 @@ def calibrate(
         patch(module.model, module.merger)
     dense_top1 = cal.dense_top1() if use_labels else None
     return replace(result, num_images=cal.num_images, dense_gflops=cal.dense_gflops, dense_top1=dense_top1)
+
+
+def starting_merger(module: TokenMergingModule) -> ATM:
+    """The ATM whose thresholds the search sets: the module's own when its merger is ATM (all its
+    options kept), otherwise ATM with the options that transferred best to held-out images
+    (docs/calibration.md): per-head keys, the size-weighted merge error, class-attention
+    weighting (models with a class token) and norm-keeping merges."""
+    if isinstance(module.merger, ATM):
+        return module.merger
+    class_token = getattr(module.model, "cls_token", None) is not None
+    return ATM(keys="per_head", size_weighted=True, attention_power=0.5 if class_token else 0.0, keep_norm=True)
 
 
 def check_calibrate_args(target: float, tolerance: float, num_images: int, max_evals: int) -> None:

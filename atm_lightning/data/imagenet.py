@@ -64,6 +64,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         hflip: Horizontal-flip probability for training.
         crop_scale: Area range of the training random-resized crop (DeiT: 0.08 to 1); small
             centred objects such as digits need a narrow one, e.g. [0.8, 1.0].
+        eval_hflip: evaluate mirrored copies of the val/test images (with ``crop_pct``, the
+            transformed copies on which a calibrated setting should still hold).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         color_jitter: float = 0.3,
         hflip: float = 0.5,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        eval_hflip: bool = False,
     ):
         super().__init__()
         check_sizes(batch_size=batch_size, limit=limit, num_classes=num_classes, num_workers=num_workers)
@@ -103,6 +106,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.label_file = label_file
         self.class_names = class_names
         self.limit = limit
+        self.eval_hflip = eval_hflip
         self.augment = {
             "auto_augment": auto_augment,
             "re_prob": re_prob,
@@ -196,7 +200,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             samples = flat_samples(find_split(self.root, split, flat=True), self.label_file, self.num_classes)
         else:
             samples = self.labelled_images(split)
-        return ImageListDataset(samples[: self.limit], eval_transform(self.data_config))
+        return ImageListDataset(samples[: self.limit], eval_transform(self.data_config, hflip=self.eval_hflip))
 
     @staticmethod
     def _require(dataset: ImageListDataset | None, stage: str) -> ImageListDataset:

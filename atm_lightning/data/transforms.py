@@ -10,6 +10,7 @@ import timm
 from PIL import Image
 from timm.data import auto_augment as timm_augment
 from timm.data import create_transform, resolve_data_config
+from torchvision import transforms
 
 
 def check_model_name(model_name: str) -> None:
@@ -47,9 +48,14 @@ def resolve_eval_config(
     return resolve_data_config(args, pretrained_cfg=cfg, use_test_size=True)
 
 
-def eval_transform(config: dict[str, Any]) -> Callable:
-    """Resize to size/crop_pct, center crop, to tensor, normalize."""
-    return create_transform(**config, is_training=False)
+def eval_transform(config: dict[str, Any], hflip: bool = False) -> Callable:
+    """Resize to size/crop_pct, center crop, to tensor, normalize; ``hflip`` mirrors every image
+    first (a transformed copy of an eval set, to check that a setting holds beyond the images it
+    was chosen on)."""
+    transform = create_transform(**config, is_training=False)
+    if hflip:
+        transform = transforms.Compose([transforms.RandomHorizontalFlip(p=1.0), transform])
+    return transform
 
 
 def train_transform(

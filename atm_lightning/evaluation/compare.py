@@ -1,4 +1,4 @@
-"""Dense, a ToMe sweep, ATM operating points and fine-tuned checkpoints: one table, one CSV, one plot.
+"""Dense, ToMe and EViT sweeps, ATM operating points and fine-tuned checkpoints: one table, CSV and plot.
 
 Every row is an ``atm validate`` run in this process (the same ATMCLI, TokenMergingModule,
 ImageNetDataModule and ``Trainer.validate``), so its numbers equal what a single ``atm validate``
@@ -6,6 +6,12 @@ with the same options writes to metrics.json; compare takes them, and each image
 from the module. Options that are not compare's own (``--model.*``, ``--data.*``,
 ``--trainer.*``) go to every run unchanged, so all rows share images, preprocessing and batch size;
 each run's metrics.json and TensorBoard events land under OUTPUT/runs/<row>.
+
+Each row is measured against the dense row on the same images: agreement (top-1 class
+unchanged), the top-1 change with its 95% paired-bootstrap interval, and the mean KL of the
+row's output from its own unmerged model's (for a checkpoint: the unmerged checkpoint). The plot
+draws the top-1 change with its interval and the agreement against GFLOPs, one curve per family.
+``--sweep`` fills in the ToMe and EViT sweeps that a curve needs.
 
 Example (ViT-Ti weights, 200 images of an ImageNet folder):
     atm compare --config configs/vit_t.yaml --model.weights vit_tiny_patch16_224.safetensors \\
@@ -25,11 +31,14 @@ from typing import Any
 from torch import Tensor
 
 from ..cli import run_in_process
-from ..merge import NoMerge, TokenMerger, ToMe, to_config
+from ..fidelity import top1_change
+from ..merge import EViT, NoMerge, TokenMerger, ToMe, to_config
 from ..results import METRICS_FILE
 from .options import METHOD_HELP, HelpFormatter, parse_method, write_csv
 from .plot import plot, require_matplotlib
 
+SWEEP_TOME_R = (2, 4, 6, 8, 10, 12, 13, 14, 16)
+SWEEP_EVIT_KEEP = (0.9, 0.8, 0.7, 0.6, 0.5)
 PASSTHROUGH_PREFIXES = ("--model.", "--data.", "--trainer.", "--seed_everything")
 OWN_SETTINGS = ("--model.merger", "--trainer.logger")
 
@@ -39,7 +48,7 @@ class Run:
     """One row to evaluate: a merger, and for fine-tuned checkpoints their own weights."""
 
     label: str
-    family: str  # dense, ToMe, ATM or checkpoint: one colour each in the plot
+    family: str  # dense, ToMe, EViT, ATM or checkpoint: one colour each in the plot
     merger: TokenMerger
     weights: str | None = None
 
@@ -56,6 +65,11 @@ class Row:
     top1: float
     top5: float
     agreement_pct: float | None  # top-1 class unchanged from the dense row
+    top1_change: float | None  # points, against the dense row on the same images
+    ci_low: float | None  # 95% paired-bootstrap interval of top1_change
+    ci_high: float | None
+    lossless: bool | None  # the interval contains 0
+    kl: float | None  # mean KL(unmerged || merged), nats per image
     img_per_s: float
     num_images: int
     batch_size: int
@@ -74,7 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, help="base `atm validate` config, e.g. configs/vit_t.yaml")
     parser.add_argument(
-        "--tome_r", type=int, nargs="*", default=[4, 8, 13, 16], metavar="R", help="ToMe merges per block to sweep"
+        "--tome_r", type=int, nargs="*", default=None, metavar="R",
+        help=f"ToMe merges per block to sweep (default 4 8 13 16; with --sweep {' '.join(map(str, SWEEP_TOME_R))})",
+    )
+    parser.add_argument(
+        "--evit_keep", type=float, nargs="*", default=None, metavar="RATE",
+        help=f"EViT keep rates to sweep (default none; with --sweep {' '.join(map(str, SWEEP_EVIT_KEEP))})",
+    )
+    parser.add_argument(
+        "--evit_layers", type=int, nargs="*", default=None, metavar="BLOCK",
+        help="1-indexed blocks where the EViT rows prune (default EViT's 4 7 10, for 12-block models)",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="curves: fill in the ToMe and EViT sweeps not given explicitly"
     )
     parser.add_argument(
         "--atm", nargs="*", default=[], metavar="METHOD", help=f"ATM operating points, each {METHOD_HELP}"
@@ -124,7 +150,10 @@ def check_passthrough(options: list[str]) -> None:
 def plan(args: argparse.Namespace) -> list[Run]:
     """Dense first (the reference for agreement), then ToMe, ATM and the checkpoints."""
     runs = [Run("dense", "dense", NoMerge())]
-    runs += [Run(f"ToMe r={r}", "ToMe", ToMe(r=r)) for r in args.tome_r]
+    tome_r = args.tome_r if args.tome_r is not None else SWEEP_TOME_R if args.sweep else (4, 8, 13, 16)
+    evit_keep = args.evit_keep if args.evit_keep is not None else SWEEP_EVIT_KEEP if args.sweep else ()
+    runs += [Run(f"ToMe r={r}", "ToMe", ToMe(r=r)) for r in tome_r]
+    runs += [Run(f"EViT keep={k:g}", "EViT", EViT(keep_rate=k, prune_layers=args.evit_layers)) for k in evit_keep]
     for spec in args.atm:
         method = parse_method(spec)
         family = type(method.merger).__name__  # ATM, or another method given inline (ToMe, EViT)
@@ -146,10 +175,11 @@ def parse_checkpoint(spec: str) -> Run:
 
 @dataclass(frozen=True)
 class Evaluated:
-    """One row's run: the module's results, its images' top-1 classes, and where its files are."""
+    """One row's run: the module's results, its images' top-1 classes and labels, and where its files are."""
 
     results: dict[str, Any]
     predictions: Tensor  # [N] in loader order
+    targets: Tensor  # [N]
     batch_size: int
     metrics_path: Path
 
@@ -167,21 +197,35 @@ def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> Eva
     cli = run_in_process(args)
     module = cli.model
     path = Path(cli.trainer.log_dir) / METRICS_FILE
-    return Evaluated(module.results["val"], module.predictions["val"], cli.datamodule.batch_size, path)
+    return Evaluated(
+        module.results["val"], module.predictions["val"], module.targets["val"], cli.datamodule.batch_size, path
+    )
 
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "run"
 
 
+def against_dense(e: Evaluated, dense: Evaluated) -> dict[str, Any]:
+    """Agreement and the top-1 change (with its interval) of one row against the dense row."""
+    if len(e.predictions) != len(dense.predictions) or not (e.targets == dense.targets).all():
+        none = dict.fromkeys(("agreement_pct", "top1_change", "ci_low", "ci_high", "lossless"))
+        return none  # not the same images in the same order (several devices): no paired comparison
+    right, dense_right = e.predictions == e.targets, dense.predictions == dense.targets
+    change = top1_change(int((dense_right & ~right).sum()), int((right & ~dense_right).sum()), len(e.targets))
+    return {
+        "agreement_pct": 100 * float((e.predictions == dense.predictions).double().mean()),
+        "top1_change": change.change,
+        "ci_low": change.low,
+        "ci_high": change.high,
+        "lossless": change.lossless,
+    }
+
+
 def to_rows(runs: list[Run], evaluated: list[Evaluated]) -> list[Row]:
-    dense_predictions = evaluated[0].predictions
     front = pareto_front([(e.results["gflops"], e.results["top1"]) for e in evaluated])
     rows = []
     for i, (run, e) in enumerate(zip(runs, evaluated, strict=True)):
-        agreement = None
-        if len(e.predictions) == len(dense_predictions):
-            agreement = 100 * float((e.predictions == dense_predictions).double().mean())
         rows.append(
             Row(
                 method=run.label,
@@ -191,7 +235,8 @@ def to_rows(runs: list[Run], evaluated: list[Evaluated]) -> list[Row]:
                 reduction_pct=100 * e.results["flops_reduction"],
                 top1=e.results["top1"],
                 top5=e.results["top5"],
-                agreement_pct=agreement,
+                **against_dense(e, evaluated[0]),
+                kl=e.results.get("kl"),
                 img_per_s=e.results["img_per_s"],
                 num_images=e.results["num_images"],
                 batch_size=e.batch_size,
@@ -219,16 +264,19 @@ def pareto_front(points: list[tuple[float, float]]) -> set[int]:
 
 def markdown_table(rows: list[Row]) -> str:
     lines = [
-        f"{rows[0].num_images} images, batch size {rows[0].batch_size}; * = on the Pareto front (top-1 vs GFLOPs)",
+        f"{rows[0].num_images} images, batch size {rows[0].batch_size}; top-1 change against dense with its 95% "
+        "paired-bootstrap interval; KL to the unmerged model (nats); * = on the Pareto front (top-1 vs GFLOPs)",
         "",
-        "| method | params | GFLOPs | reduction | top-1 | top-5 | agreement | img/s | |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| method | params | GFLOPs | reduction | top-1 | change [95% CI] | agreement | KL | top-5 | img/s | |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         agreement = "n/a" if r.agreement_pct is None else f"{r.agreement_pct:.1f}%"
+        change = "n/a" if r.top1_change is None else f"{r.top1_change:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
+        kl = "n/a" if r.kl is None else f"{r.kl:.4f}"
         lines.append(
-            f"| {r.method} | {r.params} | {r.gflops:.4g} | {r.reduction_pct:.1f}% | {r.top1:.2f} | "
-            f"{r.top5:.2f} | {agreement} | {r.img_per_s:.1f} | {'*' if r.pareto else ''} |"
+            f"| {r.method} | {r.params} | {r.gflops:.4g} | {r.reduction_pct:.1f}% | {r.top1:.2f} | {change} | "
+            f"{agreement} | {kl} | {r.top5:.2f} | {r.img_per_s:.1f} | {'*' if r.pareto else ''} |"
         )
     return "\n".join(lines)
 

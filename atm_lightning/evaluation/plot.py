@@ -1,4 +1,4 @@
-"""The picture of a comparison: top-1 against GFLOPs, one colour per family, the Pareto front."""
+"""The picture of a comparison: top-1 change (with its interval) and agreement against GFLOPs, one curve per family."""
 
 from __future__ import annotations
 
@@ -26,29 +26,36 @@ def require_matplotlib() -> None:
 
 
 def plot(rows: Sequence[Any], path: Path) -> None:
-    """Top-1 against GFLOPs of compare's rows, one colour per family, the Pareto front dashed."""
+    """Two panels against GFLOPs: the top-1 change from dense with its 95% interval, and the
+    agreement with dense; one curve per family (points in order of GFLOPs), checkpoints as points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, (change_ax, agree_ax) = plt.subplots(1, 2, figsize=(11, 4.4))
     for family, colour in COLOURS.items():
-        members = [r for r in rows if r.family == family]
-        if members:
-            ax.plot([r.gflops for r in members], [r.top1 for r in members], "o", color=colour, label=family)
-    front = sorted((r for r in rows if r.pareto), key=lambda r: r.gflops)
-    ax.plot(
-        [r.gflops for r in front], [r.top1 for r in front], "--o", color="grey", markerfacecolor="none",
-        markersize=12, label="Pareto front",
-    )
-    for r in rows:
-        ax.annotate(r.method, (r.gflops, r.top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("GFLOPs per image (multiply-adds)")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{rows[0].num_images} images, batch {rows[0].batch_size}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        members = sorted((r for r in rows if r.family == family), key=lambda r: r.gflops)
+        members = [r for r in members if r.top1_change is not None]
+        if not members:
+            continue
+        style = "o" if family in ("checkpoint", "dense", "NoMerge") else "-o"
+        gflops = [r.gflops for r in members]
+        errors = [[r.top1_change - r.ci_low for r in members], [r.ci_high - r.top1_change for r in members]]
+        change_ax.errorbar(
+            gflops, [r.top1_change for r in members], yerr=errors, fmt=style, color=colour, capsize=3, label=family
+        )
+        agree_ax.plot(gflops, [r.agreement_pct for r in members], style, color=colour, label=family)
+        for r in members:
+            agree_ax.annotate(r.method, (r.gflops, r.agreement_pct), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    change_ax.axhline(0.0, color="grey", linewidth=0.8)
+    change_ax.set_ylabel("top-1 change from dense (points, 95% CI)")
+    agree_ax.set_ylabel("top-1 agreement with dense (%)")
+    for ax in (change_ax, agree_ax):
+        ax.set_xlabel("GFLOPs per image (multiply-adds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{rows[0].num_images} images, batch {rows[0].batch_size}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,12 +8,15 @@ says which models are supported and patches them; ``vit.py`` adapts timm's Visio
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
-from ..merge import TokenMerger, make_merger
+from ..merge import NoMerge, TokenMerger, make_merger
 from .loop import RAGGED_MODES
 from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
-from .adapters import apply, check_supported, remove
+from .adapters import MIXINS, apply, check_supported, remove
 from .errors import UnsupportedModelError
 
 
@@ -47,6 +50,21 @@ def patch(
     return apply(model, merger, record_merges=record_merges, ragged=ragged, compile=compile)
 
 
+@contextmanager
+def unmerged(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a patched ``model`` as the dense model inside the ``with`` block (same weights, nothing
+    merged), for comparisons; its policy and the record of its last forward are kept as they were."""
+    if not isinstance(model, MIXINS):
+        raise TypeError("unmerged needs a patched model: call atm_lightning.patch(model, ...) first")
+    merging = model._merging
+    policy, last = merging.policy, merging.last
+    merging.policy = NoMerge()
+    try:
+        yield model
+    finally:
+        merging.policy, merging.last = policy, last
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore timm's own model class (no hooks, no accounting)."""
     return remove(model)
@@ -61,5 +79,6 @@ __all__ = [
     "check_supported",
     "merge_stats",
     "patch",
+    "unmerged",
     "unpatch",
 ]
