@@ -13,8 +13,10 @@ for target in 20 30 40; do
   atm calibrate --config configs/vit_t_dense.yaml --model.weights "$weights" --data.root "$split" \
     --target_reduction 0.$target --num_images 500 --output "$out/atm_$target.yaml"
 done
+atm calibrate --config configs/vit_t_dense.yaml --model.merger ATM --model.weights "$weights" \
+  --data.root "$split" --target_reduction 0.3 --num_images 500 --output "$out/paper_30.yaml"  # the paper's options
 ladder=("$out/atm_20.yaml" "$out/atm_30.yaml" "$out/atm_40.yaml")
 common=(--config configs/vit_t.yaml --model.weights "$weights" --data.root "$split")
-atm compare "${common[@]}" --sweep --atm "${ladder[@]}" --output "$out/held_out"
-atm compare "${common[@]}" --data.eval_hflip true --tome_r 8 10 13 --atm "${ladder[@]}" --output "$out/held_out_flipped"
-atm compare "${common[@]}" --data.crop_pct 1.0 --tome_r 8 10 13 --atm "${ladder[@]}" --output "$out/held_out_crop1"
+atm compare "${common[@]}" --sweep --atm "$out/paper_30.yaml" "${ladder[@]}" --output "$out/held_out"
+atm compare "${common[@]}" --data.eval_hflip true --tome_r 10 13 --atm "${ladder[@]}" --output "$out/held_out_flipped"
+atm compare "${common[@]}" --data.crop_pct 1.0 --tome_r 10 13 --atm "${ladder[@]}" --output "$out/held_out_crop1"
