@@ -138,15 +138,19 @@ class ATMCLI(LightningCLI):
         trainer.callbacks.append(DiscardUnusedRunFolder(new_run_folder(trainer)))
         return trainer
 
-    def _set_threads(self) -> None:
-        """Intra-op threads against the DataLoader workers (see :mod:`atm_lightning.threads`)."""
+    def _set_threads(self, workers_idle: bool = False) -> None:
+        """Intra-op threads against the DataLoader workers (see :mod:`atm_lightning.threads`).
+
+        ``workers_idle``: the workers only feed a first pass (calibration then runs its many
+        merged passes from memory), so the default takes every core."""
         subcommand = self.config.get("subcommand")
         threads = self.config[subcommand].get("threads") if subcommand else self.config.get("threads")
         workers = getattr(self.datamodule, "num_workers", None)
         devices = self.trainer.num_devices
         if workers is None:
             workers = default_num_workers(devices)
-        self.threads = {"threads": set_threads(threads, workers, devices), "num_workers": workers}
+        count = set_threads(threads, 0 if workers_idle else workers, devices)
+        self.threads = {"threads": count, "num_workers": workers}
 
     def before_fit(self) -> None:
         self._set_threads()
@@ -158,7 +162,7 @@ class ATMCLI(LightningCLI):
         self._set_threads()
 
     def before_calibrate(self) -> None:
-        self._set_threads()
+        self._set_threads(workers_idle=True)
 
     def calibrate(self, **options: Any) -> Calibration:
         """Run ``trainer.calibrate``; the calibrated file is this very config with a new merger,

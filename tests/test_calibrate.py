@@ -31,6 +31,7 @@ from atm_lightning.cli import main
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.merge import ATM, NoMerge, ToMe
 from atm_lightning.module import TokenMergingModule
+from atm_lightning.threads import available_cpus
 from tests.fakedata import make_image_folder
 from tests.helpers import CONFIGS
 
@@ -86,7 +87,12 @@ def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatc
         run(*command)  # before any image is read
     assert output.read_text() == "# an earlier calibration\n"
     capsys.readouterr()
-    run(*command, "--overwrite", "true")
+    threads = torch.get_num_threads()
+    try:  # one worker feeds the dense pass only; the merged passes run from memory on every core
+        run(*command, "--overwrite", "true", "--data.num_workers", "1")
+        assert torch.get_num_threads() == available_cpus()
+    finally:
+        torch.set_num_threads(threads)
     captured = capsys.readouterr()
     # --num_images defaults to 1000; the 12 training images are all there is, and that is said.
     assert f"--num_images 1000 asked for more images than the 12 in {mirrored_root / 'train'}" in captured.err
