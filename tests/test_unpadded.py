@@ -35,9 +35,10 @@ def test_full_split_made_in_inference_mode_serves_gradients():
     assert x.grad.sum() == len(split.a_idx[0]) * 4
 
 
+@pytest.mark.parametrize("keep_norm", [False, True])
 @pytest.mark.parametrize("kind", ["alternate", "size"])
 @pytest.mark.parametrize("protected", [1, 2])
-def test_merge_single_image_equals_merge_tokens(kind, protected):
+def test_merge_single_image_equals_merge_tokens(kind, protected, keep_norm):
     """Same tokens, sizes and count, bit for bit, with several sources per destination."""
     for seed in range(6):
         torch.manual_seed(seed)
@@ -54,9 +55,11 @@ def test_merge_single_image_equals_merge_tokens(kind, protected):
         fast_matches, matches = best_matches(keys, fast), best_matches(keys, general)
         assert torch.equal(fast_matches.scores, matches.scores)
         selected = torch.rand(fast.a_idx.shape) < 0.5
-        out = merge_single_image(x, size, fast, fast_matches, selected, protected)
+        out = merge_single_image(x, size, fast, fast_matches, selected, protected, keep_norm)
         for pack in (False, True):
-            expected = merge_tokens(x, size, None, general, matches, selected, protected, sort_images=pack, pack=pack)
+            expected = merge_tokens(
+                x, size, None, general, matches, selected, protected, sort_images=pack, pack=pack, keep_norm=keep_norm
+            )
             assert torch.equal(out.x.view(-1, dim), expected.x.view(-1, dim))
             assert torch.equal(out.size, expected.size) and torch.equal(out.count, expected.count)
 

@@ -50,10 +50,16 @@ def full_size_sorted_split(size: Tensor, num_protected: int) -> Split:
 
 
 def merge_single_image(
-    x: Tensor, size: Tensor, split: Split, matches: Matches, selected: Tensor, num_protected: int
+    x: Tensor,
+    size: Tensor,
+    split: Split,
+    matches: Matches,
+    selected: Tensor,
+    num_protected: int,
+    keep_norm: bool = False,
 ) -> Merged | None:
     """:func:`.merging.merge_tokens` for one image without padding ([1, N, C], ``split.all_real``),
-    without source tracking or ``keep_norm``; None when nothing merges.
+    without source tracking; None when nothing merges.
 
     Output tokens are ``[protected, unmerged sources, destinations]``, each group in position
     order; destinations that took in sources become the size-weighted mean of their parts.
@@ -74,6 +80,12 @@ def merge_single_image(
     order = group.add_(torch.arange(n, device=x.device)).argsort()[: n - len(slot)]
     moved = tokens.index_select(0, src_pos) * src_size.to(x.dtype)[:, None]
     total = (tokens * sizes.to(x.dtype)[:, None]).index_add_(0, dst_pos, moved)
-    merged = torch.where((new_size != sizes)[:, None], total / new_size.to(x.dtype)[:, None], tokens)
+    mean = total / new_size.to(x.dtype)[:, None]
+    if keep_norm:  # each merged token at its parts' size-weighted mean length, as merge_tokens does
+        lengths = (tokens.norm(dim=-1, keepdim=True) * sizes.to(x.dtype)[:, None]).index_add_(
+            0, dst_pos, tokens.index_select(0, src_pos).norm(dim=-1, keepdim=True) * src_size.to(x.dtype)[:, None]
+        )
+        mean = mean * (lengths / new_size.to(x.dtype)[:, None] / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    merged = torch.where((new_size != sizes)[:, None], mean, tokens)
     count = torch.full((1,), len(order), device=x.device, dtype=torch.long)
     return Merged(merged.index_select(0, order).view(1, -1, dim), new_size[order].view(1, -1), None, count)
