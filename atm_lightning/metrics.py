@@ -119,7 +119,7 @@ class EvalMetrics(nn.Module):
         return results | fidelity, predictions, targets
 
 
-FIDELITY_FIELDS = ("top1_dense", "agreement", "kl", "top1_change", "top1_change_ci95", "lossless")
+FIDELITY_FIELDS = ("top1_dense", "top1_change", "top1_change_ci95", "lossless", "agreement", "kl")  # in display order
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:

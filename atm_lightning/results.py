@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .merge import TokenMerger
+from .metrics import FIDELITY_FIELDS
 
 METRICS_FILE = "metrics.json"
 
@@ -51,12 +52,7 @@ def result_row(
         "gflops_dense": results["gflops_dense"],
         "gflops_matching": results["gflops_matching"],
         "flops_reduction": results["flops_reduction"],
-        "top1_dense": results["top1_dense"],
-        "top1_change": results["top1_change"],
-        "top1_change_ci95": results["top1_change_ci95"],
-        "lossless": results["lossless"],
-        "agreement": results["agreement"],
-        "kl": results["kl"],
+        **{key: results[key] for key in FIDELITY_FIELDS},
         "tokens_per_layer": results["tokens_per_layer"],
         "img_per_s": results["img_per_s"],
     }
@@ -81,7 +77,7 @@ def format_table(row: dict[str, Any]) -> str:
 
 def _format_value(key: str, value: Any) -> str:
     if value is None:
-        return "not measured (--model.fidelity false)" if key in FIDELITY_KEYS else "-"
+        return "not measured (--model.fidelity false)" if key in FIDELITY_FIELDS else "-"
     if key == "top1_change_ci95":
         low, high = value
         return f"[{low:+.2f}, {high:+.2f}] pp (width {high - low:.2f})"
@@ -98,6 +94,3 @@ def _format_value(key: str, value: Any) -> str:
             return f"{100 * value:.1f} %"
         return f"{value:.4g}"
     return str(value)
-
-
-FIDELITY_KEYS = ("top1_dense", "top1_change", "top1_change_ci95", "lossless", "agreement", "kl")

@@ -161,7 +161,7 @@ def match_step(
     if attention.class_attention is not None:
         cost = cost + merging.cost.class_attention_macs(state.count)
     record = layer_record(policy, context, selected) if merging.record else None
-    if split.all_real and len(size) == 1 and state.source is None and state.coords is None:
+    if split.all_real and len(size) == 1 and state.carried() is None:  # nothing summed beside sizes
         merged = merge_single_image(state.x, size, split, context.matches, selected, protected, policy.keeps_norm)
         return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost, record)
     if not bool(selected.any()):
