@@ -51,7 +51,7 @@ class EvalMetrics(nn.Module):
                 for k in (1, 5)
             }
         )
-        names = ("num_images", "loss", "gflops", "gflops_matching", "flops_reduction", "seconds", *FIDELITY_SUMS)
+        names = ("num_images", "loss", "gflops", "gflops_matching", "flops_reduction", "rerun", "seconds", *FIDELITY_SUMS)
         self.sums = MetricCollection({name: Float64Sum() for name in names})
         self.tokens = Float64Sum((depth + 1,))
         self.gflops_dense = math.nan
@@ -75,6 +75,7 @@ class EvalMetrics(nn.Module):
             "gflops_matching": stats.gflops_matching.double().sum(),
             # Summed per image: 1 - mean/dense would round a dense run to -2.2e-16 ("-0.0 %").
             "flops_reduction": (1.0 - stats.gflops / dense).double().sum(),
+            "rerun": torch.tensor(0) if stats.rerun is None else stats.rerun.sum(),
             "seconds": torch.tensor(seconds),
         }
         if dense_logits is None:
@@ -112,6 +113,7 @@ class EvalMetrics(nn.Module):
             "gflops_dense": self.gflops_dense,
             "gflops_matching": sums["gflops_matching"] / images,
             "flops_reduction": sums["flops_reduction"] / images,
+            "rerun_fraction": sums["rerun"] / images,  # images run again unmerged (rerun_margin)
             "tokens_per_layer": (tokens / images).tolist(),
             "img_per_s": images / sums["seconds"] if sums["seconds"] > 0 else math.nan,
         }

@@ -52,6 +52,7 @@ def result_row(
         "gflops_dense": results["gflops_dense"],
         "gflops_matching": results["gflops_matching"],
         "flops_reduction": results["flops_reduction"],
+        "rerun_fraction": results["rerun_fraction"],
         **{key: results[key] for key in FIDELITY_FIELDS},
         "tokens_per_layer": results["tokens_per_layer"],
         "img_per_s": results["img_per_s"],
@@ -90,7 +91,7 @@ def _format_value(key: str, value: Any) -> str:
             return f"{value:.2f} %"
         if key == "top1_change":
             return f"{value:+.2f} pp"
-        if key == "flops_reduction":
+        if key in ("flops_reduction", "rerun_fraction"):
             return f"{100 * value:.1f} %"
         return f"{value:.4g}"
     return str(value)

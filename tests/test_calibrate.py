@@ -108,7 +108,8 @@ def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatc
     assert config["model"]["weights"] == str(weights) and config["model"]["num_classes"] == NUM_CLASSES
     assert "root" not in config["data"] and "target_reduction" not in config
     atm = ATM(**config["model"]["merger"]["init_args"])
-    assert 0.99 < atm.theta_min < 1.0  # a random ViT's keys are all alike
+    assert atm.theta_min < 1.0 and 0.0 < atm.rerun_margin < 1.0  # the default rerun fraction is on
+    assert re.search(r"rerun_margin=[\d.e-]+: .* rerun [\d.]+%", lines[-1])
 
     # The file is used as is; only the data root is new. val/ holds the calibration images.
     run("validate", "--config", str(output), "--data.root", str(mirrored_root))

@@ -40,6 +40,7 @@ ROW_KEYS = {
     "gflops_dense",
     "gflops_matching",
     "flops_reduction",
+    "rerun_fraction",
     "top1_dense",
     "top1_change",
     "top1_change_ci95",

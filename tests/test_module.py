@@ -168,6 +168,7 @@ def eval_metrics(per_image_gflops: list[list[float]], dense: float) -> dict:
             gflops_dense=dense,
             gflops_matching=torch.zeros(b, dtype=torch.float64),
             tokens=torch.full((b, 3), 5),
+            rerun=torch.arange(b) == 0,  # the first image of each batch ran again unmerged
         )
         metrics.update(torch.randn(b, 4), torch.zeros(b, dtype=torch.long), 0.1, stats, None)
     results, predictions, _ = metrics.compute()
@@ -184,3 +185,4 @@ def test_dense_reduction_is_exactly_zero_and_merged_is_the_mean_saving() -> None
     merged = eval_metrics([[dense, 0.5 * dense], [0.75 * dense]], dense)
     assert merged["flops_reduction"] == pytest.approx(1 - merged["gflops"] / dense, abs=1e-15)
     assert merged["flops_reduction"] == pytest.approx(0.25)
+    assert merged["rerun_fraction"] == pytest.approx(2 / 3) and results["rerun_fraction"] == pytest.approx(1 / 5)

@@ -17,13 +17,13 @@ from lightning.pytorch import Trainer
 from ..data import ImageNetDataModule
 from ..merge import ATM, to_config
 from ..module import TokenMergingModule
-from .run import calibrate, check_calibrate_args, draw_samples, starting_merger
+from .run import calibrate, check_calibrate_args, default_rerun_fraction, draw_samples, starting_merger
 from .search import Calibration, candidate_shapes, unreached_message
 
 # Options of the calibrate subcommand itself, left out of the written config.
 CALIBRATE_OPTIONS = (
     "target_reduction", "tolerance", "num_images", "seed", "use_labels", "output", "overwrite",
-    "split_layers", "decay_layers", "alpha_drops", "max_evals",
+    "split_layers", "decay_layers", "alpha_drops", "max_evals", "rerun_fraction",
 )
 
 
@@ -45,6 +45,7 @@ class CalibrationTrainer(Trainer):
         decay_layers: list[int] | None = None,
         alpha_drops: list[float] | None = None,
         max_evals: int = 8,
+        rerun_fraction: float | None = None,
         base_config: dict[str, Any] | None = None,
     ) -> Calibration:
         """Find ATM thresholds that save target_reduction of the FLOPs while changing predictions least.
@@ -67,9 +68,15 @@ class CalibrationTrainer(Trainer):
                 default: 0 (block 1 merges only exact duplicates) and 0.5; 0 only with
                 class-attention weighting (attention_power > 0).
             max_evals: evaluations allowed per schedule shape.
+            rerun_fraction: fraction of the calibration images whose merged prediction is least
+                certain and that run again unmerged (sets the merger's rerun_margin; the FLOPs
+                target counts the second pass). Default: 0.1, or 0 when the config's merger is an
+                ATM without rerun_margin.
             base_config: the config the written file starts from (the CLI passes its own).
         """
-        check_calibrate_args(target_reduction, tolerance, num_images, max_evals)
+        if rerun_fraction is None:
+            rerun_fraction = default_rerun_fraction(model)
+        check_calibrate_args(target_reduction, tolerance, num_images, max_evals, rerun_fraction)
         check_output(Path(output), overwrite, self.world_size)
         started = time.perf_counter()
         strict = starting_merger(model).attention_power > 0
@@ -77,7 +84,7 @@ class CalibrationTrainer(Trainer):
         samples = draw_samples(datamodule, num_images, seed)
         result = calibrate(
             model, datamodule, samples, shapes, target=target_reduction, tolerance=tolerance, max_evals=max_evals,
-            use_labels=use_labels, device=self.strategy.root_device, progress=self.progress_bar_callback is not None,
+            use_labels=use_labels, rerun_fraction=rerun_fraction, device=self.strategy.root_device, progress=self.progress_bar_callback is not None,
         )  # fmt: skip
         if result.best is None:
             raise RuntimeError(unreached_message(result))

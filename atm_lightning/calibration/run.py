@@ -25,7 +25,13 @@ from ..data.datasets import Sample
 from ..merge import ATM, NoMerge
 from ..module import TokenMergingModule
 from ..patch import merge_stats, patch
+from ..patch.rerun import top2_gap
 from .search import Calibration, Point, Shape, search
+
+
+# Images run again unmerged by default (``--rerun_fraction``): chosen on held-out halves of the
+# 1000-image sample (docs/calibration.md).
+RERUN_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ def calibrate(
     tolerance: float = 0.01,
     max_evals: int = 8,
     use_labels: bool = False,
+    rerun_fraction: float = 0.0,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> Calibration:
@@ -64,12 +71,14 @@ def calibrate(
     transform. The module's merger keeps its batch rule and proportional attention; the model is
     patched with each candidate and given its own merger back afterwards, also when the search
     fails. ``result.best`` is None when no schedule came within ``tolerance`` of ``target``.
+    With ``rerun_fraction`` each schedule's ``rerun_margin`` is set so that this fraction of the
+    images runs again unmerged, and the target counts that second pass.
     """
     module = module.eval().to(device)
-    base = starting_merger(module)
+    base = replace(starting_merger(module), rerun_margin=0.0)  # the fraction sets it
     try:
         cal = load_calibration_set(module.model, datamodule, samples, device, progress)
-        score = progress_scorer(module.model, cal, use_labels, len(shapes) * max_evals, progress)
+        score = progress_scorer(module.model, cal, use_labels, rerun_fraction, len(shapes) * max_evals, progress)
         result = search(score, shapes, base, target, tolerance, max_evals, use_labels)
     finally:
         patch(module.model, module.merger)
@@ -88,8 +97,19 @@ def starting_merger(module: TokenMergingModule) -> ATM:
     return ATM(keys="per_head", size_weighted=True, attention_power=0.5 if class_token else 0.0, keep_norm=True)
 
 
-def check_calibrate_args(target: float, tolerance: float, num_images: int, max_evals: int) -> None:
+def default_rerun_fraction(module: TokenMergingModule) -> float:
+    """What ``--rerun_fraction`` means when not given: :data:`RERUN_FRACTION` from the refined
+    starting point or a config whose merger already reruns, 0 for a config's own ATM without it."""
+    merger = module.merger
+    return RERUN_FRACTION if not isinstance(merger, ATM) or merger.rerun_margin > 0 else 0.0
+
+
+def check_calibrate_args(
+    target: float, tolerance: float, num_images: int, max_evals: int, rerun_fraction: float = 0.0
+) -> None:
     """Fail before decoding any image when the request cannot work out."""
+    if not 0.0 <= rerun_fraction < 0.5:
+        raise ValueError(f"--rerun_fraction is the fraction of images run again unmerged, in [0, 0.5), e.g. 0.1; got {rerun_fraction}")
     if not 0.0 < target < 1.0:
         raise ValueError(f"--target_reduction is a fraction of the dense FLOPs in (0, 1), e.g. 0.3; got {target}")
     if not 0.0 < tolerance < target:
@@ -133,35 +153,48 @@ def load_calibration_set(
     return CalibrationSet(batches, torch.cat(labels), torch.cat(log_probs), merge_stats(model).gflops_dense)
 
 
-def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: bool) -> Point:
-    """Reduction, KL and agreement of ``merger`` against the cached dense outputs."""
-    model = patch(model, merger)
+def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: bool, rerun_fraction: float = 0.0) -> Point:
+    """Reduction, KL and agreement of ``merger`` against the cached dense outputs.
+
+    With ``rerun_fraction`` the merger's ``rerun_margin`` becomes the margin below which that
+    fraction of these images falls; those images take the cached dense outputs and a dense pass
+    more in the FLOPs, which is what the patched model does with that margin.
+    """
+    model = patch(model, replace(merger, rerun_margin=0.0))
     gflops, log_probs = [], []
     with torch.inference_mode():
         for images in cal.batches:
             log_probs.append(F.log_softmax(model(images).double(), dim=-1).cpu())
             gflops.append(merge_stats(model).gflops.cpu())
-    merged = torch.cat(log_probs)
+    merged, gflops = torch.cat(log_probs), torch.cat(gflops)
     dense = cal.dense_log_probs
+    rerun = torch.zeros(len(merged), dtype=torch.bool)
+    if rerun_fraction > 0 and merger.merges:
+        gap = top2_gap(merged)
+        margin = float(f"{float(torch.quantile(gap, rerun_fraction)):.4g}")
+        merger, rerun = replace(merger, rerun_margin=margin), gap < margin
+        merged = torch.where(rerun[:, None], dense, merged)
+        gflops = gflops + rerun.double() * cal.dense_gflops
     kl = (dense.exp() * (dense - merged)).sum(-1).mean()
     predictions = merged.argmax(-1)
     return Point(
         merger=merger,
-        reduction=1.0 - float(torch.cat(gflops).mean()) / cal.dense_gflops,
+        reduction=1.0 - float(gflops.mean()) / cal.dense_gflops,
         kl=float(kl),
         agreement=float((predictions == dense.argmax(-1)).double().mean()),
         top1=float((predictions == cal.labels).double().mean()) if use_labels else None,
+        rerun=float(rerun.double().mean()),
     )
 
 
 def progress_scorer(
-    model: nn.Module, cal: CalibrationSet, use_labels: bool, most: int, progress: bool
+    model: nn.Module, cal: CalibrationSet, use_labels: bool, rerun_fraction: float, most: int, progress: bool
 ) -> Callable[[ATM], Point]:
     """:func:`evaluate` that advances a bar (of at most ``most`` points) and prints each point."""
     bar = tqdm(total=most, desc="calibrate", disable=not progress, leave=False)
 
     def score(merger: ATM) -> Point:
-        point = evaluate(model, cal, merger, use_labels)
+        point = evaluate(model, cal, merger, use_labels, rerun_fraction)
         bar.update()
         tqdm.write(point.describe())
         return point

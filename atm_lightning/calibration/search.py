@@ -52,13 +52,17 @@ class Point:
     kl: float  # mean KL(dense || merged) in nats
     agreement: float  # fraction of images whose top-1 class is unchanged
     top1: float | None  # fraction correct, with use_labels
+    rerun: float = 0.0  # fraction of the images run again unmerged (the merger's rerun_margin)
 
     def describe(self) -> str:
         m = self.merger
+        rerun = f" rerun_margin={m.rerun_margin:.4g}" if m.rerun_margin > 0 else ""
         text = (
-            f"alpha={m.alpha:.5g} beta={m.beta:.4g} theta_min={m.theta_min:.5g} split_layer={m.split_layer}: "
+            f"alpha={m.alpha:.5g} beta={m.beta:.4g} theta_min={m.theta_min:.5g} split_layer={m.split_layer}{rerun}: "
             f"reduction {100 * self.reduction:.1f}%  KL {self.kl:.4f}  agreement {100 * self.agreement:.1f}%"
         )
+        if m.rerun_margin > 0:
+            text += f"  rerun {100 * self.rerun:.1f}%"
         return text + (f"  top-1 {100 * self.top1:.1f}%" if self.top1 is not None else "")
 
 

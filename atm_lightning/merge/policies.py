@@ -31,7 +31,7 @@ from .selection import MatchContext, above_threshold, batch_min, layer_threshold
 
 SplitKind = Literal["alternate", "size"]
 KeyForm = Literal["mean", "per_head"]
-_SHARED = ("prop_attn", "trace_source")  # settings every policy has
+_SHARED = ("prop_attn", "rerun_margin", "trace_source")  # settings every policy has
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,12 +42,26 @@ class TokenMerger(ABC):
     Args:
         prop_attn: add log(size) to the attention logits (ToMe's proportional attention). Turn it
             off for MAE-style checkpoints and for fine-tuning, as ToMe advises.
+        rerun_margin: at inference, run again unmerged every image whose merged prediction is
+            uncertain: the gap between its two largest softmax probabilities is below this (0: off,
+            the papers' methods). Their outputs become the dense model's and both passes count in
+            the FLOPs. ``atm calibrate --rerun_fraction`` sets it from the calibration images.
         trace_source: track which original patches each token holds (for pictures).
     """
 
     name: ClassVar[str]
     prop_attn: bool = True
+    rerun_margin: float = 0.0
     trace_source: bool = False
+
+    def __post_init__(self) -> None:
+        margin = self.rerun_margin
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0.0 <= margin <= 1.0:
+            raise ValueError(
+                f"rerun_margin is a softmax-probability gap in [0, 1] (0: off; atm calibrate --rerun_fraction "
+                f"sets it), got {margin!r}"
+            )
+        object.__setattr__(self, "rerun_margin", float(margin))
 
     @property
     @abstractmethod
@@ -154,6 +168,7 @@ class ToMe(MatchingPolicy):
     r: int | tuple[int, ...] = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.r, Sequence):
             object.__setattr__(self, "r", tuple(self.r))
         if not _check_integers(self.r if isinstance(self.r, tuple) else [self.r], 0):
@@ -214,6 +229,7 @@ class ATM(MatchingPolicy):
     keep_norm: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("alpha", "beta", "theta_min"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -305,6 +321,7 @@ class EViT(PruningPolicy):
     prune_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_keep_rate(self.keep_rate)
         layers = (4, 7, 10) if self.prune_layers is None else tuple(self.prune_layers)
         if not _check_integers(layers, 1):

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..merge import NoMerge, TokenMerger, make_merger
+from ..merge import TokenMerger, make_merger
 from .loop import RAGGED_MODES
+from .rerun import running_dense
 from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
 from .adapters import MIXINS, apply, check_supported, remove
 from .errors import UnsupportedModelError
@@ -56,13 +57,8 @@ def unmerged(model: nn.Module) -> Iterator[nn.Module]:
     merged), for comparisons; its policy and the record of its last forward are kept as they were."""
     if not isinstance(model, MIXINS):
         raise TypeError("unmerged needs a patched model: call atm_lightning.patch(model, ...) first")
-    merging = model._merging
-    policy, last = merging.policy, merging.last
-    merging.policy = NoMerge()
-    try:
+    with running_dense(model._merging):
         yield model
-    finally:
-        merging.policy, merging.last = policy, last
 
 
 def unpatch(model: nn.Module) -> nn.Module:

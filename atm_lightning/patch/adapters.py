@@ -75,11 +75,16 @@ def _merging_class(cls: type, mixin: type) -> type:
 
 
 def _check_merger(model: nn.Module, merger: TokenMerger) -> None:
-    """Mergers that need what the model lacks: a class token, or RoPE-free keys (pruning scores
-    the class token's attention on the keys as matched, before RoPE)."""
+    """Mergers that need what the model lacks: a class token, RoPE-free keys (pruning scores
+    the class token's attention on the keys as matched, before RoPE), or classes to rerun by."""
     if isinstance(merger, PruningPolicy) and getattr(model, "rope", None) is not None:
         raise UnsupportedModelError(
             f"{merger.name} (pruning by class-token attention) is not supported on {model_label(model)}, a RoPE model"
+        )
+    if merger.rerun_margin > 0 and getattr(model, "num_classes", 0) < 2:
+        raise ValueError(
+            f"rerun_margin compares class probabilities, but {model_label(model)} has "
+            f"{getattr(model, 'num_classes', 0)} classes; set rerun_margin 0"
         )
     if getattr(model, "cls_token", None) is not None:
         return

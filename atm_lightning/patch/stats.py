@@ -42,6 +42,7 @@ class MergeTrace:
     matching_macs: Tensor  # [B] cost of similarity computations
     layers: list[LayerRecord] = field(default_factory=list)
     sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
+    rerun: Tensor | None = None  # [B] bool: ran again unmerged (rerun_margin); None: nothing was
 
 
 class TraceRecorder:
@@ -81,6 +82,7 @@ class MergeStats:
     source: Tensor | None  # [B, N, T0] which input tokens each final token holds (trace_source)
     layers: list[LayerRecord]  # per-block decisions (record_merges=True only)
     sources: list[Tensor]  # [B, N_l, T0] after each block (trace_source=True only)
+    rerun: Tensor | None = None  # [B] bool: images run again unmerged, counted in gflops (rerun_margin)
 
     @property
     def flops_reduction(self) -> Tensor:
@@ -97,13 +99,18 @@ def merge_stats(model: nn.Module) -> MergeStats:
     if trace is None:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
     cost = merging.cost
+    dense_macs = cost.dense_macs(int(trace.tokens[0, 0]))
+    macs = cost.image_macs(trace.tokens)
+    if trace.rerun is not None:
+        macs = macs + trace.rerun.to(macs.dtype) * dense_macs
     return MergeStats(
         tokens=trace.tokens,
-        gflops=to_gflops(cost.image_macs(trace.tokens)),
-        gflops_dense=to_gflops(cost.dense_macs(int(trace.tokens[0, 0]))),
+        gflops=to_gflops(macs),
+        gflops_dense=to_gflops(dense_macs),
         gflops_matching=to_gflops(trace.matching_macs),
         size=trace.size,
         source=trace.source,
         layers=trace.layers,
         sources=trace.sources,
+        rerun=trace.rerun,
     )

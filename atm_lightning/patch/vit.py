@@ -25,6 +25,7 @@ from .attention import grouped_attention
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
+from .rerun import forward_with_rerun
 from .ragged import RaggedLayout
 from .state import TokenState
 
@@ -120,6 +121,12 @@ class VitMergingMixin:
     """Placed in front of a VisionTransformer's own class by :func:`.adapters.apply`."""
 
     _merging: Merging
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """timm's forward; with the policy's ``rerun_margin``, uncertain images run again unmerged
+        (:mod:`.rerun`)."""
+        parent = super().forward
+        return forward_with_rerun(self._merging, self.training, lambda images: parent(images, *args, **kwargs), x)
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:

@@ -1,0 +1,64 @@
+"""Running uncertain images again without merging (the ``rerun_margin`` setting of every policy).
+
+Merging changes a prediction almost only where the model was torn between two classes. The
+merged pass's own softmax says which images those are: where its two largest probabilities lie
+within ``rerun_margin`` of each other, the image runs again through the dense model and keeps
+the dense output. The second pass is real work, so the record of the forward marks those images
+and :func:`.stats.merge_stats` adds a dense forward to their FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from ..merge import NoMerge
+from .loop import Merging
+
+
+@contextmanager
+def running_dense(merging: Merging) -> Iterator[None]:
+    """Inside the block the model runs unmerged; its policy and last record are restored after."""
+    policy, last = merging.policy, merging.last
+    merging.policy = NoMerge()
+    try:
+        yield
+    finally:
+        merging.policy, merging.last = policy, last
+
+
+def top2_gap(logits: Tensor) -> Tensor:
+    """[B] the gap between the two largest softmax probabilities of each row (1 with one class)."""
+    probs = logits.float().softmax(-1)
+    if probs.shape[-1] < 2:
+        return torch.ones(probs.shape[:-1], device=probs.device)
+    top = probs.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def forward_with_rerun(merging: Merging, training: bool, forward: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """``forward(images)`` merged, then unmerged again for the images whose prediction is uncertain.
+
+    Only at inference: training needs every image's merged output.
+    """
+    logits = forward(images)
+    margin = merging.policy.rerun_margin
+    if training or margin <= 0 or not merging.policy.merges:
+        return logits
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(
+            f"rerun_margin needs class logits [B, classes] from the model, got {type(logits).__name__} "
+            f"{tuple(getattr(logits, 'shape', ()))}; set rerun_margin 0 for feature extractors"
+        )
+    uncertain = top2_gap(logits) < margin
+    trace = merging.last
+    if bool(uncertain.any()):
+        with running_dense(merging):
+            dense = forward(images[uncertain])
+        logits = logits.index_put((uncertain,), dense.to(logits.dtype))
+    merging.last = replace(trace, rerun=uncertain)
+    return logits
