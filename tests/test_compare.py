@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from atm_lightning.cli import main as atm_main
-from atm_lightning.evaluation import compare
+from atm_lightning.evaluation import compare, plot
 from tests.helpers import CONFIGS
 
 SMALL = {"img_size": 96, "depth": 6}
@@ -111,6 +111,9 @@ def test_sweep_fills_in_the_sweeps_not_given() -> None:
     assert [r.label for r in runs] == ["dense", "ToMe r=4", "ToMe r=8", "ToMe r=13", "ToMe r=16"]
     runs = compare.plan(parser.parse_args(["--config", "c.yaml", "--sweep"]))
     assert sum(r.family == "ToMe" for r in runs) == len(compare.SWEEP_TOME_R)
+    runs = compare.plan(parser.parse_args(["--config", "c.yaml", "--tome_r", "--atm", "tome:r=14,rerun_margin=0.07", "atm"]))
+    assert [(r.label, r.family) for r in runs] == [("dense", "dense"), ("ToMe + rerun", "ToMe + rerun"), ("ATM", "ATM")]
+    assert set(r.family for r in runs) <= set(plot.COLOURS)  # every curve has its colour
 
 
 def test_pareto_front() -> None:

@@ -48,7 +48,7 @@ class Run:
     """One row to evaluate: a merger, and for fine-tuned checkpoints their own weights."""
 
     label: str
-    family: str  # dense, ToMe, EViT, ATM or checkpoint: one colour each in the plot
+    family: str  # dense, ToMe, EViT, ATM (each also "+ rerun") or checkpoint: one colour each in the plot
     merger: TokenMerger
     weights: str | None = None
 
@@ -157,6 +157,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     for spec in args.atm:
         method = parse_method(spec)
         family = type(method.merger).__name__  # ATM, or another method given inline (ToMe, EViT)
+        family += " + rerun" if method.merger.rerun_margin > 0 else ""  # a curve of its own
         runs.append(Run(method.label if spec.endswith((".yaml", ".yml")) else family, family, method.merger))
     runs += [parse_checkpoint(spec) for spec in args.checkpoint]
     return runs

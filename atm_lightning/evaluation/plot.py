@@ -12,6 +12,9 @@ COLOURS = {
     "ToMe": "tab:blue",
     "ATM": "tab:red",
     "EViT": "tab:orange",
+    "ToMe + rerun": "tab:cyan",
+    "ATM + rerun": "tab:purple",
+    "EViT + rerun": "tab:brown",
     "checkpoint": "tab:green",
 }
 
