@@ -240,6 +240,16 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_r
     assert module.model._merging.policy == ToMe(r=2)  # restored although the search raised
 
 
+def test_default_rerun_fraction_tapers_with_the_target_and_keeps_a_plain_atm_plain() -> None:
+    refined = SimpleNamespace(merger=NoMerge())
+    fractions = [calibration_run.default_rerun_fraction(refined, t) for t in (0.2, 0.3, 0.35, 0.4, 0.5)]
+    assert fractions == [0.1, 0.1, 0.05, 0.0, 0.0]
+    assert calibration_run.default_rerun_fraction(SimpleNamespace(merger=ATM()), 0.3) == 0.0  # the paper's ATM
+    assert calibration_run.default_rerun_fraction(SimpleNamespace(merger=ATM(rerun_margin=0.1)), 0.3) == 0.1
+    with pytest.raises(ValueError, match=r"--rerun_fraction is the fraction of images run again unmerged"):
+        calibration_run.check_calibrate_args(0.3, 0.01, 10, 8, rerun_fraction=0.6)
+
+
 def test_the_search_starts_from_the_models_own_atm_options() -> None:
     own = ATM(keys="per_head", batch_rule="min")
     module = SimpleNamespace(merger=own, model=SimpleNamespace(cls_token=torch.zeros(1)))

@@ -70,12 +70,12 @@ class CalibrationTrainer(Trainer):
             max_evals: evaluations allowed per schedule shape.
             rerun_fraction: fraction of the calibration images whose merged prediction is least
                 certain and that run again unmerged (sets the merger's rerun_margin; the FLOPs
-                target counts the second pass). Default: 0.1, or 0 when the config's merger is an
-                ATM without rerun_margin.
+                target counts the second pass). Default: 0.1 for targets up to 0.3, falling to 0
+                at 0.4 and above; 0 when the config's merger is an ATM without rerun_margin.
             base_config: the config the written file starts from (the CLI passes its own).
         """
         if rerun_fraction is None:
-            rerun_fraction = default_rerun_fraction(model)
+            rerun_fraction = default_rerun_fraction(model, target_reduction)
         check_calibrate_args(target_reduction, tolerance, num_images, max_evals, rerun_fraction)
         check_output(Path(output), overwrite, self.world_size)
         started = time.perf_counter()
