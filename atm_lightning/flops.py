@@ -70,11 +70,24 @@ class ViTCost:
         attention = n_in * (self.qkv_per_token + self.proj_per_token) + 2 * n_in**2 * self.attn_width
         return attention + n_out.double() * self.mlp_per_token
 
-    def image_macs(self, tokens: Tensor) -> Tensor:
-        """Multiply-adds per image from ``tokens`` [B, depth+1] (tokens entering each block, then out)."""
+    def prefix_block_macs(self, n_in: Tensor, prefix: int) -> Tensor:
+        """Multiply-adds of a block that computes only its ``prefix`` first tokens from ``n_in``:
+        keys and values of every token, queries, attention, projection and MLP of the prefix."""
+        n_in = n_in.double()
+        query = self.qkv_per_token // 3  # fused qkv: three equal parts
+        per_prefix = query + self.proj_per_token + self.mlp_per_token
+        return n_in * (self.qkv_per_token - query) + 2 * prefix * n_in * self.attn_width + prefix * per_prefix
+
+    def image_macs(self, tokens: Tensor, prefix_only: int = 0) -> Tensor:
+        """Multiply-adds per image from ``tokens`` [B, depth+1] (tokens entering each block, then out);
+        ``prefix_only`` > 0: the last block computed only that many prefix tokens."""
         if tokens.shape[-1] != self.depth + 1:
             raise ValueError(f"tokens must have depth+1={self.depth + 1} columns, got {tokens.shape[-1]}")
-        blocks = self.block_macs(tokens[..., :-1], tokens[..., 1:]).sum(-1)
+        if prefix_only:
+            blocks = self.block_macs(tokens[..., :-2], tokens[..., 1:-1]).sum(-1)
+            blocks = blocks + self.prefix_block_macs(tokens[..., -2], prefix_only)
+        else:
+            blocks = self.block_macs(tokens[..., :-1], tokens[..., 1:]).sum(-1)
         patches = (tokens[..., 0] - self.num_prefix).double()
         pooled = (tokens[..., -1] - self.pool_skips).double()
         return blocks + patches * self.patch_embed + pooled * self.pool_per_token + self.head

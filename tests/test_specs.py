@@ -50,8 +50,9 @@ def test_policies_are_frozen_and_changed_by_replace() -> None:
 
 
 def test_params_list_own_settings_first_as_plain_data() -> None:
-    assert ToMe(r=[1, 2]).params() == {"method": "tome", "r": [1, 2], "prop_attn": True, "rerun_margin": 0.0}
-    assert list(EViT().params()) == ["method", "keep_rate", "prune_layers", "fuse_token", "prop_attn", "rerun_margin"]
+    shared = {"prop_attn": True, "rerun_margin": 0.0, "last_block_prefix_only": False}
+    assert ToMe(r=[1, 2]).params() == {"method": "tome", "r": [1, 2], **shared}
+    assert list(EViT().params()) == ["method", "keep_rate", "prune_layers", "fuse_token", *shared]
     assert EViT(prune_layers=[10, 4, 4]).prune_layers == (4, 10)
     assert hash(ToMe(r=[1, 2])) == hash(ToMe(r=(1, 2)))
 

@@ -250,8 +250,9 @@ def to_rows(runs: list[Run], evaluated: list[Evaluated]) -> list[Row]:
 
 def describe(run: Run) -> str:
     params = {k: v for k, v in run.merger.params().items() if k not in ("method", "prop_attn", "batch_rule")}
-    if not params.get("rerun_margin"):
-        params.pop("rerun_margin", None)  # off: the papers' methods
+    for shared in ("rerun_margin", "last_block_prefix_only"):
+        if not params.get(shared):
+            params.pop(shared, None)  # off: the papers' methods
     text = " ".join(f"{k}={v}" for k, v in params.items()) or "-"
     return text + (f" ({Path(run.weights).name})" if run.weights else "")
 

@@ -31,7 +31,7 @@ from .selection import MatchContext, above_threshold, batch_min, layer_threshold
 
 SplitKind = Literal["alternate", "size"]
 KeyForm = Literal["mean", "per_head"]
-_SHARED = ("prop_attn", "rerun_margin", "trace_source")  # settings every policy has
+_SHARED = ("prop_attn", "rerun_margin", "last_block_prefix_only", "trace_source")  # settings every policy has
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,12 +46,16 @@ class TokenMerger(ABC):
             uncertain: the gap between its two largest softmax probabilities is below this (0: off,
             the papers' methods). Their outputs become the dense model's and both passes count in
             the FLOPs. ``atm calibrate --rerun_fraction`` sets it from the calibration images.
+        last_block_prefix_only: at inference, the last block computes only the prefix tokens
+            (class, distillation, registers), all that a class-token head reads: the same logits
+            for most of that block's cost. Needs a timm VisionTransformer with class-token pooling.
         trace_source: track which original patches each token holds (for pictures).
     """
 
     name: ClassVar[str]
     prop_attn: bool = True
     rerun_margin: float = 0.0
+    last_block_prefix_only: bool = False
     trace_source: bool = False
 
     def __post_init__(self) -> None:

@@ -81,6 +81,8 @@ def _check_merger(model: nn.Module, merger: TokenMerger) -> None:
         raise UnsupportedModelError(
             f"{merger.name} (pruning by class-token attention) is not supported on {model_label(model)}, a RoPE model"
         )
+    if merger.last_block_prefix_only:
+        vit.check_prefix_only(model, model_label(model))
     if merger.rerun_margin > 0 and getattr(model, "num_classes", 0) < 2:
         raise ValueError(
             f"rerun_margin compares class probabilities, but {model_label(model)} has "

@@ -22,6 +22,7 @@ from ..merge import class_attention
 from .attention import grouped_attention
 from .loop import BlockAttention, KeyNeeds
 from .state import TokenState
+from .vit import prefix_block
 
 
 def attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,3 +100,6 @@ class CompiledVitBlocks:
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return self.mlp(block, x)
+
+    def prefix_block(self, layer: int, block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
+        return prefix_block(block, x, bias, prefix)  # one small block per batch: eager

@@ -134,6 +134,9 @@ class EvaBlocks:
             update = block.gamma_2 * update
         return add_residual(x, block.drop_path2(update))
 
+    def prefix_block(self, layer: int, block: EvaBlock, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
+        raise UnsupportedModelError("last_block_prefix_only is not supported on Eva models")  # refused at patch
+
 
 def project_qkv(attn: nn.Module, h: Tensor) -> Tensor:
     """[T, 3*H*d] queries, keys and values of tokens ``h`` [T, C], computed as the attention does

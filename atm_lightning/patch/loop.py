@@ -74,6 +74,9 @@ class BlockRunner(Protocol):
     def mlp_residual(self, block: nn.Module, x: Tensor) -> Tensor:
         """``x + mlp(norm(x))``: token-wise, so the same for padded or packed tokens."""
 
+    def prefix_block(self, layer: int, block: nn.Module, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
+        """The whole block for the ``prefix`` first tokens of padded ``x`` [B, W, C] only: [B, prefix, C]."""
+
 
 @dataclass
 class Merging:
@@ -102,7 +105,8 @@ def run_blocks(
     merging: Merging, blocks: Sequence[nn.Module], x: Tensor, training: bool, coords: Tensor | None = None
 ) -> Tensor:
     """Run ``blocks`` on tokens ``x`` [B, N, C], merging after each attention; returns the tokens
-    padded and in input order, and keeps the record of the run in ``merging.last``. ``coords``
+    padded and in input order (only the prefix tokens with ``last_block_prefix_only``), and keeps
+    the record of the run in ``merging.last``. ``coords``
     [B, N, 2] (grid positions) travel with the tokens for models that need positions (RoPE).
 
     Packed execution (``ragged="packed"``) is for inference only: drop-path needs the batch as it is.
@@ -113,10 +117,16 @@ def run_blocks(
     state = TokenState.start(x, policy.trace_source, coords)
     recorder = TraceRecorder(state)
     needs = KeyNeeds.of(policy)
+    prefix_only = merging.num_protected if policy.last_block_prefix_only and not training else 0
     bias, bias_size = None, None
     for layer, block in enumerate(blocks):
         if state.size is not bias_size:  # sizes change only where a step merged
             bias, bias_size = attention_bias(state.size, policy.prop_attn, x.dtype), state.size
+        if prefix_only and layer == len(blocks) - 1:  # the head reads the prefix tokens alone
+            prefix = merging.blocks.prefix_block(layer, block, state.padded(), bias, prefix_only)
+            recorder.block_done(replace(state, count=torch.full_like(state.count, prefix_only)))
+            merging.last = recorder.finish(state, prefix_only)
+            return state.in_input_order(prefix)
         tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
         state = replace(state, x=tokens)
         if step is not None:

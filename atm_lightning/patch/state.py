@@ -83,11 +83,15 @@ class TokenState:
             return value
         return torch.empty_like(value).index_copy_(0, self.image_order, value)
 
-    def features(self) -> Tensor:
-        """The tokens padded, [B, W, C] in input order, padding zeroed."""
+    def padded(self) -> Tensor:
+        """The tokens padded, [B, W, C] in this state's image order, padding zeroed."""
         x = self.x
         if self.layout is not None:
             batch, width = self.size.shape
             padded = x.new_zeros(batch * width, x.shape[-1])
             x = padded.index_copy_(0, self.layout.real_rows, x).view(batch, width, -1)
-        return self.in_input_order(x)
+        return x
+
+    def features(self) -> Tensor:
+        """The tokens padded, [B, W, C] in input order, padding zeroed."""
+        return self.in_input_order(self.padded())

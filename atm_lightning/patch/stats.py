@@ -43,6 +43,7 @@ class MergeTrace:
     layers: list[LayerRecord] = field(default_factory=list)
     sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
     rerun: Tensor | None = None  # [B] bool: ran again unmerged (rerun_margin); None: nothing was
+    prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
 
 
 class TraceRecorder:
@@ -65,9 +66,10 @@ class TraceRecorder:
         if state.source is not None:
             self.sources.append(state.in_input_order(state.source))
 
-    def finish(self, state: TokenState) -> MergeTrace:
+    def finish(self, state: TokenState, prefix_only: int = 0) -> MergeTrace:
         size, source = state.in_input_order(state.size), state.in_input_order(state.source)
-        return MergeTrace(torch.stack(self.tokens, dim=1), size, source, self.matching, self.layers, self.sources)
+        tokens = torch.stack(self.tokens, dim=1)
+        return MergeTrace(tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def merge_stats(model: nn.Module) -> MergeStats:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
     cost = merging.cost
     dense_macs = cost.dense_macs(int(trace.tokens[0, 0]))
-    macs = cost.image_macs(trace.tokens)
+    macs = cost.image_macs(trace.tokens, trace.prefix_only)
     if trace.rerun is not None:
         macs = macs + trace.rerun.to(macs.dtype) * dense_macs
     return MergeStats(

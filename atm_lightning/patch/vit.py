@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers.attention import Attention
 from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -90,6 +91,35 @@ class VitBlocks:
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return add_residual(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
+    def prefix_block(self, layer: int, block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
+        out = prefix_block(block, x, bias, prefix)
+        self.taps[layer].clear()  # the hooks saw the prefix queries and every key
+        return out
+
+
+def prefix_block(block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
+    """timm's ``Block`` (inference) for the ``prefix`` first tokens of padded ``x`` [B, W, C] only.
+
+    Keys and values come from every token, queries from the prefix alone (the first third of the
+    fused qkv weight), so attention, projection and MLP run on ``prefix`` rows: [B, prefix, C].
+    """
+    attn = block.attn
+    batch, width, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    h = block.norm1(x)
+    weight, bias_qkv = attn.qkv.weight, attn.qkv.bias
+    q_width = heads * head_dim
+    q_bias, kv_bias = (None, None) if bias_qkv is None else (bias_qkv[:q_width], bias_qkv[q_width:])
+    q = F.linear(h[:, :prefix], weight[:q_width], q_bias).view(batch, prefix, heads, head_dim).transpose(1, 2)
+    kv = F.linear(h, weight[q_width:], kv_bias).view(batch, width, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(kv[0])
+    out = F.scaled_dot_product_attention(q, k, kv[1], attn_mask=bias, scale=attn.scale)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, prefix, q_width))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h[:, :prefix]).sigmoid()
+    tokens = x[:, :prefix] + block.ls1(attn.proj(out))
+    return tokens + block.ls2(block.mlp(block.norm2(tokens)))
+
 
 def packed_attention_residual(
     block: Block, x: Tensor, bias: Tensor, layout: RaggedLayout, needs: KeyNeeds
@@ -162,6 +192,16 @@ def check_vit(model: VisionTransformer, label: str) -> None:
                 f"{type(block.attn).__name__}; only timm's standard Block/Attention are supported"
             )
     check_pool(model, label)
+
+
+def check_prefix_only(model: nn.Module, label: str) -> None:
+    """``last_block_prefix_only`` is exact only where the head reads the prefix tokens alone."""
+    reads_prefix = getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token"
+    if not isinstance(model, VisionTransformer) or not reads_prefix:
+        raise UnsupportedModelError(
+            f"last_block_prefix_only needs a timm VisionTransformer whose head reads the class token "
+            f"(global_pool='token'); {label} is not one: set last_block_prefix_only false"
+        )
 
 
 def check_pool(model: nn.Module, label: str) -> None:
