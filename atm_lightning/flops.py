@@ -92,10 +92,11 @@ class ViTCost:
         pooled = (tokens[..., -1] - self.pool_skips).double()
         return blocks + patches * self.patch_embed + pooled * self.pool_per_token + self.head
 
-    def dense_macs(self, num_tokens: int) -> float:
-        """Multiply-adds of the unmerged model with ``num_tokens`` tokens in every block."""
+    def dense_macs(self, num_tokens: int, prefix_only: int = 0) -> float:
+        """Multiply-adds of the unmerged model with ``num_tokens`` tokens in every block (the last
+        computing only ``prefix_only`` prefix tokens, if > 0)."""
         tokens = torch.full((1, self.depth + 1), num_tokens, dtype=torch.long)
-        return float(self.image_macs(tokens)[0])
+        return float(self.image_macs(tokens, prefix_only)[0])
 
     def matching_macs(self, num_a: Tensor, num_b: Tensor, width: int | None = None) -> Tensor:
         """Cost of the cosine similarities of one matching step: |A| * |B| * the width of the

@@ -230,6 +230,7 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_r
     assert module.model._merging.policy == ToMe(r=2)
     chosen = result.best.merger  # not ATM before: the options that transferred best
     assert (chosen.keys, chosen.size_weighted, chosen.attention_power, chosen.keep_norm) == ("per_head", True, 0.5, True)
+    assert chosen.last_block_prefix_only  # a class-token head
 
     def fail(*args, **kwargs):
         raise RuntimeError("search failed")

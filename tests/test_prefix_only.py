@@ -73,3 +73,22 @@ def test_a_head_that_reads_every_token_is_refused(name, kwargs, why) -> None:
     model = timm.create_model(name, pretrained=False, depth=2, **kwargs)
     with pytest.raises(UnsupportedModelError, match=rf"last_block_prefix_only needs .*{why}"):
         patch(model, "tome", r=2, last_block_prefix_only=True)
+
+
+def test_a_rerun_pays_the_dense_forward_with_the_same_last_block() -> None:
+    model = make_vit("vit_tiny_patch16_224", depth=4, img_size=96)
+    images = blocky_images(3, size=96)
+    patch(model, NoMerge(last_block_prefix_only=True))
+    with torch.inference_mode():
+        dense = model(images)
+    dense_gflops = merge_stats(model).gflops
+    patch(model, ToMe(r=4, last_block_prefix_only=True))
+    with torch.inference_mode():
+        model(images)
+    merged_gflops = merge_stats(model).gflops
+    patch(model, ToMe(r=4, last_block_prefix_only=True, rerun_margin=1.0))  # every image runs again
+    with torch.inference_mode():
+        rerun = model(images)
+    stats = merge_stats(model)
+    assert bool(stats.rerun.all()) and torch.equal(rerun, dense)
+    torch.testing.assert_close(stats.gflops, merged_gflops + dense_gflops, rtol=1e-12, atol=0)

@@ -26,6 +26,7 @@ from ..merge import ATM, NoMerge
 from ..module import TokenMergingModule
 from ..patch import merge_stats, patch
 from ..patch.rerun import top2_gap
+from ..patch.vit import reads_prefix_only
 from .search import Calibration, Point, Shape, search
 
 
@@ -93,11 +94,15 @@ def starting_merger(module: TokenMergingModule) -> ATM:
     """The ATM whose thresholds the search sets: the module's own when its merger is ATM (all its
     options kept), otherwise ATM with the options that transferred best to held-out images
     (docs/calibration.md): per-head keys, the size-weighted merge error, class-attention
-    weighting (models with a class token) and norm-keeping merges."""
+    weighting (models with a class token) and norm-keeping merges; and, where the head reads the
+    class token alone, a last block that computes only the prefix tokens (same logits)."""
     if isinstance(module.merger, ATM):
         return module.merger
     class_token = getattr(module.model, "cls_token", None) is not None
-    return ATM(keys="per_head", size_weighted=True, attention_power=0.5 if class_token else 0.0, keep_norm=True)
+    return ATM(
+        keys="per_head", size_weighted=True, attention_power=0.5 if class_token else 0.0, keep_norm=True,
+        last_block_prefix_only=reads_prefix_only(module.model),
+    )  # fmt: skip
 
 
 def default_rerun_fraction(module: TokenMergingModule, target: float) -> float:
@@ -173,6 +178,9 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
             log_probs.append(F.log_softmax(model(images).double(), dim=-1).cpu())
             gflops.append(merge_stats(model).gflops.cpu())
     merged, gflops = torch.cat(log_probs), torch.cat(gflops)
+    cost = model._merging.cost
+    prefix = model.num_prefix_tokens if merger.last_block_prefix_only else 0
+    rerun_gflops = cost.dense_macs(int(merge_stats(model).tokens[0, 0]), prefix) / 1e9  # as merge_stats adds it
     dense = cal.dense_log_probs
     rerun = torch.zeros(len(merged), dtype=torch.bool)
     if rerun_fraction > 0 and merger.merges:
@@ -180,7 +188,7 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
         margin = float(f"{float(torch.quantile(gap, rerun_fraction)):.4g}")
         merger, rerun = replace(merger, rerun_margin=margin), gap < margin
         merged = torch.where(rerun[:, None], dense, merged)
-        gflops = gflops + rerun.double() * cal.dense_gflops
+        gflops = gflops + rerun.double() * rerun_gflops
     kl = (dense.exp() * (dense - merged)).sum(-1).mean()
     predictions = merged.argmax(-1)
     return Point(

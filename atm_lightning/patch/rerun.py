@@ -4,7 +4,8 @@ Merging changes a prediction almost only where the model was torn between two cl
 merged pass's own softmax says which images those are: where its two largest probabilities lie
 within ``rerun_margin`` of each other, the image runs again through the dense model and keeps
 the dense output. The second pass is real work, so the record of the forward marks those images
-and :func:`.stats.merge_stats` adds a dense forward to their FLOPs.
+and :func:`.stats.merge_stats` adds a dense forward to their FLOPs (with
+``last_block_prefix_only``, the dense forward's last block computes the prefix tokens only, too).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from .loop import Merging
 
 
 @contextmanager
-def running_dense(merging: Merging) -> Iterator[None]:
-    """Inside the block the model runs unmerged; its policy and last record are restored after."""
+def running_dense(merging: Merging, prefix_only: bool = False) -> Iterator[None]:
+    """Inside the block the model runs unmerged; its policy and last record are restored after.
+    ``prefix_only`` keeps the policy's ``last_block_prefix_only`` (same logits, cheaper)."""
     policy, last = merging.policy, merging.last
-    merging.policy = NoMerge()
+    merging.policy = NoMerge(last_block_prefix_only=prefix_only and policy.last_block_prefix_only)
     try:
         yield
     finally:
@@ -57,7 +59,7 @@ def forward_with_rerun(merging: Merging, training: bool, forward: Callable[[Tens
     uncertain = top2_gap(logits) < margin
     trace = merging.last
     if bool(uncertain.any()):
-        with running_dense(merging):
+        with running_dense(merging, prefix_only=True):
             dense = forward(images[uncertain])
         logits = logits.index_put((uncertain,), dense.to(logits.dtype))
     merging.last = replace(trace, rerun=uncertain)

@@ -104,7 +104,7 @@ def merge_stats(model: nn.Module) -> MergeStats:
     dense_macs = cost.dense_macs(int(trace.tokens[0, 0]))
     macs = cost.image_macs(trace.tokens, trace.prefix_only)
     if trace.rerun is not None:
-        macs = macs + trace.rerun.to(macs.dtype) * dense_macs
+        macs = macs + trace.rerun.to(macs.dtype) * cost.dense_macs(int(trace.tokens[0, 0]), trace.prefix_only)
     return MergeStats(
         tokens=trace.tokens,
         gflops=to_gflops(macs),

@@ -194,10 +194,15 @@ def check_vit(model: VisionTransformer, label: str) -> None:
     check_pool(model, label)
 
 
+def reads_prefix_only(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm VisionTransformer whose head reads the prefix tokens alone."""
+    pooled = getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token"
+    return isinstance(model, VisionTransformer) and pooled
+
+
 def check_prefix_only(model: nn.Module, label: str) -> None:
     """``last_block_prefix_only`` is exact only where the head reads the prefix tokens alone."""
-    reads_prefix = getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token"
-    if not isinstance(model, VisionTransformer) or not reads_prefix:
+    if not reads_prefix_only(model):
         raise UnsupportedModelError(
             f"last_block_prefix_only needs a timm VisionTransformer whose head reads the class token "
             f"(global_pool='token'); {label} is not one: set last_block_prefix_only false"
