@@ -10,7 +10,8 @@ images=$1 weights=$2 out=$3
 split=$out/split
 python "$(dirname "$0")/holdout_split.py" "$images" "$split" --fraction 0.5 --seed 0
 # Each target with each rerun fraction; the calibration half's own lines ("chosen: ...") decide
-# the fraction (most agreement, then least KL): 0.05 at 20%, 0.1 at 30%, 0 at 40%.
+# the fraction (most agreement, then least KL): 0.05 at 20%, 0.1 at 30%, 0 at 40%
+# (docs/calibration.md, "Choosing the rerun fraction").
 for target in 20 30 40; do
   for fraction in 0 0.05 0.1; do
     atm calibrate --config configs/vit_t_dense.yaml --model.weights "$weights" --data.root "$split" \
@@ -28,7 +29,9 @@ common=(--config configs/vit_t.yaml --model.weights "$weights" --data.root "$spl
 # ToMe with the same rerun share: its margins from its own top-2 gaps on the calibration half
 tome14=$(python "$(dirname "$0")/rerun_margin.py" tome:r=14 --weights "$weights" --data-root "$split" --fraction 0.1 | tail -1)
 tome16=$(python "$(dirname "$0")/rerun_margin.py" tome:r=16 --weights "$weights" --data-root "$split" --fraction 0.1 | tail -1)
+# and ToMe with the class-token-only last block the ladder uses
 atm compare "${common[@]}" --sweep --atm "$out/paper_30.yaml" "${ladder[@]}" \
-  "tome:r=14,rerun_margin=$tome14" "tome:r=16,rerun_margin=$tome16" --output "$out/held_out"
+  "tome:r=14,rerun_margin=$tome14" "tome:r=16,rerun_margin=$tome16" \
+  "tome:r=10,last_block_prefix_only=true" "tome:r=13,last_block_prefix_only=true" --output "$out/held_out"
 atm compare "${common[@]}" --data.eval_hflip true --tome_r 10 13 --atm "${ladder[@]}" --output "$out/held_out_flipped"
 atm compare "${common[@]}" --data.crop_pct 1.0 --tome_r 10 13 --atm "${ladder[@]}" --output "$out/held_out_crop1"

@@ -22,9 +22,10 @@ Example (ViT-Ti weights, 200 images of an ImageNet folder):
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other option is an `atm validate` option given to every run, e.g. --model.weights W "
         "--data.root R --data.limit 200 --data.batch_size 32 --trainer.accelerator cpu.",
     )
-    parser.add_argument("--config", required=True, help="base `atm validate` config, e.g. configs/vit_t.yaml")
+    parser.add_argument("--config", help="base `atm validate` config, e.g. configs/vit_t.yaml (required unless --merge)")
     parser.add_argument(
         "--tome_r", type=int, nargs="*", default=None, metavar="R",
         help=f"ToMe merges per block to sweep (default 4 8 13 16; with --sweep {' '.join(map(str, SWEEP_TOME_R))})",
@@ -112,20 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=PATH[:METHOD]",
         help="fine-tuned weights evaluated with METHOD (default dense), e.g. ft=runs/ft.ckpt:tome:r=13",
     )
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, default=None, metavar="CSV",
+        help="evaluate nothing: combine the compare.csv of earlier runs on the same images (same image "
+        "count and dense top-1) into one table, CSV and plot; rows of the later files replace same-named ones",
+    )
     parser.add_argument("--output", type=Path, default=Path("runs/compare"), help="folder for the results")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     return parser
 
 
 def main(args: argparse.Namespace, passthrough: list[str]) -> list[Row]:
-    if not Path(args.config).is_file():
-        raise FileNotFoundError(f"--config {args.config} does not exist; pass an `atm validate` config")
-    check_passthrough(passthrough)
     if not args.no_plot:
         require_matplotlib()
-    runs = plan(args)
-    results = [evaluate(run, args.config, passthrough, args.output) for run in runs]
-    rows = to_rows(runs, results)
+    if args.merge:
+        if passthrough:
+            raise ValueError(f"--merge evaluates nothing; drop {' '.join(passthrough)}")
+        rows = merge_tables(args.merge)
+    else:
+        if args.config is None or not Path(args.config).is_file():
+            raise FileNotFoundError(f"--config {args.config} does not exist; pass an `atm validate` config")
+        check_passthrough(passthrough)
+        runs = plan(args)
+        results = [evaluate(run, args.config, passthrough, args.output) for run in runs]
+        rows = to_rows(runs, results)
     args.output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
     (args.output / "compare.md").write_text(table + "\n")
@@ -255,6 +266,48 @@ def describe(run: Run) -> str:
             params.pop(shared, None)  # off: the papers' methods
     text = " ".join(f"{k}={v}" for k, v in params.items()) or "-"
     return text + (f" ({Path(run.weights).name})" if run.weights else "")
+
+
+def merge_tables(paths: list[Path]) -> list[Row]:
+    """The rows of several compare.csv files on the same images, dense first, Pareto front redone.
+
+    A later file's row replaces an earlier one of the same label (rows labelled by their family
+    alone, as inline methods are, also by their params). Files whose image count or dense top-1
+    differ were not measured on the same images: an error.
+    """
+    rows: dict[tuple[str, str], Row] = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"--merge {path} does not exist; pass compare.csv files of earlier runs")
+        with path.open(newline="") as file:
+            for record in csv.DictReader(file):
+                row = row_from_csv(record)
+                rows[(row.method, row.params if row.method == row.family else "")] = row
+    dense = [r for r in rows.values() if r.family == "dense"]
+    if not dense or len({(r.num_images, round(r.top1, 6)) for r in dense}) != 1:
+        raise ValueError("--merge needs files measured on the same images: each with its dense row, same count and top-1")
+    others = [r for r in rows.values() if r.family != "dense"]
+    if any(r.num_images != dense[0].num_images for r in others):
+        raise ValueError("--merge needs files measured on the same images; their image counts differ")
+    merged = [dense[0], *others]
+    front = pareto_front([(r.gflops, r.top1) for r in merged])
+    return [replace(r, pareto=i in front) for i, r in enumerate(merged)]
+
+
+def row_from_csv(record: dict[str, str]) -> Row:
+    """A :class:`Row` from its CSV line (empty cells: not measured)."""
+    values: dict[str, Any] = {}
+    for name, kind in ((f.name, f.type) for f in fields(Row)):
+        text = record[name]
+        if "bool" in kind:
+            values[name] = None if text == "" else text == "True"
+        elif "float" in kind:
+            values[name] = None if text == "" else float(text)
+        elif "int" in kind:
+            values[name] = int(text)
+        else:
+            values[name] = text
+    return Row(**values)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> set[int]:
