@@ -40,21 +40,38 @@ def pair_weight(
     """
     if not size_weighted and attention_power == 0.0:
         return None
-    sizes = with_trash_row(size)
-    n_a = sizes.gather(1, split.a_idx)[:, :, None]
-    n_b = sizes.gather(1, split.b_idx)[:, None, :]
+    n_a, n_b = slot_pairs(size, split)
     total = (n_a + n_b).clamp_min(1e-12)  # slots that are not real have size 0 and stay masked
     weight = 2 * n_a * n_b / total if size_weighted else None
     if attention_power != 0.0:
         if attention is None or num_unprotected is None:
             raise ValueError("attention weighting needs the class token's attention and the token counts")
-        att = with_trash_row(attention.to(size.dtype))
-        a_a = att.gather(1, split.a_idx)[:, :, None]
-        a_b = att.gather(1, split.b_idx)[:, None, :]
-        share = (a_a * n_b + a_b * n_a) / total * num_unprotected.to(size.dtype)[:, None, None]
+        a_a, a_b = slot_pairs(attention if attention.dtype == size.dtype else attention.to(size.dtype), split)
+        share = (a_a * n_b + a_b * n_a) / total * _per_image(num_unprotected, split, size.dtype)
         factor = share.clamp_min(1e-6).pow(attention_power)
         weight = factor if weight is None else weight * factor
     return weight
+
+
+def slot_pairs(values: Tensor, split: Split) -> tuple[Tensor, Tensor]:
+    """``values`` [B, N] of every source slot as [B, Na, 1] and of every destination slot as
+    [B, 1, Nb] (0 for slots that are not real), ready to broadcast over pairs.
+
+    Without padding the slots index ``values`` directly, as views where the split is a slice.
+    """
+    if not split.all_real:
+        values = with_trash_row(values)
+    elif split.a_slice is not None and split.b_slice is not None:
+        return values[:, split.a_slice, None], values[:, None, split.b_slice]
+    return values.gather(1, split.a_idx)[:, :, None], values.gather(1, split.b_idx)[:, None, :]
+
+
+def _per_image(count: Tensor, split: Split, dtype: torch.dtype) -> Tensor | int:
+    """``count`` [B] as a [B, 1, 1] factor; a plain int when no image is padded, since every
+    image then holds all ``Na + Nb`` slots (the count of tokens that may merge)."""
+    if split.all_real:
+        return split.a_idx.shape[1] + split.b_idx.shape[1]
+    return count.to(dtype)[:, None, None]
 
 
 def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> Matches:
@@ -62,9 +79,12 @@ def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> 
     if weight is None:
         return matches
     # ``1 - (1 - cos) * w`` written so that a weight of exactly 1 leaves the cosine bit for bit.
-    scores = matches.scores - (1 - matches.scores) * (weight.to(matches.scores.dtype) - 1)
+    weight = weight if weight.dtype == matches.scores.dtype else weight.to(matches.scores.dtype)
+    scores = matches.scores - (1 - matches.scores) * (weight - 1)
     if scores.shape[-1] == 0:
         return Matches(matches.similarity, scores)
+    if split.all_real:  # nothing to mask
+        return Matches(scores.amax(dim=-1), scores)
     scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
     similarity = scores.amax(dim=-1).masked_fill_(~split.a_ok, float("-inf"))
     return Matches(similarity, scores)
