@@ -93,6 +93,9 @@ def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> 
 def per_head_keys(keys: Tensor) -> Tensor:
     """[B, N, H*d] from per-head keys [B, H, N, d], each head L2-normalised and scaled by
     ``1/sqrt(H)``: their cosine similarity is the mean of the heads' cosine similarities."""
-    heads = keys.shape[1]
-    normed = torch.nn.functional.normalize(keys, dim=-1) / heads**0.5
-    return normed.permute(0, 2, 1, 3).reshape(keys.shape[0], keys.shape[2], -1)
+    batch, heads, n, _ = keys.shape
+    # ``F.normalize`` written out, on [B, N, H, d]: the results come out in the order the reshape
+    # reads them, so it is a view (timm's keys are a view of that layout already).
+    rows = keys.transpose(1, 2)
+    normed = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12) / heads**0.5
+    return normed.reshape(batch, n, -1)

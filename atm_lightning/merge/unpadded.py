@@ -44,9 +44,20 @@ def full_size_sorted_split(size: Tensor, num_protected: int) -> Split:
     order = torch.sort(size[:, num_protected:], dim=1, stable=True).indices + num_protected
     num_a = (n - num_protected + 1) // 2
     a_idx, b_idx = order[:, :num_a], order[:, num_a:]
-    a_ok = torch.ones(a_idx.shape, device=size.device, dtype=torch.bool)
-    b_ok = torch.ones(b_idx.shape, device=size.device, dtype=torch.bool)
+    a_ok, b_ok = _all_real(a_idx.shape, size.device), _all_real(b_idx.shape, size.device)
     return Split(a_idx, a_ok, b_idx, b_ok, all_real=True)
+
+
+_ALL_REAL: dict[tuple[torch.Size, torch.device], Tensor] = {}
+
+
+def _all_real(shape: torch.Size, device: torch.device) -> Tensor:
+    """An all-true mask of ``shape`` (made once per shape; nothing writes to split masks)."""
+    key = (shape, device)
+    if key not in _ALL_REAL:
+        with torch.inference_mode(False):
+            _ALL_REAL[key] = torch.ones(shape, device=device, dtype=torch.bool)
+    return _ALL_REAL[key]
 
 
 def merge_single_image(
