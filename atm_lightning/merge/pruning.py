@@ -26,7 +26,7 @@ def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None)
     logits = torch.bmm(q_rows, k_cols).view(batch, heads, 1, -1)  # [B, H, 1, N]
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return logits.softmax(dim=-1).mean(dim=1).view(batch, -1)
 
 
 def keep_count(keep_rate: float, num_unprotected: Tensor) -> Tensor:

@@ -74,8 +74,8 @@ def merge_single_image(
 
     Output tokens are ``[protected, unmerged sources, destinations]``, each group in position
     order; destinations that took in sources become the size-weighted mean of their parts.
-    Every step is one op on the image's [N, C] rows (gathers by ``index_select``, sizes as an
-    [N, 1] column), since at batch 1 the number of ops, not their arithmetic, sets the time.
+    Every step is one op on the image's [N, C] rows or [N] sizes (gathers by ``index_select``),
+    since at batch 1 the number of ops, not their arithmetic, sets the time.
     """
     slot = selected.view(-1).nonzero().view(-1)  # merged sources, in slot order (as merge_tokens pairs them)
     if len(slot) == 0:
@@ -85,16 +85,16 @@ def merge_single_image(
     src_pos = split.a_idx.view(-1).index_select(0, slot)
     best = matches.scores.view(num_a, -1).index_select(0, slot).argmax(dim=-1)
     dst_pos = split.b_idx.view(-1).index_select(0, best)
-    sizes = size.view(n, 1)
+    sizes = size.view(n)
     new_size = sizes.index_add(0, dst_pos, sizes.index_select(0, src_pos))
-    weight, new_weight = _as_dtype(sizes, x.dtype), _as_dtype(new_size, x.dtype)
+    weight, new_weight = _as_dtype(sizes, x.dtype).view(n, 1), _as_dtype(new_size, x.dtype).view(n, 1)
     weighted = tokens * weight  # a source's row here is its token times its size, as merge_tokens moves it
     mean = weighted.index_add_(0, dst_pos, weighted.index_select(0, src_pos)) / new_weight
     if keep_norm:  # each merged token at its parts' size-weighted mean length, as merge_tokens does
         lengths = tokens.norm(dim=-1, keepdim=True) * weight
         lengths = lengths.index_add_(0, dst_pos, lengths.index_select(0, src_pos))
         mean = mean * (lengths / new_weight / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    merged = torch.where(new_size != sizes, mean, tokens)
+    merged = torch.where((new_size != sizes).view(n, 1), mean, tokens)
     order = _output_order(split, src_pos, n, num_protected)
     count = torch.full((1,), len(order), device=x.device, dtype=torch.long)
     return Merged(merged.index_select(0, order).view(1, -1, dim), new_size.index_select(0, order).view(1, -1), None, count)
