@@ -62,7 +62,8 @@ def slot_pairs(values: Tensor, split: Split) -> tuple[Tensor, Tensor]:
     if not split.all_real:
         values = with_trash_row(values)
     elif split.a_slice is not None and split.b_slice is not None:
-        return values[:, split.a_slice, None], values[:, None, split.b_slice]
+        batch, n = values.shape
+        return values.view(batch, n, 1)[:, split.a_slice], values.view(batch, 1, n)[:, :, split.b_slice]
     return values.gather(1, split.a_idx)[:, :, None], values.gather(1, split.b_idx)[:, None, :]
 
 
