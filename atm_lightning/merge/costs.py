@@ -42,7 +42,7 @@ def pair_weight(
         return None
     n_a, n_b = slot_pairs(size, split)
     total = (n_a + n_b).clamp_min(1e-12)  # slots that are not real have size 0 and stay masked
-    weight = (n_a + n_a) * n_b / total if size_weighted else None  # 2 n_a n_b / (n_a + n_b); a sum is one op
+    weight = (n_a + n_a) * n_b / total if size_weighted else None  # n_a + n_a: 2 n_a exactly, in one op
     if attention_power != 0.0:
         if attention is None or num_unprotected is None:
             raise ValueError("attention weighting needs the class token's attention and the token counts")
