@@ -1,12 +1,29 @@
-"""Splits and merges for unpadded batches equal the general ones bit for bit (no timm)."""
+"""Splits, weights, selections and merges for unpadded batches equal the general ones bit for bit."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from atm_lightning.merge import alternating_split, best_matches, merge_tokens, size_sorted_split
+from atm_lightning.flops import ViTCost
+from atm_lightning.merge import (
+    MatchContext,
+    ToMe,
+    alternating_split,
+    best_matches,
+    class_attention,
+    effective_matches,
+    merge_tokens,
+    pair_weight,
+    per_head_keys,
+    size_sorted_split,
+    top_r,
+)
 from atm_lightning.merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image
+from atm_lightning.patch.loop import matching_cost
 
 
 def _same_split(fast, general) -> None:
@@ -69,3 +86,78 @@ def test_merge_single_image_returns_none_when_nothing_merges():
     matches = best_matches(torch.randn(1, 9, 4), split)
     selected = torch.zeros(split.a_idx.shape, dtype=torch.bool)
     assert merge_single_image(torch.randn(1, 9, 3), torch.ones(1, 9), split, matches, selected, 1) is None
+
+
+def _unpadded_splits(size, protected):
+    """(fast, general) pairs of splits naming the same slots of an unpadded batch."""
+    valid = size > 0
+    return [
+        (full_alternating_split(len(size), size.shape[1], protected, size.device), alternating_split(valid, protected)),
+        (full_size_sorted_split(size, protected), size_sorted_split(size, protected)),
+    ]
+
+
+@pytest.mark.parametrize("protected", [1, 2])
+def test_pair_weights_without_padding_equal_the_general_ones(protected):
+    """Slots read directly (views for the alternating split) give the general weights bit for bit."""
+    torch.manual_seed(protected)
+    batch, n = 3, 15
+    size = torch.randint(1, 6, (batch, n)).float()
+    attention = torch.rand(batch, n).softmax(-1)
+    keys = torch.randn(batch, n, 8)
+    unprotected = torch.full((batch,), n - protected)
+    for fast, general in _unpadded_splits(size, protected):
+        for size_weighted, power in ((True, 0.0), (False, 0.5), (True, 0.5)):
+            got = pair_weight(fast, size, size_weighted, attention, power, unprotected)
+            want = pair_weight(general, size, size_weighted, attention, power, unprotected)
+            assert torch.equal(got, want)
+            got_matches = effective_matches(best_matches(keys, fast), fast, got)
+            want_matches = effective_matches(best_matches(keys, general), general, want)
+            assert torch.equal(got_matches.scores, want_matches.scores)
+            assert torch.equal(got_matches.similarity, want_matches.similarity)
+
+
+def test_matching_cost_without_padding_equals_the_general_count():
+    cost = ViTCost(
+        depth=1, qkv_per_token=0, attn_width=192, proj_per_token=0, mlp_per_token=0, head_dim=64,
+        patch_embed=0, num_prefix=1, head=0,
+    )
+    size = torch.ones(2, 11)
+    count = torch.full((2,), 11)
+    for fast, general in _unpadded_splits(size, 1):
+        for with_class in (False, True):
+            want = matching_cost(cost, general, 64, count, 1, with_class)
+            assert torch.equal(matching_cost(cost, fast, 64, count, 1, with_class), want)
+
+
+def test_top_r_with_one_count_for_all_equals_per_image_counts():
+    """Ties, -inf and NaN are chosen as with per-image counts."""
+    similarity = torch.tensor([[0.5, 0.9, 0.5, -math.inf, 0.1, 0.5], [0.2, float("nan"), 0.3, 0.3, 0.9, 0.0]])
+    for r in range(7):
+        assert torch.equal(top_r(similarity, r), top_r(similarity, torch.full((2,), r)))
+
+
+def test_tome_cap_without_padding_equals_the_per_image_cap():
+    torch.manual_seed(0)
+    size = torch.ones(2, 12)
+    keys = torch.randn(2, 12, 4)
+    for r in (3, 9):
+        tome = ToMe(r=r)
+        for fast, general in _unpadded_splits(size, 1):
+            selected = []
+            for split in (fast, general):
+                context = MatchContext(0, split, best_matches(keys, split), size, torch.full((2,), 11))
+                selected.append(tome.select(context))
+            assert torch.equal(selected[0], selected[1])
+
+
+def test_per_head_keys_and_class_attention_equal_their_plain_formulas():
+    """The one-op forms give what F.normalize and ``@`` give, on timm's strided views."""
+    torch.manual_seed(0)
+    for batch in (1, 3):
+        q, k, _ = torch.randn(batch, 13, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d] views
+        plain = (F.normalize(k, dim=-1) / 2).permute(0, 2, 1, 3).reshape(batch, 13, -1)
+        assert torch.equal(per_head_keys(k), plain)
+        bias = torch.rand(batch, 1, 1, 13).log()
+        logits = (q[:, :, :1] * 0.3) @ k.transpose(-1, -2) + bias
+        assert torch.equal(class_attention(q[:, :, :1], k, 0.3, bias), logits.softmax(-1).mean(1)[:, 0])

@@ -40,21 +40,39 @@ def pair_weight(
     """
     if not size_weighted and attention_power == 0.0:
         return None
-    sizes = with_trash_row(size)
-    n_a = sizes.gather(1, split.a_idx)[:, :, None]
-    n_b = sizes.gather(1, split.b_idx)[:, None, :]
+    n_a, n_b = slot_pairs(size, split)
     total = (n_a + n_b).clamp_min(1e-12)  # slots that are not real have size 0 and stay masked
-    weight = 2 * n_a * n_b / total if size_weighted else None
+    weight = (n_a + n_a) * n_b / total if size_weighted else None  # n_a + n_a: 2 n_a exactly, in one op
     if attention_power != 0.0:
         if attention is None or num_unprotected is None:
             raise ValueError("attention weighting needs the class token's attention and the token counts")
-        att = with_trash_row(attention.to(size.dtype))
-        a_a = att.gather(1, split.a_idx)[:, :, None]
-        a_b = att.gather(1, split.b_idx)[:, None, :]
-        share = (a_a * n_b + a_b * n_a) / total * num_unprotected.to(size.dtype)[:, None, None]
+        a_a, a_b = slot_pairs(attention if attention.dtype == size.dtype else attention.to(size.dtype), split)
+        share = (a_a * n_b + a_b * n_a) / total * _per_image(num_unprotected, split, size.dtype)
         factor = share.clamp_min(1e-6).pow(attention_power)
         weight = factor if weight is None else weight * factor
     return weight
+
+
+def slot_pairs(values: Tensor, split: Split) -> tuple[Tensor, Tensor]:
+    """``values`` [B, N] of every source slot as [B, Na, 1] and of every destination slot as
+    [B, 1, Nb] (0 for slots that are not real), ready to broadcast over pairs.
+
+    Without padding the slots index ``values`` directly, as views where the split is a slice.
+    """
+    if not split.all_real:
+        values = with_trash_row(values)
+    elif split.a_slice is not None and split.b_slice is not None:
+        batch, n = values.shape
+        return values.view(batch, n, 1)[:, split.a_slice], values.view(batch, 1, n)[:, :, split.b_slice]
+    return values.gather(1, split.a_idx)[:, :, None], values.gather(1, split.b_idx)[:, None, :]
+
+
+def _per_image(count: Tensor, split: Split, dtype: torch.dtype) -> Tensor | int:
+    """``count`` [B] as a [B, 1, 1] factor; a plain int when no image is padded, since every
+    image then holds all ``Na + Nb`` slots (the count of tokens that may merge)."""
+    if split.all_real:
+        return split.a_idx.shape[1] + split.b_idx.shape[1]
+    return count.to(dtype)[:, None, None]
 
 
 def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> Matches:
@@ -62,9 +80,12 @@ def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> 
     if weight is None:
         return matches
     # ``1 - (1 - cos) * w`` written so that a weight of exactly 1 leaves the cosine bit for bit.
-    scores = matches.scores - (1 - matches.scores) * (weight.to(matches.scores.dtype) - 1)
+    weight = weight if weight.dtype == matches.scores.dtype else weight.to(matches.scores.dtype)
+    scores = matches.scores - (1 - matches.scores) * (weight - 1)
     if scores.shape[-1] == 0:
         return Matches(matches.similarity, scores)
+    if split.all_real:  # nothing to mask
+        return Matches(scores.amax(dim=-1), scores)
     scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
     similarity = scores.amax(dim=-1).masked_fill_(~split.a_ok, float("-inf"))
     return Matches(similarity, scores)
@@ -73,6 +94,9 @@ def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> 
 def per_head_keys(keys: Tensor) -> Tensor:
     """[B, N, H*d] from per-head keys [B, H, N, d], each head L2-normalised and scaled by
     ``1/sqrt(H)``: their cosine similarity is the mean of the heads' cosine similarities."""
-    heads = keys.shape[1]
-    normed = torch.nn.functional.normalize(keys, dim=-1) / heads**0.5
-    return normed.permute(0, 2, 1, 3).reshape(keys.shape[0], keys.shape[2], -1)
+    batch, heads, n, _ = keys.shape
+    # ``F.normalize`` written out, on [B, N, H, d]: the results come out in the order the reshape
+    # reads them, so it is a view (timm's keys are a view of that layout already).
+    rows = keys.transpose(1, 2)
+    normed = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12) / heads**0.5
+    return normed.reshape(batch, n, -1)

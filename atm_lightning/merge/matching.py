@@ -126,7 +126,7 @@ def best_matches(metric: Tensor, split: Split) -> Matches:
         offset = torch.arange(batch, device=metric.device)[:, None] * rows
         a = flat.index_select(0, (split.a_idx.clamp(max=rows - 1) + offset).view(-1)).view(batch, -1, dim)
         b = flat.index_select(0, (split.b_idx.clamp(max=rows - 1) + offset).view(-1)).view(batch, -1, dim)
-    scores = a @ b.transpose(-1, -2)
+    scores = torch.bmm(a, b.transpose(-1, -2))  # what ``@`` runs for [B, *, D] operands, in one op
     if b.shape[1] == 0:
         return Matches(torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype), scores)
     if split.all_real:

@@ -194,7 +194,11 @@ class ToMe(MatchingPolicy):
 
     def select(self, context: MatchContext) -> Tensor:
         # ToMe's cap: at most half of the unprotected tokens merge in one block.
-        limit = (context.num_unprotected // 2).clamp(max=self.r_at(context.layer))
+        if context.split.all_real:  # every image holds all its slots: the same cap for all
+            split = context.split
+            limit = min((split.a_idx.shape[1] + split.b_idx.shape[1]) // 2, self.r_at(context.layer))
+        else:
+            limit = (context.num_unprotected // 2).clamp(max=self.r_at(context.layer))
         return top_r(context.matches.similarity, limit)
 
 

@@ -20,10 +20,13 @@ def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None)
 
     ``q_cls`` is [B, H, 1, d], ``k`` [B, H, N, d]; ``bias`` the block's additive attention mask.
     """
-    logits = (q_cls * scale) @ k.transpose(-1, -2)  # [B, H, 1, N]
+    batch, heads, _, dim = q_cls.shape
+    # matmul's own batched product, without its expand/reshape ops around it (one ``bmm``).
+    q_rows, k_cols = (q_cls * scale).reshape(batch * heads, 1, dim), k.transpose(-1, -2).reshape(batch * heads, dim, -1)
+    logits = torch.bmm(q_rows, k_cols).view(batch, heads, 1, -1)  # [B, H, 1, N]
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return logits.softmax(dim=-1).mean(dim=1).view(batch, -1)
 
 
 def keep_count(keep_rate: float, num_unprotected: Tensor) -> Tensor:

@@ -44,9 +44,20 @@ def full_size_sorted_split(size: Tensor, num_protected: int) -> Split:
     order = torch.sort(size[:, num_protected:], dim=1, stable=True).indices + num_protected
     num_a = (n - num_protected + 1) // 2
     a_idx, b_idx = order[:, :num_a], order[:, num_a:]
-    a_ok = torch.ones(a_idx.shape, device=size.device, dtype=torch.bool)
-    b_ok = torch.ones(b_idx.shape, device=size.device, dtype=torch.bool)
+    a_ok, b_ok = _all_real(a_idx.shape, size.device), _all_real(b_idx.shape, size.device)
     return Split(a_idx, a_ok, b_idx, b_ok, all_real=True)
+
+
+_ALL_REAL: dict[tuple[torch.Size, torch.device], Tensor] = {}
+
+
+def _all_real(shape: torch.Size, device: torch.device) -> Tensor:
+    """An all-true mask of ``shape`` (made once per shape; nothing writes to split masks)."""
+    key = (shape, device)
+    if key not in _ALL_REAL:
+        with torch.inference_mode(False):
+            _ALL_REAL[key] = torch.ones(shape, device=device, dtype=torch.bool)
+    return _ALL_REAL[key]
 
 
 def merge_single_image(
@@ -63,29 +74,64 @@ def merge_single_image(
 
     Output tokens are ``[protected, unmerged sources, destinations]``, each group in position
     order; destinations that took in sources become the size-weighted mean of their parts.
+    Every step is one op on the image's [N, C] rows or [N] sizes (gathers by ``index_select``),
+    since at batch 1 the number of ops, not their arithmetic, sets the time.
     """
     slot = selected.view(-1).nonzero().view(-1)  # merged sources, in slot order (as merge_tokens pairs them)
     if len(slot) == 0:
         return None
     n, dim = x.shape[1], x.shape[2]
-    a_idx, b_idx, sizes, tokens = split.a_idx.view(-1), split.b_idx.view(-1), size.view(-1), x.view(n, dim)
-    src_pos = a_idx[slot]
-    dst_pos = b_idx[matches.scores.view(len(a_idx), -1)[slot].argmax(dim=-1)]
-    src_size = sizes[src_pos]
-    new_size = sizes.index_add(0, dst_pos, src_size)
-    # Output order: sort positions by group (protected 0, sources 1, destinations 2, merged 3).
-    group = torch.full((n,), 2 * n, device=x.device, dtype=torch.long)
-    group[:num_protected] = 0
-    group = group.index_fill_(0, a_idx, n).index_fill_(0, src_pos, 3 * n)
-    order = group.add_(torch.arange(n, device=x.device)).argsort()[: n - len(slot)]
-    moved = tokens.index_select(0, src_pos) * src_size.to(x.dtype)[:, None]
-    total = (tokens * sizes.to(x.dtype)[:, None]).index_add_(0, dst_pos, moved)
-    mean = total / new_size.to(x.dtype)[:, None]
+    tokens, num_a = x.view(n, dim), split.a_idx.shape[1]
+    src_pos = split.a_idx.view(-1).index_select(0, slot)
+    best = matches.scores.view(num_a, -1).index_select(0, slot).argmax(dim=-1)
+    dst_pos = split.b_idx.view(-1).index_select(0, best)
+    sizes = size.view(n)
+    new_size = sizes.index_add(0, dst_pos, sizes.index_select(0, src_pos))
+    weight, new_weight = _as_dtype(sizes, x.dtype).view(n, 1), _as_dtype(new_size, x.dtype).view(n, 1)
+    weighted = tokens * weight  # a source's row here is its token times its size, as merge_tokens moves it
+    mean = weighted.index_add_(0, dst_pos, weighted.index_select(0, src_pos)) / new_weight
     if keep_norm:  # each merged token at its parts' size-weighted mean length, as merge_tokens does
-        lengths = (tokens.norm(dim=-1, keepdim=True) * sizes.to(x.dtype)[:, None]).index_add_(
-            0, dst_pos, tokens.index_select(0, src_pos).norm(dim=-1, keepdim=True) * src_size.to(x.dtype)[:, None]
-        )
-        mean = mean * (lengths / new_size.to(x.dtype)[:, None] / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    merged = torch.where((new_size != sizes)[:, None], mean, tokens)
+        lengths = tokens.norm(dim=-1, keepdim=True) * weight
+        lengths = lengths.index_add_(0, dst_pos, lengths.index_select(0, src_pos))
+        mean = mean * (lengths / new_weight / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    merged = torch.where((new_size != sizes).view(n, 1), mean, tokens)
+    order = _output_order(split, src_pos, n, num_protected)
     count = torch.full((1,), len(order), device=x.device, dtype=torch.long)
-    return Merged(merged.index_select(0, order).view(1, -1, dim), new_size[order].view(1, -1), None, count)
+    return Merged(merged.index_select(0, order).view(1, -1, dim), new_size.index_select(0, order).view(1, -1), None, count)
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without an op when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _output_order(split: Split, src_pos: Tensor, n: int, num_protected: int) -> Tensor:
+    """Input positions of the output tokens, ``[protected, unmerged sources, destinations]``.
+
+    Positions are sorted by ``group * n + position`` (protected 0, sources 1, destinations 2);
+    merged sources get ``3 * n``, past every kept key, and are cut off.
+    """
+    key = _group_keys(split, n, num_protected).index_fill(0, src_pos, 3 * n)
+    return key.argsort()[: n - len(src_pos)]
+
+
+_GROUP_KEYS: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def _group_keys(split: Split, n: int, num_protected: int) -> Tensor:
+    """[N] long: ``group * n + position`` of every token before anything merges (made once per
+    shape for the alternating split, whose groups depend on the shape alone)."""
+    if split.a_slice is None:
+        return _make_group_keys(split.a_idx.view(-1), n, num_protected)
+    key = (n, num_protected, split.a_idx.device)
+    if key not in _GROUP_KEYS:
+        with torch.inference_mode(False):
+            _GROUP_KEYS[key] = _make_group_keys(split.a_idx.view(-1), n, num_protected)
+    return _GROUP_KEYS[key]
+
+
+def _make_group_keys(a_idx: Tensor, n: int, num_protected: int) -> Tensor:
+    group = torch.full((n,), 2 * n, device=a_idx.device, dtype=torch.long)
+    group[:num_protected] = 0
+    group.index_fill_(0, a_idx, n)
+    return group.add_(torch.arange(n, device=a_idx.device))

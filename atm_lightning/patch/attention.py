@@ -32,10 +32,10 @@ def attention_bias(size: Tensor | None, prop_attn: bool, dtype: torch.dtype) -> 
     if size is None:
         return None
     if prop_attn:
-        bias = size.to(dtype).log()
+        bias = (size if size.dtype == dtype else size.to(dtype)).log()
     else:
         bias = torch.zeros_like(size, dtype=dtype).masked_fill(size == 0, float("-inf"))
-    return bias[:, None, None, :]
+    return bias.view(size.shape[0], 1, 1, size.shape[1])
 
 
 def head_mean(k: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor:

@@ -167,9 +167,8 @@ def match_step(
     context = MatchContext(layer, split, matches, size, state.count - protected, attention.class_attention)
     context = replace(context, matches=policy.score(context))
     selected = policy.select(context)
-    cost = matching_cost(merging.cost, split, metric.shape[-1])
-    if attention.class_attention is not None:
-        cost = cost + merging.cost.class_attention_macs(state.count)
+    with_class = attention.class_attention is not None
+    cost = matching_cost(merging.cost, split, metric.shape[-1], state.count, protected, with_class)
     record = layer_record(policy, context, selected) if merging.record else None
     if split.all_real and len(size) == 1 and state.carried() is None:  # nothing summed beside sizes
         merged = merge_single_image(state.x, size, split, context.matches, selected, protected, policy.keeps_norm)
@@ -183,13 +182,19 @@ def match_step(
     return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
 
 
-def matching_cost(cost: ViTCost, split: Split, width: int) -> Tensor:
-    """[B] similarity computations of one matching step."""
-    if split.all_real:  # the same count for every image
+def matching_cost(
+    cost: ViTCost, split: Split, width: int, count: Tensor, num_protected: int, class_attention: bool
+) -> Tensor:
+    """[B] MACs of one matching step: the similarities, plus the class token's attention to the
+    ``count`` [B] tokens where the step computed it."""
+    if split.all_real:  # every image holds all its tokens, the protected ones and the split's
         num_a, num_b = split.a_idx.shape[1], split.b_idx.shape[1]
         macs = float(num_a * num_b * width)
+        if class_attention:
+            macs += float((num_protected + num_a + num_b) * cost.attn_width)
         return torch.full((len(split.a_idx),), macs, device=split.a_idx.device, dtype=torch.float64)
-    return cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), width)
+    macs = cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), width)
+    return macs + cost.class_attention_macs(count) if class_attention else macs
 
 
 def choose_split(kind: str, state: TokenState, size: Tensor, protected: int) -> Split:
