@@ -150,3 +150,38 @@ def test_atm_option_errors_come_as_one_short_error(argv, message, capsys, tmp_pa
     err = capsys.readouterr().err
     assert re.search(message, err.split("error:", 1)[1])
     assert len(err.splitlines()) <= 8 and "--data.crop_scale" not in err
+
+
+def csv_rows(path: Path, rows: list[tuple[str, str, str, float, float]], images: int = 10) -> Path:
+    """A compare.csv of (method, family, params, gflops, top1) rows."""
+    from atm_lightning.evaluation.options import write_csv
+
+    made = [
+        compare.Row(m, f, p, g, 100 * (1 - g / 2), t, 99.0, 95.0, t - 80.0, -1.0, 1.0, True, 0.01, 5.0, images, 4, False, "x")
+        for m, f, p, g, t in rows
+    ]
+    write_csv(made, path)
+    return path
+
+
+def test_merge_combines_runs_on_the_same_images(tmp_path) -> None:
+    first = csv_rows(tmp_path / "a.csv", [("dense", "dense", "-", 2.0, 80.0), ("ToMe r=8", "ToMe", "r=8", 1.5, 79.0),
+                                           ("atm_30", "ATM", "old", 1.4, 78.0)])
+    second = csv_rows(tmp_path / "b.csv", [("dense", "dense", "-", 2.0, 80.0), ("atm_30", "ATM + rerun", "new", 1.4, 80.5),
+                                            ("ToMe", "ToMe", "r=10 x", 1.3, 78.5), ("ToMe", "ToMe", "r=13 x", 1.2, 77.0)])
+    rows = compare.cli(["--merge", str(first), str(second), "--output", str(tmp_path / "out"), "--no-plot"])
+    assert [(r.method, r.params) for r in rows] == [
+        ("dense", "-"), ("ToMe r=8", "r=8"), ("atm_30", "new"), ("ToMe", "r=10 x"), ("ToMe", "r=13 x")
+    ]  # the later atm_30 replaced the earlier; inline rows kept apart by their params
+    assert [r.pareto for r in rows] == [False, False, True, True, True]
+    assert rows[2].agreement_pct == 95.0 and rows[2].lossless is True and rows[2].num_images == 10
+    written = (tmp_path / "out" / "compare.csv").read_text().splitlines()
+    assert len(written) == 6 and (tmp_path / "out" / "compare.md").is_file()
+
+
+def test_merge_refuses_runs_on_other_images(tmp_path, capsys) -> None:
+    first = csv_rows(tmp_path / "a.csv", [("dense", "dense", "-", 2.0, 80.0)])
+    other = csv_rows(tmp_path / "b.csv", [("dense", "dense", "-", 2.0, 81.0)])
+    with pytest.raises(SystemExit):
+        compare.cli(["--merge", str(first), str(other), "--no-plot"])
+    assert "measured on the same images" in capsys.readouterr().err

@@ -276,6 +276,7 @@ def merge_tables(paths: list[Path]) -> list[Row]:
     differ were not measured on the same images: an error.
     """
     rows: dict[tuple[str, str], Row] = {}
+    references = set()  # each file's dense row: its image count and top-1
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"--merge {path} does not exist; pass compare.csv files of earlier runs")
@@ -283,12 +284,13 @@ def merge_tables(paths: list[Path]) -> list[Row]:
             for record in csv.DictReader(file):
                 row = row_from_csv(record)
                 rows[(row.method, row.params if row.method == row.family else "")] = row
+                if row.family == "dense":
+                    references.add((row.num_images, round(row.top1, 6)))
     dense = [r for r in rows.values() if r.family == "dense"]
-    if not dense or len({(r.num_images, round(r.top1, 6)) for r in dense}) != 1:
-        raise ValueError("--merge needs files measured on the same images: each with its dense row, same count and top-1")
     others = [r for r in rows.values() if r.family != "dense"]
-    if any(r.num_images != dense[0].num_images for r in others):
-        raise ValueError("--merge needs files measured on the same images; their image counts differ")
+    counts = {r.num_images for r in others} | {n for n, _ in references}
+    if len(references) != 1 or len(counts) != 1:
+        raise ValueError("--merge needs files measured on the same images: each with its dense row, same count and top-1")
     merged = [dense[0], *others]
     front = pareto_front([(r.gflops, r.top1) for r in merged])
     return [replace(r, pareto=i in front) for i, r in enumerate(merged)]
