@@ -30,7 +30,7 @@ NAME = "vit_tiny_patch16_224"
 CONFIG = CONFIGS / "vit_t_atm.yaml"
 BATCH = 100
 # Agreement with dense (%) each rung must keep on the held-out half; docs/calibration.md has the measurements.
-AGREE_20, AGREE_30, AGREE_40 = 98.0, 96.0, 93.5  # measured: 98.6, 96.6, 94.2
+AGREE_20, AGREE_30, AGREE_40 = 99.2, 98.0, 93.8  # measured: 99.8, 98.6, 94.4
 
 pytestmark = pytest.mark.shared
 
@@ -49,8 +49,10 @@ def test_shipped_atm_on_64_images_keeps_the_dense_predictions_and_saves_flops(sh
     dense = model(images).argmax(-1)
     merged = patch(model, shipped_atm())(images).argmax(-1)
     assert float((merged == dense).double().mean()) >= 0.875
-    reduction = merge_stats(model).flops_reduction
-    assert float(reduction.mean()) >= 0.25 and bool((reduction > 0).all())
+    stats = merge_stats(model)
+    reduction, rerun = stats.flops_reduction, stats.rerun
+    assert float(reduction.mean()) >= 0.25 and bool((reduction[~rerun] > 0).all())
+    assert bool((reduction[rerun] < 0).all())  # merged, then dense again: more than dense
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,7 @@ def test_atm_validate_reports_the_engine_top1(shared_weights, shared_images, tmp
     (metrics,) = tmp_path.glob("runs/**/metrics.json")
     row = json.loads(metrics.read_text())
     assert row["num_images"] == 1000 and row["top1"] == pytest.approx(81.9, abs=1e-4)  # timm's eval transform
-    assert row["gflops"] == pytest.approx(1.2543, abs=1e-4) and row["agreement"] == 100.0
+    assert row["gflops"] == pytest.approx(1.25368, abs=1e-5) and row["agreement"] == 100.0
 
 
 @pytest.mark.slow
