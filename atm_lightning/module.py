@@ -170,6 +170,7 @@ class TokenMergingModule(LightningModule):
             "gflops",
             "gflops_dense",
             "flops_reduction",
+            "rerun_fraction",
             "num_images",
             "img_per_s",
             "agreement",

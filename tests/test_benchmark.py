@@ -76,7 +76,7 @@ def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> No
     [
         ("tame:r=3", "unknown method 'tame'"),
         ("tome:r", "write settings as KEY=VALUE"),
-        ("tome:q=1", "Valid settings: ['r', 'prop_attn', 'trace_source']"),
+        ("tome:q=1", "Valid settings: ['r', 'prop_attn', 'rerun_margin', 'last_block_prefix_only', 'trace_source']"),
         ("tome:r=-1", "non-negative"),
         ("atm:alpha=0.5,theta_min=0.9", "must be >= theta_min"),
         ("atm:alpha=high", "finite number"),

@@ -85,7 +85,7 @@ def test_validate_matches_direct_computation(data_root: Path) -> None:
     assert got["img_per_s"] > 0
     logged = {k: float(v) for k, v in t.callback_metrics.items()}
     assert logged["val/top1"] == pytest.approx(got["top1"], rel=1e-6)
-    assert logged["val/num_images"] == 8
+    assert logged["val/num_images"] == 8 and logged["val/rerun_fraction"] == got["rerun_fraction"] == 0.0
     # Fidelity: the same model unmerged on the same images, compared image by image.
     assert got["agreement"] == pytest.approx(want["agreement"], abs=1e-9)
     assert got["kl"] == pytest.approx(want["kl"], rel=1e-5, abs=1e-9)
