@@ -244,7 +244,7 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_r
 def test_default_rerun_fraction_tapers_with_the_target_and_keeps_a_plain_atm_plain() -> None:
     refined = SimpleNamespace(merger=NoMerge())
     fractions = [calibration_run.default_rerun_fraction(refined, t) for t in (0.2, 0.3, 0.35, 0.4, 0.5)]
-    assert fractions == [0.1, 0.1, 0.05, 0.0, 0.0]
+    assert fractions == [0.1, 0.1, 0.075, 0.05, 0.05]
     assert calibration_run.default_rerun_fraction(SimpleNamespace(merger=ATM()), 0.3) == 0.0  # the paper's ATM
     assert calibration_run.default_rerun_fraction(SimpleNamespace(merger=ATM(rerun_margin=0.1)), 0.3) == 0.1
     with pytest.raises(ValueError, match=r"--rerun_fraction is the fraction of images run again unmerged"):

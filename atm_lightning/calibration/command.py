@@ -70,7 +70,7 @@ class CalibrationTrainer(Trainer):
             max_evals: evaluations allowed per schedule shape.
             rerun_fraction: fraction of the calibration images whose merged prediction is least
                 certain and that run again unmerged (sets the merger's rerun_margin; the FLOPs
-                target counts the second pass). Default: 0.1 for targets up to 0.3, falling to 0
+                target counts the second pass). Default: 0.1 for targets up to 0.3, falling to 0.05
                 at 0.4 and above; 0 when the config's merger is an ATM without rerun_margin.
             base_config: the config the written file starts from (the CLI passes its own).
         """
