@@ -92,3 +92,4 @@ def test_a_rerun_pays_the_dense_forward_with_the_same_last_block() -> None:
     stats = merge_stats(model)
     assert bool(stats.rerun.all()) and torch.equal(rerun, dense)
     torch.testing.assert_close(stats.gflops, merged_gflops + dense_gflops, rtol=1e-12, atol=0)
+    assert stats.gflops_rerun == pytest.approx(float(dense_gflops[0]), rel=1e-12)  # what calibration adds

@@ -179,9 +179,6 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
             log_probs.append(F.log_softmax(model(images).double(), dim=-1).cpu())
             gflops.append(merge_stats(model).gflops.cpu())
     merged, gflops = torch.cat(log_probs), torch.cat(gflops)
-    cost = model._merging.cost
-    prefix = model.num_prefix_tokens if merger.last_block_prefix_only else 0
-    rerun_gflops = cost.dense_macs(int(merge_stats(model).tokens[0, 0]), prefix) / 1e9  # as merge_stats adds it
     dense = cal.dense_log_probs
     rerun = torch.zeros(len(merged), dtype=torch.bool)
     if rerun_fraction > 0 and merger.merges:
@@ -189,7 +186,7 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
         margin = float(f"{float(torch.quantile(gap, rerun_fraction)):.4g}")
         merger, rerun = replace(merger, rerun_margin=margin), gap < margin
         merged = torch.where(rerun[:, None], dense, merged)
-        gflops = gflops + rerun.double() * rerun_gflops
+        gflops = gflops + rerun.double() * merge_stats(model).gflops_rerun
     kl = (dense.exp() * (dense - merged)).sum(-1).mean()
     predictions = merged.argmax(-1)
     return Point(

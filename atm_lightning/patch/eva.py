@@ -25,7 +25,7 @@ from .attention import grouped_attention, head_mean
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
-from .rerun import forward_with_rerun
+from .rerun import RerunForward
 from .rope import grid_coords, rope_at, rope_problem, rotate
 from .state import TokenState
 from .vit import _QueryKeyTap, add_residual, check_pool
@@ -151,16 +151,10 @@ def project_qkv(attn: nn.Module, h: Tensor) -> Tensor:
     return F.linear(h, weight=attn.qkv.weight, bias=bias)
 
 
-class EvaMergingMixin:
+class EvaMergingMixin(RerunForward):
     """Placed in front of an Eva model's own class by :func:`.adapters.apply`."""
 
     _merging: Merging
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """timm's forward; with the policy's ``rerun_margin``, uncertain images run again unmerged
-        (:mod:`.rerun`)."""
-        parent = super().forward
-        return forward_with_rerun(self._merging, self.training, lambda images: parent(images, *args, **kwargs), x)
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:

@@ -42,6 +42,17 @@ def top2_gap(logits: Tensor) -> Tensor:
     return top[..., 0] - top[..., 1]
 
 
+class RerunForward:
+    """First base of every merging mixin: timm's ``forward``, with the policy's ``rerun_margin``
+    running uncertain images again unmerged."""
+
+    _merging: Merging
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        parent = super().forward
+        return forward_with_rerun(self._merging, self.training, lambda images: parent(images, *args, **kwargs), x)
+
+
 def forward_with_rerun(merging: Merging, training: bool, forward: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     """``forward(images)`` merged, then unmerged again for the images whose prediction is uncertain.
 

@@ -85,6 +85,7 @@ class MergeStats:
     layers: list[LayerRecord]  # per-block decisions (record_merges=True only)
     sources: list[Tensor]  # [B, N_l, T0] after each block (trace_source=True only)
     rerun: Tensor | None = None  # [B] bool: images run again unmerged, counted in gflops (rerun_margin)
+    gflops_rerun: float = 0.0  # what one image's unmerged rerun adds to its gflops
 
     @property
     def flops_reduction(self) -> Tensor:
@@ -102,9 +103,10 @@ def merge_stats(model: nn.Module) -> MergeStats:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
     cost = merging.cost
     dense_macs = cost.dense_macs(int(trace.tokens[0, 0]))
+    rerun_macs = cost.dense_macs(int(trace.tokens[0, 0]), trace.prefix_only)  # the same last block
     macs = cost.image_macs(trace.tokens, trace.prefix_only)
     if trace.rerun is not None:
-        macs = macs + trace.rerun.to(macs.dtype) * cost.dense_macs(int(trace.tokens[0, 0]), trace.prefix_only)
+        macs = macs + trace.rerun.to(macs.dtype) * rerun_macs
     return MergeStats(
         tokens=trace.tokens,
         gflops=to_gflops(macs),
@@ -115,4 +117,5 @@ def merge_stats(model: nn.Module) -> MergeStats:
         layers=trace.layers,
         sources=trace.sources,
         rerun=trace.rerun,
+        gflops_rerun=to_gflops(rerun_macs),
     )

@@ -26,7 +26,7 @@ from .attention import grouped_attention
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
-from .rerun import forward_with_rerun
+from .rerun import RerunForward
 from .ragged import RaggedLayout
 from .state import TokenState
 
@@ -147,16 +147,10 @@ def add_residual(x: Tensor, update: Tensor) -> Tensor:
     return x + update if torch.is_grad_enabled() else x.add_(update)
 
 
-class VitMergingMixin:
+class VitMergingMixin(RerunForward):
     """Placed in front of a VisionTransformer's own class by :func:`.adapters.apply`."""
 
     _merging: Merging
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """timm's forward; with the policy's ``rerun_margin``, uncertain images run again unmerged
-        (:mod:`.rerun`)."""
-        parent = super().forward
-        return forward_with_rerun(self._merging, self.training, lambda images: parent(images, *args, **kwargs), x)
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
