@@ -98,6 +98,19 @@ class ViTCost:
         tokens = torch.full((1, self.depth + 1), num_tokens, dtype=torch.long)
         return float(self.image_macs(tokens, prefix_only)[0])
 
+    def resumed_macs(self, num_tokens: int, layer: int | None, prefix_only: int = 0) -> float:
+        """Multiply-adds of an unmerged rerun that picks up after block ``layer``'s attention (the
+        tokens up to there are the merged pass's): that block's MLP, the later blocks and the head.
+        ``layer`` None: the whole dense forward."""
+        full = self.dense_macs(num_tokens, prefix_only)
+        if layer is None:
+            return full
+        if not 0 <= layer < self.depth - (1 if prefix_only else 0):
+            raise ValueError(f"a rerun resumes inside a block that merges, 0..{self.depth - 1}; got {layer}")
+        n = torch.tensor(num_tokens)
+        done = float(self.block_macs(n, n)) * layer + float(self.block_macs(n, torch.tensor(0)))  # + that attention
+        return full - done - (num_tokens - self.num_prefix) * self.patch_embed
+
     def matching_macs(self, num_a: Tensor, num_b: Tensor, width: int | None = None) -> Tensor:
         """Cost of the cosine similarities of one matching step: |A| * |B| * the width of the
         compared keys (head_dim for head-averaged keys, the attention width for per-head ones)."""

@@ -169,15 +169,17 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
     """Reduction, KL and agreement of ``merger`` against the cached dense outputs.
 
     With ``rerun_fraction`` the merger's ``rerun_margin`` becomes the margin below which that
-    fraction of these images falls; those images take the cached dense outputs and a dense pass
-    more in the FLOPs, which is what the patched model does with that margin.
+    fraction of these images falls; those images take the cached dense outputs and the FLOPs of
+    the unmerged rerun, which is what the patched model does with that margin.
     """
     model = patch(model, replace(merger, rerun_margin=0.0))
-    gflops, log_probs = [], []
+    gflops, rerun_gflops, log_probs = [], [], []
     with torch.inference_mode():
         for images in cal.batches:
             log_probs.append(F.log_softmax(model(images).double(), dim=-1).cpu())
-            gflops.append(merge_stats(model).gflops.cpu())
+            stats = merge_stats(model)
+            gflops.append(stats.gflops.cpu())
+            rerun_gflops.append(torch.full_like(gflops[-1], stats.gflops_rerun))  # where the batch first merged
     merged, gflops = torch.cat(log_probs), torch.cat(gflops)
     dense = cal.dense_log_probs
     rerun = torch.zeros(len(merged), dtype=torch.bool)
@@ -186,7 +188,7 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
         margin = float(f"{float(torch.quantile(gap, rerun_fraction)):.4g}")
         merger, rerun = replace(merger, rerun_margin=margin), gap < margin
         merged = torch.where(rerun[:, None], dense, merged)
-        gflops = gflops + rerun.double() * merge_stats(model).gflops_rerun
+        gflops = gflops + rerun.double() * torch.cat(rerun_gflops)
     kl = (dense.exp() * (dense - merged)).sum(-1).mean()
     predictions = merged.argmax(-1)
     return Point(

@@ -161,6 +161,8 @@ class EvaMergingMixin(RerunForward):
             raise NotImplementedError("token merging does not support attn_mask/is_causal; unpatch the model")
         if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
             raise NotImplementedError("token merging does not support patch dropout or RoPE coordinate augmentation")
+        if self._merging.start is not None:  # a rerun: the blocks pick up where the merged pass first merged
+            return self.norm(run_blocks(self._merging, self.blocks, None, self.training))
         x = self.patch_embed(x)
         grid = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         x, table = self._pos_embed(x)

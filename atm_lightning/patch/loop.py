@@ -78,6 +78,22 @@ class BlockRunner(Protocol):
         """The whole block for the ``prefix`` first tokens of padded ``x`` [B, W, C] only: [B, prefix, C]."""
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where an unmerged rerun picks up: the batch's tokens after block ``layer``'s attention and
+    before its merge step, the first that merged anything. Up to there every block ran as the
+    unmerged model, so the rerun starts with that block's MLP instead of the patch embedding."""
+
+    layer: int
+    state: TokenState  # unmerged: padded [B, N, C], input order
+
+    def images(self, rows: Tensor) -> Resume:
+        """The same point for the images ``rows`` ([B] bool) only."""
+        s = self.state
+        keep = (lambda t: None if t is None else t[rows])
+        return Resume(self.layer, TokenState(s.x[rows], s.count[rows], keep(s.size), keep(s.source), coords=keep(s.coords)))
+
+
 @dataclass
 class Merging:
     """What :func:`atm_lightning.patch` attaches to a model: the policy, how to run the model's
@@ -90,6 +106,8 @@ class Merging:
     record: bool = False  # keep every block's decisions (record_merges)
     ragged: str = "packed"  # how images with different token counts run, one of RAGGED_MODES
     last: MergeTrace | None = None
+    resume: Resume | None = None  # kept by a merged forward whose policy reruns, for that rerun
+    start: Resume | None = None  # set for the rerun: its blocks begin here (see :mod:`.rerun`)
 
 
 class StepResult(NamedTuple):
@@ -102,37 +120,47 @@ Step = Callable[[Merging, int, TokenState, BlockAttention, Tensor | None, bool],
 
 
 def run_blocks(
-    merging: Merging, blocks: Sequence[nn.Module], x: Tensor, training: bool, coords: Tensor | None = None
+    merging: Merging, blocks: Sequence[nn.Module], x: Tensor | None, training: bool, coords: Tensor | None = None
 ) -> Tensor:
     """Run ``blocks`` on tokens ``x`` [B, N, C], merging after each attention; returns the tokens
     padded and in input order (only the prefix tokens with ``last_block_prefix_only``), and keeps
     the record of the run in ``merging.last``. ``coords``
     [B, N, 2] (grid positions) travel with the tokens for models that need positions (RoPE).
+    With ``merging.start`` set (a rerun) the blocks pick up there instead and ``x`` is not read.
 
     Packed execution (``ragged="packed"``) is for inference only: drop-path needs the batch as it is.
     """
     policy = merging.policy
     step = step_for(policy)
     pack = merging.ragged == "packed" and not training
-    state = TokenState.start(x, policy.trace_source, coords)
-    recorder = TraceRecorder(state)
+    start, merging.start, merging.resume = merging.start, None, None
+    state = start.state if start is not None else TokenState.start(x, policy.trace_source, coords)
+    first = start.layer if start is not None else 0
+    keep_resume = step is not None and policy.rerun_margin > 0 and not training
+    recorder = TraceRecorder(state, first)
     needs = KeyNeeds.of(policy)
     prefix_only = merging.num_protected if policy.last_block_prefix_only and not training else 0
     bias, bias_size = None, None
     for layer, block in enumerate(blocks):
+        if layer < first:
+            continue
         if state.size is not bias_size:  # sizes change only where a step merged
-            bias, bias_size = attention_bias(state.size, policy.prop_attn, x.dtype), state.size
+            bias, bias_size = attention_bias(state.size, policy.prop_attn, state.x.dtype), state.size
         if prefix_only and layer == len(blocks) - 1:  # the head reads the prefix tokens alone
             prefix = merging.blocks.prefix_block(layer, block, state.padded(), bias, prefix_only)
             recorder.block_done(replace(state, count=torch.full_like(state.count, prefix_only)))
             merging.last = recorder.finish(state, prefix_only)
             return state.in_input_order(prefix)
-        tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
-        state = replace(state, x=tokens)
-        if step is not None:
-            result = step(merging, layer, state, attention, bias, pack)
-            recorder.merge_step(state, result.matching_macs, result.record)
-            state = result.state
+        if layer > first or start is None:  # a rerun starts after its first block's attention
+            tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
+            state = replace(state, x=tokens)
+            if step is not None:
+                result = step(merging, layer, state, attention, bias, pack)
+                recorder.merge_step(state, result.matching_macs, result.record)
+                if recorder.resume_layer is None and result.state is not state:
+                    recorder.resume_layer = layer
+                    merging.resume = Resume(layer, state) if keep_resume else None
+                state = result.state
         state = replace(state, x=merging.blocks.mlp_residual(block, state.x))
         recorder.block_done(state)
     merging.last = recorder.finish(state)

@@ -3,9 +3,12 @@
 Merging changes a prediction almost only where the model was torn between two classes. The
 merged pass's own softmax says which images those are: where its two largest probabilities lie
 within ``rerun_margin`` of each other, the image runs again through the dense model and keeps
-the dense output. The second pass is real work, so the record of the forward marks those images
-and :func:`.stats.merge_stats` adds a dense forward to their FLOPs (with
-``last_block_prefix_only``, the dense forward's last block computes the prefix tokens only, too).
+the dense output. Up to the block where the batch first merged, the merged pass ran exactly as
+the unmerged model, so the second pass picks up there, after that block's attention, from the
+tokens the merged pass kept (a batch where nothing merged has the dense output already). The
+second pass is real work, so the record of the forward marks those images and
+:func:`.stats.merge_stats` adds what it computed to their FLOPs (with ``last_block_prefix_only``,
+its last block computes the prefix tokens only, too).
 """
 
 from __future__ import annotations
@@ -18,19 +21,21 @@ import torch
 from torch import Tensor
 
 from ..merge import NoMerge
-from .loop import Merging
+from .loop import Merging, Resume
 
 
 @contextmanager
-def running_dense(merging: Merging, prefix_only: bool = False) -> Iterator[None]:
+def running_dense(merging: Merging, prefix_only: bool = False, start: Resume | None = None) -> Iterator[None]:
     """Inside the block the model runs unmerged; its policy and last record are restored after.
-    ``prefix_only`` keeps the policy's ``last_block_prefix_only`` (same logits, cheaper)."""
+    ``prefix_only`` keeps the policy's ``last_block_prefix_only`` (same logits, cheaper); ``start``
+    makes the next forward's blocks pick up there (its images are then not read)."""
     policy, last = merging.policy, merging.last
     merging.policy = NoMerge(last_block_prefix_only=prefix_only and policy.last_block_prefix_only)
+    merging.start = start
     try:
         yield
     finally:
-        merging.policy, merging.last = policy, last
+        merging.policy, merging.last, merging.start = policy, last, None
 
 
 def top2_gap(logits: Tensor) -> Tensor:
@@ -67,10 +72,13 @@ def forward_with_rerun(merging: Merging, training: bool, forward: Callable[[Tens
             f"rerun_margin needs class logits [B, classes] from the model, got {type(logits).__name__} "
             f"{tuple(getattr(logits, 'shape', ()))}; set rerun_margin 0 for feature extractors"
         )
+    trace, resume, merging.resume = merging.last, merging.resume, None
+    if resume is None:  # nothing merged: these are the dense logits
+        merging.last = replace(trace, rerun=torch.zeros(len(logits), dtype=torch.bool, device=logits.device))
+        return logits
     uncertain = top2_gap(logits) < margin
-    trace = merging.last
     if bool(uncertain.any()):
-        with running_dense(merging, prefix_only=True):
+        with running_dense(merging, prefix_only=True, start=resume.images(uncertain)):
             dense = forward(images[uncertain])
         logits = logits.index_put((uncertain,), dense.to(logits.dtype))
     merging.last = replace(trace, rerun=uncertain)

@@ -44,13 +44,17 @@ class MergeTrace:
     sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
     rerun: Tensor | None = None  # [B] bool: ran again unmerged (rerun_margin); None: nothing was
     prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
+    resume_layer: int | None = None  # block whose merge step first merged (a rerun resumes there); None: none did
 
 
 class TraceRecorder:
     """Collects a :class:`MergeTrace` while the block loop runs, putting images back in input order."""
 
-    def __init__(self, state: TokenState) -> None:
-        self.tokens = [state.count]
+    def __init__(self, state: TokenState, first: int = 0) -> None:
+        """``first`` > 0: the run starts inside that block (a rerun), with ``state``'s tokens
+        having entered every block before."""
+        self.tokens = [state.count] * (first + 1)
+        self.resume_layer: int | None = None
         self.matching = torch.zeros(state.count.shape, device=state.count.device, dtype=torch.float64)
         self.layers: list[LayerRecord] = []
         self.sources: list[Tensor] = []
@@ -69,7 +73,9 @@ class TraceRecorder:
     def finish(self, state: TokenState, prefix_only: int = 0) -> MergeTrace:
         size, source = state.in_input_order(state.size), state.in_input_order(state.source)
         tokens = torch.stack(self.tokens, dim=1)
-        return MergeTrace(tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only)
+        return MergeTrace(
+            tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only, resume_layer=self.resume_layer
+        )
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class MergeStats:
     layers: list[LayerRecord]  # per-block decisions (record_merges=True only)
     sources: list[Tensor]  # [B, N_l, T0] after each block (trace_source=True only)
     rerun: Tensor | None = None  # [B] bool: images run again unmerged, counted in gflops (rerun_margin)
-    gflops_rerun: float = 0.0  # what one image's unmerged rerun adds to its gflops
+    gflops_rerun: float = 0.0  # what an image's unmerged rerun adds to its gflops (0: nothing merged, no rerun)
 
     @property
     def flops_reduction(self) -> Tensor:
@@ -103,7 +109,9 @@ def merge_stats(model: nn.Module) -> MergeStats:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
     cost = merging.cost
     dense_macs = cost.dense_macs(int(trace.tokens[0, 0]))
-    rerun_macs = cost.dense_macs(int(trace.tokens[0, 0]), trace.prefix_only)  # the same last block
+    rerun_macs = 0.0  # nothing merged: the output is the dense one already
+    if trace.resume_layer is not None:  # a rerun resumes where the batch first merged, with the same last block
+        rerun_macs = cost.resumed_macs(int(trace.tokens[0, 0]), trace.resume_layer, trace.prefix_only)
     macs = cost.image_macs(trace.tokens, trace.prefix_only)
     if trace.rerun is not None:
         macs = macs + trace.rerun.to(macs.dtype) * rerun_macs

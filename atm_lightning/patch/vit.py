@@ -155,6 +155,8 @@ class VitMergingMixin(RerunForward):
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("token merging does not support attn_mask/is_causal; unpatch the model")
+        if self._merging.start is not None:  # a rerun: the blocks pick up where the merged pass first merged
+            return self.norm(run_blocks(self._merging, self.blocks, None, self.training))
         x = self.patch_embed(x)
         x = self._pos_embed(x)
         x = self.patch_drop(x)
