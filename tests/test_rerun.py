@@ -51,18 +51,32 @@ def test_uncertain_images_take_the_dense_output_and_pay_a_dense_pass(model, imag
     assert torch.equal(stats.tokens, merge_stats(model).tokens)
 
 
+ATM_FROM_BLOCK_2 = ATM(alpha=1.0, beta=0.02, theta_min=0.9, split_layer=3)  # block 1 strict: alpha 1
+
+
 @pytest.mark.parametrize(
-    ("merger", "layer"), [(ToMe(r=6), 0), (EViT(keep_rate=0.5, prune_layers=(2,)), 1), (ToMe(r=6, last_block_prefix_only=True), 0)]
+    ("merger", "layer"),
+    [
+        (ToMe(r=6), 0),
+        (EViT(keep_rate=0.5, prune_layers=(2,)), 1),
+        (ToMe(r=6, last_block_prefix_only=True), 0),
+        (ATM_FROM_BLOCK_2, 1),  # ragged batches after the first merge
+    ],
 )
 def test_the_rerun_resumes_where_the_batch_first_merged_and_is_priced_as_torch_counts_it(model, images, merger, layer) -> None:
+    dense = forward(model, images, "none")
     patch(model, merger)
     with torch.inference_mode():
         merged_macs = counted_macs(model, images)
+    tokens = merge_stats(model).tokens
+    assert int((tokens[:, 1:] < tokens[:, :-1]).any(0).nonzero()[0]) == layer  # the block that first merged
     patch(model, dataclasses.replace(merger, rerun_margin=1.0))  # every image runs again
     with torch.inference_mode():
         both_macs = counted_macs(model, images)
+        rerun = model(images)
     stats = merge_stats(model)
     assert bool(stats.rerun.all()) and model._merging.last.resume_layer == layer
+    torch.testing.assert_close(rerun, dense, atol=1e-5, rtol=0)
     assert model._merging.resume is None and model._merging.start is None  # nothing kept after the forward
     assert (both_macs - merged_macs) / len(images) == pytest.approx(stats.gflops_rerun * 1e9, rel=1e-9)
     n = model.patch_embed.num_patches + 1

@@ -40,16 +40,20 @@ def pair_weight(
     """
     if not size_weighted and attention_power == 0.0:
         return None
+    # Every [B, Na, Nb] step after the first writes in place: at small batches on a CPU these
+    # steps are a large part of the merge step's time.
     n_a, n_b = slot_pairs(size, split)
-    total = (n_a + n_b).clamp_min(1e-12)  # slots that are not real have size 0 and stay masked
-    weight = (n_a + n_a) * n_b / total if size_weighted else None  # n_a + n_a: 2 n_a exactly, in one op
+    total = (n_a + n_b).clamp_min_(1e-12)  # slots that are not real have size 0 and stay masked
+    weight = ((n_a + n_a) * n_b).div_(total) if size_weighted else None  # n_a + n_a: 2 n_a exactly, in one op
     if attention_power != 0.0:
         if attention is None or num_unprotected is None:
             raise ValueError("attention weighting needs the class token's attention and the token counts")
-        a_a, a_b = slot_pairs(attention if attention.dtype == size.dtype else attention.to(size.dtype), split)
-        share = (a_a * n_b + a_b * n_a) / total * _per_image(num_unprotected, split, size.dtype)
-        factor = share.clamp_min(1e-6).pow(attention_power)
-        weight = factor if weight is None else weight * factor
+        # M a_a and M a_b are per slot, so the pair's share takes two full-size products, not three.
+        scaled = attention.to(size.dtype) * _per_image(num_unprotected, split, size.dtype)
+        a_a, a_b = slot_pairs(scaled, split)
+        share = (a_a * n_b).addcmul_(a_b, n_a).div_(total)
+        factor = share.clamp_min_(1e-6).pow_(attention_power)
+        weight = factor if weight is None else weight.mul_(factor)
     return weight
 
 
@@ -68,20 +72,21 @@ def slot_pairs(values: Tensor, split: Split) -> tuple[Tensor, Tensor]:
 
 
 def _per_image(count: Tensor, split: Split, dtype: torch.dtype) -> Tensor | int:
-    """``count`` [B] as a [B, 1, 1] factor; a plain int when no image is padded, since every
-    image then holds all ``Na + Nb`` slots (the count of tokens that may merge)."""
+    """``count`` [B] as a [B, 1] factor on per-token values; a plain int when no image is padded,
+    since every image then holds all ``Na + Nb`` slots (the count of tokens that may merge)."""
     if split.all_real:
         return split.a_idx.shape[1] + split.b_idx.shape[1]
-    return count.to(dtype)[:, None, None]
+    return count.to(dtype)[:, None]
 
 
 def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> Matches:
-    """Each source's best destination by effective similarity ``1 - (1 - cos) * weight``."""
+    """Each source's best destination by effective similarity ``1 - (1 - cos) * weight``
+    (``weight``, from :func:`pair_weight`, is used up: it is overwritten)."""
     if weight is None:
         return matches
     # ``1 - (1 - cos) * w`` written so that a weight of exactly 1 leaves the cosine bit for bit.
     weight = weight if weight.dtype == matches.scores.dtype else weight.to(matches.scores.dtype)
-    scores = matches.scores - (1 - matches.scores) * (weight - 1)
+    scores = matches.scores - (1 - matches.scores).mul_(weight.sub_(1))  # ``weight`` is this step's own
     if scores.shape[-1] == 0:
         return Matches(matches.similarity, scores)
     if split.all_real:  # nothing to mask
@@ -93,10 +98,11 @@ def effective_matches(matches: Matches, split: Split, weight: Tensor | None) -> 
 
 def per_head_keys(keys: Tensor) -> Tensor:
     """[B, N, H*d] from per-head keys [B, H, N, d], each head L2-normalised and scaled by
-    ``1/sqrt(H)``: their cosine similarity is the mean of the heads' cosine similarities."""
+    ``1/sqrt(H)``: rows of unit length whose dot product is the mean of the heads' cosine
+    similarities."""
     batch, heads, n, _ = keys.shape
     # ``F.normalize`` written out, on [B, N, H, d]: the results come out in the order the reshape
     # reads them, so it is a view (timm's keys are a view of that layout already).
     rows = keys.transpose(1, 2)
-    normed = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12) / heads**0.5
+    normed = rows / (rows.norm(dim=-1, keepdim=True).clamp_min(1e-12) * heads**0.5)  # one full-size division
     return normed.reshape(batch, n, -1)

@@ -111,13 +111,15 @@ def size_sorted_split(size: Tensor, num_protected: int) -> Split:
     return Split(a_idx, a_ok, b_idx, b_ok)
 
 
-def best_matches(metric: Tensor, split: Split) -> Matches:
+def best_matches(metric: Tensor, split: Split, normalized: bool = False) -> Matches:
     """Cosine similarity of every source to every destination, and each source's best.
 
     ``metric`` is [B, N, D] (a trash row N may be appended but is not needed: slots that are not
-    real are masked). It is L2-normalised here so callers can pass raw head-averaged keys.
+    real are masked). It is L2-normalised here so callers can pass raw head-averaged keys, unless
+    ``normalized`` says its rows have unit length already (:func:`.costs.per_head_keys`).
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if not normalized:
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     batch, rows, dim = metric.shape
     if split.a_slice is not None and split.b_slice is not None:
         a, b = metric[:, split.a_slice], metric[:, split.b_slice]

@@ -56,11 +56,15 @@ def head_mean(k: Tensor, dim: int = 1, out: Tensor | None = None) -> Tensor:
     return total.div_(len(heads))
 
 
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+def matmul_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, first_token: Tensor | None = None
+) -> Tensor:
     """softmax(q k^T * scale + mask) v per head, for [G, L, H, d] views and a [G, 1, L] mask.
 
     One head and one chunk of images at a time: each product reads the strided views as they
-    are (no copies) and the score matrices stay small enough to be reused from cache.
+    are (no copies) and the score matrices stay small enough to be reused from cache. With
+    ``first_token`` ([G, L], zeros) the head-averaged attention of token 0 is written into it,
+    read off the same softmax.
     """
     images, length, heads, _ = q.shape
     chunk = max(1, MATMUL_SCORE_ELEMENTS // length**2)
@@ -69,7 +73,12 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
         part = slice(start, start + chunk)
         for head in range(heads):
             scores = torch.baddbmm(mask[part], q[part, :, head], k[part, :, head].transpose(1, 2), alpha=scale)
-            out[part, :, head] = torch.bmm(scores.softmax(-1), v[part, :, head])
+            probs = scores.softmax(-1)
+            if first_token is not None:
+                first_token[part].add_(probs[:, 0])
+            out[part, :, head] = torch.bmm(probs, v[part, :, head])
+    if first_token is not None:
+        first_token.div_(heads)
     return out
 
 
@@ -105,14 +114,13 @@ def grouped_attention(
         rows, length = group.stop - group.start, group.length
         padded = qkv.index_select(0, group.gather).view(rows, length, 3, heads, head_dim)
         mask = bias[group.start : group.stop, 0, :, :length]  # [G, 1, L]
-        q, k, out = _group_attention(padded, mask, scale, q_norm, k_norm)  # each [G, L, H, d]
+        first = cls_attention[group.start : group.stop, :length] if cls_attention is not None else None
+        k, out = _group_attention(padded, mask, scale, q_norm, k_norm, first)  # each [G, L, H, d]
         part = keys[group.start : group.stop, :, :length]
         if per_head_keys:
             part.copy_(k.transpose(1, 2))
         else:
             head_mean(k, dim=2, out=part[:, 0])
-        if cls_attention is not None:
-            cls_attention[group.start : group.stop, :length] = _first_token_attention(q, k, mask, scale)
         real = out.reshape(rows * length, -1)
         if torch.is_grad_enabled():  # ``out=`` ops record no gradient
             mixed[group.packed] = real.index_select(0, group.slots)
@@ -122,17 +130,21 @@ def grouped_attention(
 
 
 def _group_attention(
-    padded: Tensor, mask: Tensor, scale: float, q_norm: Norm, k_norm: Norm
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Queries, keys and attention output of one padded group, each [G, L, H, d]."""
+    padded: Tensor, mask: Tensor, scale: float, q_norm: Norm, k_norm: Norm, first_token: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Keys and attention output of one padded group, each [G, L, H, d]; with ``first_token``
+    ([G, L], zeros) also the head-averaged attention of token 0, written into it."""
     if padded.device.type == "cpu" and padded.shape[1] <= MATMUL_ATTENTION_MAX_TOKENS:
         q, k = q_norm(padded[:, :, 0]), k_norm(padded[:, :, 1])  # [G, L, H, d]
-        return q, k, matmul_attention(q, k, padded[:, :, 2], mask, scale)
+        return k, matmul_attention(q, k, padded[:, :, 2], mask, scale, first_token)
     q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, L, d]
     q, k = q_norm(q), k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if first_token is not None:
+        first_token.copy_(_first_token_attention(q, k, mask, scale))
     # The fused CPU kernel writes [G, L, H, d] memory, so the caller's reshape is a view.
-    return q.transpose(1, 2), k.transpose(1, 2), out.transpose(1, 2)
+    return k, out.transpose(1, 2)
 
 
 def _first_token_attention(q: Tensor, k: Tensor, mask: Tensor, scale: float) -> Tensor:

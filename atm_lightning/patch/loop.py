@@ -191,7 +191,7 @@ def match_step(
     split = choose_split(policy.split_kind(layer), state, size, protected)
     per_head = policy.key_form == "per_head"
     metric = per_head_keys(attention.keys) if per_head else head_mean(attention.keys)
-    matches = best_matches(metric, split)
+    matches = best_matches(metric, split, normalized=per_head)
     context = MatchContext(layer, split, matches, size, state.count - protected, attention.class_attention)
     context = replace(context, matches=policy.score(context))
     selected = policy.select(context)
