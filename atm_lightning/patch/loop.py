@@ -89,9 +89,10 @@ class Resume:
 
     def images(self, rows: Tensor) -> Resume:
         """The same point for the images ``rows`` ([B] bool) only."""
-        s = self.state
-        keep = (lambda t: None if t is None else t[rows])
-        return Resume(self.layer, TokenState(s.x[rows], s.count[rows], keep(s.size), keep(s.source), coords=keep(s.coords)))
+        s = self.state  # unmerged: no sizes, and no packing or reordering yet
+        source = None if s.source is None else s.source[rows]
+        coords = None if s.coords is None else s.coords[rows]
+        return Resume(self.layer, TokenState(s.x[rows], s.count[rows], source=source, coords=coords))
 
 
 @dataclass
