@@ -10,7 +10,7 @@ images=$1 weights=$2 out=$3
 split=$out/split
 python "$(dirname "$0")/holdout_split.py" "$images" "$split" --fraction 0.5 --seed 0
 # Each target with each rerun fraction; the calibration half's own lines ("chosen: ...") decide
-# the fraction (most agreement, then least KL): 0.05 at 20%, 0.1 at 30%, 0.05 at 40%
+# the fraction (most agreement, then least KL): 0.1 at 20%, 0.1 at 30%, 0.05 at 40%
 # (docs/calibration.md, "Choosing the rerun fraction").
 for target in 20 30 40; do
   for fraction in 0 0.05 0.1; do
@@ -19,7 +19,7 @@ for target in 20 30 40; do
       --output "$out/atm_${target}_rerun$fraction.yaml" | grep '^chosen'
   done
 done
-cp "$out/atm_20_rerun0.05.yaml" "$out/atm_20.yaml"
+cp "$out/atm_20_rerun0.1.yaml" "$out/atm_20.yaml"
 cp "$out/atm_30_rerun0.1.yaml" "$out/atm_30.yaml"
 cp "$out/atm_40_rerun0.05.yaml" "$out/atm_40.yaml"
 atm calibrate --config configs/vit_t_dense.yaml --model.merger ATM --model.weights "$weights" \
