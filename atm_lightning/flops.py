@@ -105,8 +105,9 @@ class ViTCost:
         full = self.dense_macs(num_tokens, prefix_only)
         if layer is None:
             return full
-        if not 0 <= layer < self.depth - (1 if prefix_only else 0):
-            raise ValueError(f"a rerun resumes inside a block that merges, 0..{self.depth - 1}; got {layer}")
+        merging_blocks = self.depth - (1 if prefix_only else 0)  # a prefix-only last block never merges
+        if not 0 <= layer < merging_blocks:
+            raise ValueError(f"a rerun resumes inside a block that merges, 0..{merging_blocks - 1}; got {layer}")
         n = torch.tensor(num_tokens)
         done = float(self.block_macs(n, n)) * layer + float(self.block_macs(n, torch.tensor(0)))  # + that attention
         return full - done - (num_tokens - self.num_prefix) * self.patch_embed

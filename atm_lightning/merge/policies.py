@@ -45,7 +45,8 @@ class TokenMerger(ABC):
         rerun_margin: at inference, run again unmerged every image whose merged prediction is
             uncertain: the gap between its two largest softmax probabilities is below this (0: off,
             the papers' methods). Their outputs become the dense model's; the second pass picks
-            up where the batch first merged and counts in the FLOPs. ``atm calibrate --rerun_fraction`` sets it from the calibration images.
+            up where the batch first merged and counts in the FLOPs. ``atm calibrate
+            --rerun_fraction`` sets it from the calibration images.
         last_block_prefix_only: at inference, the last block computes only the prefix tokens
             (class, distillation, registers), all that a class-token head reads: the same logits
             for most of that block's cost. Needs a timm VisionTransformer with class-token pooling.

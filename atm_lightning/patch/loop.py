@@ -142,9 +142,7 @@ def run_blocks(
     needs = KeyNeeds.of(policy)
     prefix_only = merging.num_protected if policy.last_block_prefix_only and not training else 0
     bias, bias_size = None, None
-    for layer, block in enumerate(blocks):
-        if layer < first:
-            continue
+    for layer, block in enumerate(blocks[first:], start=first):
         if state.size is not bias_size:  # sizes change only where a step merged
             bias, bias_size = attention_bias(state.size, policy.prop_attn, state.x.dtype), state.size
         if prefix_only and layer == len(blocks) - 1:  # the head reads the prefix tokens alone
