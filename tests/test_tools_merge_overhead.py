@@ -60,3 +60,11 @@ def test_refuses_a_method_that_merges_nothing(shapes_folder: Path, capsys: pytes
     with pytest.raises(SystemExit):
         merge_overhead.run_cli(merge_overhead.build_parser(), merge_overhead.main, argv)
     assert "name a merging method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--runs", "0"], ["--num-images", "0"]])
+def test_refuses_counts_below_one(shapes_folder: Path, extra: list[str], capsys: pytest.CaptureFixture) -> None:
+    argv = ["tome:r=9", "--random-init", "--data-root", str(shapes_folder), *extra]
+    with pytest.raises(SystemExit):
+        merge_overhead.run_cli(merge_overhead.build_parser(), merge_overhead.main, argv)
+    assert "--num-images and --runs must be >= 1" in capsys.readouterr().err

@@ -65,6 +65,8 @@ def token_counts(model: nn.Module, images: Tensor) -> tuple[list[list[int]], flo
 
 
 def main(args: argparse.Namespace) -> dict[str, float]:
+    if args.num_images < 1 or args.runs < 1:
+        raise ValueError(f"--num-images and --runs must be >= 1, got {args.num_images} and {args.runs}")
     method = parse_method(args.method)
     if method.dense:
         raise ValueError("the method merges nothing: name a merging method, e.g. tome:r=9 or configs/vit_t_atm.yaml")
