@@ -16,7 +16,8 @@ image and in turns, three forwards of the same model:
 
 It prints milliseconds per image (median over the runs), the speed-up of each against dense and
 the method's FLOPs ratio. The gap between the method and ``same tokens`` is what the merge step
-(with the patched block loop around it) costs.
+(with the patched block loop around it) costs. ``configs/vit_t_atm.yaml:fused=true`` times the
+compiled merge step (:mod:`atm_lightning.merge.fused`) instead of the eager one.
 """
 
 from __future__ import annotations
@@ -80,11 +81,12 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     paths = evenly_spaced(image_paths([args.data_root]), args.num_images)
     check_not_noise(paths)
     images, _ = load_images(paths, args.model)
-    patch(model, merger, ragged=method.ragged)
+    fused = method.fused
+    patch(model, merger, ragged=method.ragged, fused=fused)
     counts, flops_ratio = token_counts(model, images)
     turns = [  # (name, set the model up outside the timer, forward of image i)
         ("dense", lambda: unpatch(model), lambda i: model(images[i : i + 1])),
-        (method.label, lambda: patch(model, merger, ragged=method.ragged), lambda i: model(images[i : i + 1])),
+        (method.label, lambda: patch(model, merger, ragged=method.ragged, fused=fused), lambda i: model(images[i : i + 1])),
         ("same tokens", lambda: unpatch(model), lambda i: same_tokens_forward(model, images[i : i + 1], counts[i])),
     ]
     seconds = {name: [0.0] * args.runs for name, _, _ in turns}

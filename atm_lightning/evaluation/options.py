@@ -14,14 +14,18 @@ import torch
 from torch import nn
 
 from ..merge import NoMerge, TokenMerger
+from ..merge.fused import check_fusable
 from ..merge.specs import SPEC_HELP, build, from_config_file, parse_spec
 from ..models import create_model
 from ..patch import RAGGED_MODES, UnsupportedModelError
 
 METHOD_HELP = (
-    f"{SPEC_HELP}; add 'ragged=padded' to run ragged batches padded instead of packed; "
-    f"or a project config YAML whose model.merger gives the method (e.g. configs/vit_t_atm.yaml)"
+    f"{SPEC_HELP}; or a project config YAML whose model.merger gives the method (e.g. "
+    f"configs/vit_t_atm.yaml). Either may add how it runs: 'ragged=padded' runs ragged batches "
+    f"padded instead of packed, 'fused=true' runs ATM's single-image merge step compiled "
+    f"(e.g. 'configs/vit_t_atm.yaml:fused=true')"
 )
+EXECUTION_OPTIONS = ("ragged", "fused")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Method:
     label: str
     merger: TokenMerger
     ragged: str = "packed"  # how images left with different token counts run (patch's ``ragged``)
+    fused: bool = False  # one image's ATM merge step runs compiled (patch's ``fused``)
 
     @property
     def dense(self) -> bool:
@@ -39,14 +44,38 @@ class Method:
 
 
 def parse_method(spec: str) -> Method:
-    """A :class:`Method` from ``NAME[:KEY=VALUE,...]`` or a config YAML path (see METHOD_HELP)."""
-    if spec.endswith((".yaml", ".yml")):
-        return Method(Path(spec).stem, from_config_file(spec))
-    name, settings = parse_spec(spec)
+    """A :class:`Method` from ``NAME[:KEY=VALUE,...]`` or ``CONFIG.yaml[:KEY=VALUE,...]`` (see METHOD_HELP)."""
+    path, dot, options = spec.partition(".yaml")
+    if not dot:
+        path, dot, options = spec.partition(".yml")
+    if dot and (not options or options.startswith(":")):
+        _, settings = parse_spec(spec)  # the path before the colon, the options after it
+        unknown = sorted(set(settings) - set(EXECUTION_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"bad settings in {spec!r}: a config file's method is fixed; only {EXECUTION_OPTIONS} "
+                f"may follow it, not {unknown}"
+            )
+        ragged, fused = execution_options(settings, spec)
+        label, merger = Path(path + dot).stem + options, from_config_file(path + dot)
+    else:
+        name, settings = parse_spec(spec)
+        ragged, fused = execution_options(settings, spec)
+        label, merger = spec, build(name, settings, spec)
+    if fused:
+        check_fusable(merger)
+    return Method(label, merger, ragged, fused)
+
+
+def execution_options(settings: dict[str, Any], spec: str) -> tuple[str, bool]:
+    """``ragged`` and ``fused`` taken out of ``settings``: how a method runs, not what it merges."""
     ragged = str(settings.pop("ragged", "packed"))
     if ragged not in RAGGED_MODES:
         raise ValueError(f"bad settings in {spec!r}: ragged must be one of {RAGGED_MODES}")
-    return Method(spec, build(name, settings, spec), ragged)
+    fused = settings.pop("fused", False)
+    if not isinstance(fused, bool):
+        raise ValueError(f"bad settings in {spec!r}: fused must be true or false, got {fused!r}")
+    return ragged, fused
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

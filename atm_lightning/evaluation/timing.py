@@ -100,7 +100,7 @@ def use(model: nn.Module, method: Method, compile: bool = False) -> Callable[[Te
     """Set the model up to run ``method`` and return what to call; dense runs timm's own forward,
     without accounting hooks (with ``compile``, ``torch.compile`` of the whole model)."""
     if not method.dense:
-        return patch(model, method.merger, ragged=method.ragged, compile=compile)
+        return patch(model, method.merger, ragged=method.ragged, compile=compile, fused=method.fused)
     unpatch(model)
     if not compile:
         return model

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..flops import ViTCost
 from ..merge import MatchingPolicy, PruningPolicy, TokenMerger
+from ..merge.fused import check_fusable, load_kernel
 from . import eva, vit
 from .errors import UnsupportedModelError
 from .compiled import CompiledVitBlocks, backend_of
@@ -107,6 +108,7 @@ def apply(
     record_merges: bool = False,
     ragged: str = "packed",
     compile: bool | str = False,
+    fused: bool = False,
 ) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
@@ -115,6 +117,8 @@ def apply(
     runs every layer on the padded batch (for comparison). Training always runs padded.
     ``compile`` runs each block's attention and MLP residuals through ``torch.compile``
     (:mod:`.compiled`; a string names its backend); the merge step stays eager. VisionTransformer only.
+    ``fused`` runs ATM's merge step for one image on the CPU as one compiled function
+    (:mod:`atm_lightning.merge.fused`), built here on first use.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
@@ -122,6 +126,9 @@ def apply(
     adapter = None if patched else adapter_for(model)
     merger.check(len(model.blocks))
     _check_merger(model, merger)
+    if fused:
+        check_fusable(merger)
+        load_kernel()
     backend = backend_of(compile) if compile else None  # None: eager
     if backend is not None and not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"compile=True supports timm VisionTransformer only, not {model_label(model)}")
@@ -136,7 +143,7 @@ def apply(
             model.__class__ = _merging_class(type(model), adapter.mixin)
         family = next(a for cls, a in ADAPTERS.items() if isinstance(model, cls))
         blocks = family.blocks(model) if backend is None else CompiledVitBlocks(backend)
-    model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged)
+    model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged, fused)
     return model
 
 

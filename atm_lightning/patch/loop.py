@@ -31,6 +31,7 @@ from ..merge import (
     prune_inattentive,
     size_sorted_split,
 )
+from ..merge.fused import fused_merge
 from ..merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image
 from .attention import attention_bias, head_mean
 from .state import TokenState
@@ -106,6 +107,7 @@ class Merging:
     num_protected: int  # prefix tokens (class, distillation, registers): never merged
     record: bool = False  # keep every block's decisions (record_merges)
     ragged: str = "packed"  # how images with different token counts run, one of RAGGED_MODES
+    fused: bool = False  # one image on the CPU merges through the compiled step (:mod:`..merge.fused`)
     last: MergeTrace | None = None
     resume: Resume | None = None  # kept by a merged forward whose policy reruns, for that rerun
     start: Resume | None = None  # set for the rerun: its blocks begin here (see :mod:`.rerun`)
@@ -140,6 +142,8 @@ def run_blocks(
     keep_resume = step is not None and policy.rerun_margin > 0 and not training
     recorder = TraceRecorder(state, first)
     needs = KeyNeeds.of(policy)
+    if step is match_step and runs_fused(merging, state, training):
+        step, needs = fused_step, needs._replace(class_attention=False)  # the fused step computes it
     prefix_only = merging.num_protected if policy.last_block_prefix_only and not training else 0
     bias, bias_size = None, None
     for layer, block in enumerate(blocks[first:], start=first):
@@ -209,19 +213,60 @@ def match_step(
     return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
 
 
+def runs_fused(merging: Merging, state: TokenState, training: bool) -> bool:
+    """Whether this forward's merge steps run fused: asked for, and one CPU float32 image at
+    inference with nothing to carry or record (anything else takes the eager step)."""
+    x = state.x
+    return (
+        merging.fused
+        and len(x) == 1
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not training
+        and not torch.is_grad_enabled()
+        and not merging.record
+        and state.carried() is None
+    )
+
+
+def fused_step(
+    merging: Merging, layer: int, state: TokenState, attention: BlockAttention, bias: Tensor | None, pack: bool
+) -> StepResult:
+    """:func:`match_step` for one image without padding, as one compiled function (:mod:`..merge.fused`)."""
+    policy, protected, n = merging.policy, merging.num_protected, state.x.shape[1]
+    merged = fused_merge(state.x, attention.keys, attention.query_cls, state.size, attention.scale, protected, policy, layer)
+    _, heads, _, head_dim = attention.keys.shape
+    width = heads * head_dim if policy.key_form == "per_head" else head_dim
+    if policy.split_kind(layer) == "size":
+        num_a = (n - protected + 1) // 2
+    else:
+        num_a = len(range(protected + protected % 2, n, 2))  # as :func:`.unpadded.full_alternating_split`
+    macs = whole_image_macs(merging.cost, num_a, n - protected - num_a, width, protected, policy.needs_class_attention)
+    cost = torch.full((1,), macs, dtype=torch.float64)
+    return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
+
+
 def matching_cost(
     cost: ViTCost, split: Split, width: int, count: Tensor, num_protected: int, class_attention: bool
 ) -> Tensor:
     """[B] MACs of one matching step: the similarities, plus the class token's attention to the
     ``count`` [B] tokens where the step computed it."""
     if split.all_real:  # every image holds all its tokens, the protected ones and the split's
-        num_a, num_b = split.a_idx.shape[1], split.b_idx.shape[1]
-        macs = float(num_a * num_b * width)
-        if class_attention:
-            macs += float((num_protected + num_a + num_b) * cost.attn_width)
+        macs = whole_image_macs(cost, split.a_idx.shape[1], split.b_idx.shape[1], width, num_protected, class_attention)
         return torch.full((len(split.a_idx),), macs, device=split.a_idx.device, dtype=torch.float64)
     macs = cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), width)
     return macs + cost.class_attention_macs(count) if class_attention else macs
+
+
+def whole_image_macs(
+    cost: ViTCost, num_a: int, num_b: int, width: int, num_protected: int, class_attention: bool
+) -> float:
+    """MACs of one matching step in an image holding all its tokens: ``num_a * num_b``
+    similarities of ``width``, plus the class token's attention to every token if computed."""
+    macs = float(num_a * num_b * width)
+    if class_attention:
+        macs += float((num_protected + num_a + num_b) * cost.attn_width)
+    return macs
 
 
 def choose_split(kind: str, state: TokenState, size: Tensor, protected: int) -> Split:

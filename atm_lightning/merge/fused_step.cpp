@@ -1,0 +1,232 @@
+// One image's ATM merge step as a single function: CPU, float32, inference.
+//
+// The same arithmetic as the eager step (atm_lightning/merge/costs.py, matching.py, selection.py,
+// unpadded.py) in loops over the image's tokens, with the similarity product left to ATen's
+// matmul. Built on first use by atm_lightning/merge/fused.py; see its docstring for why.
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+namespace {
+
+// Eight running sums, so that the compiler can vectorise the loop without reordering it.
+float dot(const float* a, const float* b, int64_t length) {
+  float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  int64_t c = 0;
+  for (; c + 8 <= length; c += 8)
+    for (int k = 0; k < 8; ++k) part[k] += a[c + k] * b[c + k];
+  float sum = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+  for (; c < length; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+float row_norm(const float* row, int64_t length) { return std::sqrt(dot(row, row, length)); }
+
+// Head-averaged softmax attention of the class token (query [H, d]) to the n keys [H, n, d],
+// with log(size) added to the logits under proportional attention.
+std::vector<float> class_attention(const at::Tensor& query, const at::Tensor& keys, const std::vector<float>& size,
+                                   bool log_size, float scale) {
+  const int64_t heads = keys.size(0), n = keys.size(1), dim = keys.size(2);
+  const float* k = keys.data_ptr<float>();
+  const float* q = query.data_ptr<float>();
+  const int64_t kh = keys.stride(0), kn = keys.stride(1), qh = query.stride(0);
+  std::vector<float> attention(n, 0.0f), logits(n), scaled(dim), bias(n, 0.0f);
+  if (log_size)
+    for (int64_t j = 0; j < n; ++j) bias[j] = std::log(size[j]);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t c = 0; c < dim; ++c) scaled[c] = q[h * qh + c] * scale;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      const float logit = dot(scaled.data(), k + h * kh + j * kn, dim);
+      logits[j] = log_size ? logit + bias[j] : logit;
+      top = std::max(top, logits[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) total += (logits[j] = std::exp(logits[j] - top));
+    for (int64_t j = 0; j < n; ++j) attention[j] += logits[j] / total;
+  }
+  for (int64_t j = 0; j < n; ++j) attention[j] /= static_cast<float>(heads);
+  return attention;
+}
+
+// Unit-length matching features [len(pos), W] of the tokens at pos: every head's key normalised
+// and scaled by 1/sqrt(H) (per_head, W = H d), or the head-averaged key normalised (W = d).
+at::Tensor features(const at::Tensor& keys, const std::vector<int64_t>& pos, bool per_head) {
+  const int64_t heads = keys.size(0), dim = keys.size(2);
+  const int64_t width = per_head ? heads * dim : dim;
+  const float* k = keys.data_ptr<float>();
+  const int64_t kh = keys.stride(0), kn = keys.stride(1);
+  const float head_scale = static_cast<float>(std::sqrt(static_cast<double>(heads)));
+  at::Tensor out = at::empty({static_cast<int64_t>(pos.size()), width}, keys.options());
+  float* base = out.data_ptr<float>();
+  for (size_t i = 0; i < pos.size(); ++i) {
+    float* row = base + i * width;
+    const float* key = k + pos[i] * kn;
+    if (per_head) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* head = key + h * kh;
+        const float denom = std::max(row_norm(head, dim), 1e-12f) * head_scale;
+        for (int64_t c = 0; c < dim; ++c) row[h * dim + c] = head[c] / denom;
+      }
+    } else {
+      for (int64_t c = 0; c < dim; ++c) row[c] = key[c];
+      for (int64_t h = 1; h < heads; ++h)
+        for (int64_t c = 0; c < dim; ++c) row[c] += key[h * kh + c];
+      for (int64_t c = 0; c < dim; ++c) row[c] /= static_cast<float>(heads);
+      const float denom = std::max(row_norm(row, dim), 1e-12f);
+      for (int64_t c = 0; c < dim; ++c) row[c] /= denom;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+// One image: x [1, n, C] contiguous; keys [1, H, n, d] (rows contiguous); query [1, H, 1, d]
+// (needed when attention_power > 0); size [1, n] (None before the first merge: all ones).
+// Returns the merged tokens [1, m, C], their sizes [1, m] and the count [1], ordered
+// [protected, unmerged sources, destinations] by position, or an empty list when nothing merges.
+std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& keys_in,
+                                   const std::optional<at::Tensor>& query_in, const std::optional<at::Tensor>& size_in,
+                                   double scale, int64_t num_protected, bool per_head, bool size_split,
+                                   bool size_weighted, double attention_power, bool keep_norm, bool prop_attn,
+                                   double theta) {
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1 && x_in.is_contiguous() && x_in.scalar_type() == at::kFloat,
+              "x must be one image's contiguous float32 tokens [1, n, C]");
+  const at::Tensor x = x_in.select(0, 0), keys = keys_in.select(0, 0);
+  TORCH_CHECK(keys.dim() == 3 && keys.size(1) == x.size(0) && keys.stride(2) == 1 && keys.scalar_type() == at::kFloat,
+              "keys must be float32 [1, H, n, d] with contiguous rows");
+  const int64_t n = x.size(0), channels = x.size(1);
+  std::vector<float> size(n, 1.0f);
+  if (size_in.has_value()) {
+    TORCH_CHECK(size_in->numel() == n && size_in->is_contiguous() && size_in->scalar_type() == at::kFloat,
+                "size must be contiguous float32 [1, n]");
+    std::copy_n(size_in->data_ptr<float>(), n, size.begin());
+  }
+  const bool attend = attention_power != 0.0;
+  std::vector<float> attention;
+  if (attend) {
+    TORCH_CHECK(query_in.has_value() && query_in->dim() == 4 && query_in->stride(3) == 1 &&
+                    query_in->scalar_type() == at::kFloat,
+                "attention_power > 0 needs the class token's query, float32 [1, H, 1, d]");
+    const at::Tensor query = query_in->select(0, 0).select(1, 0);
+    attention = class_attention(query, keys, size, prop_attn && size_in.has_value(), static_cast<float>(scale));
+  }
+
+  // The split: sources at even positions past the protected tokens, destinations at odd ones,
+  // or (size_split) the smaller half by size as sources, ties in position order.
+  std::vector<int64_t> a_pos, b_pos;
+  if (size_split) {
+    std::vector<int64_t> order(n - num_protected);
+    std::iota(order.begin(), order.end(), num_protected);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return size[i] < size[j]; });
+    const size_t num_sources = (order.size() + 1) / 2;
+    a_pos.assign(order.begin(), order.begin() + num_sources);
+    b_pos.assign(order.begin() + num_sources, order.end());
+  } else {
+    for (int64_t j = num_protected; j < n; ++j) (j % 2 == 0 ? a_pos : b_pos).push_back(j);
+  }
+  const int64_t num_a = a_pos.size(), num_b = b_pos.size();
+  if (num_a == 0 || num_b == 0) return {};
+
+  // Effective similarity 1 - (1 - cos) * weight of every pair; each source's best destination
+  // (the first on ties) merges if it is strictly above the threshold.
+  at::Tensor scores = at::mm(features(keys, a_pos, per_head), features(keys, b_pos, per_head).t());
+  float* cos = scores.data_ptr<float>();
+  const float tokens = static_cast<float>(num_a + num_b);  // attention * tokens: 1 for an average token
+  std::vector<float> b_size(num_b), b_attention(num_b, 0.0f), weight(num_b, 1.0f);
+  for (int64_t j = 0; j < num_b; ++j) {
+    b_size[j] = size[b_pos[j]];
+    if (attend) b_attention[j] = attention[b_pos[j]] * tokens;
+  }
+  const float power = static_cast<float>(attention_power);
+  std::vector<int64_t> src, dst;  // merged pairs, in source slot order
+  for (int64_t i = 0; i < num_a; ++i) {
+    const int64_t a = a_pos[i];
+    float* row = cos + i * num_b;
+    if (size_weighted || attend) {
+      const float a_size = size[a], a_attention = attend ? attention[a] * tokens : 0.0f;
+      for (int64_t j = 0; j < num_b; ++j) {
+        const float total = std::max(a_size + b_size[j], 1e-12f);
+        float w = size_weighted ? ((a_size + a_size) * b_size[j]) / total : 1.0f;
+        if (attend) {
+          const float share = std::max((a_attention * b_size[j] + b_attention[j] * a_size) / total, 1e-6f);
+          const float factor = power == 0.5f ? std::sqrt(share) : std::pow(share, power);
+          w = size_weighted ? w * factor : factor;
+        }
+        weight[j] = w;
+      }
+      for (int64_t j = 0; j < num_b; ++j) row[j] = row[j] - (1.0f - row[j]) * (weight[j] - 1.0f);
+    }
+    int64_t best = 0;
+    for (int64_t j = 1; j < num_b; ++j)
+      if (row[j] > row[best]) best = j;
+    if (row[best] > static_cast<float>(theta)) {
+      src.push_back(a);
+      dst.push_back(b_pos[best]);
+    }
+  }
+  if (src.empty()) return {};
+
+  // Destinations become the size-weighted mean of their parts, sources added in slot order;
+  // with keep_norm, at the parts' size-weighted mean length.
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> new_size(size), sum, length;
+  std::vector<int64_t> slot(n, -1);  // row in sum/length of each destination that takes in sources
+  std::vector<char> merged(n, 0);
+  for (size_t p = 0; p < src.size(); ++p) {
+    merged[src[p]] = 1;
+    if (slot[dst[p]] < 0) {
+      slot[dst[p]] = static_cast<int64_t>(sum.size() / channels);
+      const float* token = xp + dst[p] * channels;
+      for (int64_t c = 0; c < channels; ++c) sum.push_back(token[c] * size[dst[p]]);
+      if (keep_norm) length.push_back(row_norm(token, channels) * size[dst[p]]);
+    }
+  }
+  for (size_t p = 0; p < src.size(); ++p) {
+    const int64_t s = src[p], d = slot[dst[p]];
+    const float* token = xp + s * channels;
+    new_size[dst[p]] += size[s];
+    for (int64_t c = 0; c < channels; ++c) sum[d * channels + c] += token[c] * size[s];
+    if (keep_norm) length[d] += row_norm(token, channels) * size[s];
+  }
+
+  std::vector<char> is_source(n, 0);
+  for (int64_t a : a_pos) is_source[a] = 1;
+  std::vector<int64_t> order(num_protected);
+  std::iota(order.begin(), order.end(), 0);
+  for (int64_t j = num_protected; j < n; ++j)
+    if (is_source[j] && !merged[j]) order.push_back(j);
+  for (int64_t j = num_protected; j < n; ++j)
+    if (!is_source[j]) order.push_back(j);
+  const int64_t out_n = order.size();
+  at::Tensor out = at::empty({out_n, channels}, x.options());
+  at::Tensor out_size = at::empty({out_n}, x.options());
+  float* op = out.data_ptr<float>();
+  float* os = out_size.data_ptr<float>();
+  for (int64_t i = 0; i < out_n; ++i) {
+    const int64_t j = order[i];
+    float* row = op + i * channels;
+    os[i] = new_size[j];
+    if (new_size[j] == size[j]) {
+      std::copy_n(xp + j * channels, channels, row);
+      continue;
+    }
+    const float* total = sum.data() + slot[j] * channels;
+    for (int64_t c = 0; c < channels; ++c) row[c] = total[c] / new_size[j];
+    if (keep_norm) {
+      const float factor = length[slot[j]] / new_size[j] / std::max(row_norm(row, channels), 1e-12f);
+      for (int64_t c = 0; c < channels; ++c) row[c] = row[c] * factor;
+    }
+  }
+  return {out.unsqueeze(0), out_size.unsqueeze(0), at::full({1}, out_n, x.options().dtype(at::kLong))};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("merge_step", &merge_step, "One image's ATM merge step (see atm_lightning/merge/fused.py)");
+}

@@ -1,0 +1,168 @@
+"""The compiled single-image ATM step merges what the eager step merges, and runs only where it may."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from atm_lightning import merge_stats, patch
+from atm_lightning.evaluation.options import parse_method
+from atm_lightning.merge import ATM, class_attention, from_config_file
+from atm_lightning.merge import fused as fused_module
+from atm_lightning.patch import loop
+from atm_lightning.patch.attention import attention_bias
+from atm_lightning.patch.loop import BlockAttention
+from atm_lightning.patch.state import TokenState
+from tests.helpers import ATM_LENIENT, CONFIGS, blocky_images, make_vit
+
+OPTIONS = {  # every switch of the fused kernel, each against the paper's ATM
+    "paper": {},
+    "per_head": {"keys": "per_head"},
+    "size_weighted": {"size_weighted": True, "theta_min": 0.99},
+    "attention_sqrt": {"keys": "per_head", "size_weighted": True, "attention_power": 0.5, "keep_norm": True},
+    "attention_pow": {"attention_power": 1.5, "prop_attn": False, "theta_min": 0.99},
+    "keep_norm": {"keep_norm": True},
+}
+MODELS = {  # protected tokens: 1, 4 (class and 3 registers), 0 (no class token)
+    "class": {},
+    "registers": {"reg_tokens": 3},
+    "no_class": {"class_token": False, "global_pool": "avg"},
+}
+
+
+@pytest.mark.parametrize("sized", [False, True])
+@pytest.mark.parametrize("protected", [0, 1, 3])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fused_step_equals_match_step(option, protected, sized):
+    """Tokens in the same order, sizes and the matching cost, for both splits."""
+    if protected == 0 and "attention_power" in OPTIONS[option]:
+        pytest.skip("attention weighting needs a class token")
+    heads, n, head_dim, channels = 3, 23, 4, 12
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x = torch.randn(1, n, channels)
+        qkv = torch.randn(1, n, 3, heads, head_dim)
+        qkv[:, 3::4, 1] = qkv[:, 4, 1]  # several sources choose the same destination
+        keys, query = qkv[:, :, 1].transpose(1, 2), qkv[:, :1, 0].transpose(1, 2)  # strided views, as timm's
+        size = torch.randint(1, 5, (1, n)).float() if sized else None
+        state = TokenState(x, torch.tensor([n]), size)
+        policy = ATM(**{**OPTIONS[option], "alpha": 0.9, "beta": 0.0, "theta_min": 0.5, "split_layer": 5})
+        bias = attention_bias(size, policy.prop_attn, x.dtype)
+        merging = loop.Merging(policy, None, SimpleNamespace(attn_width=channels), protected)
+        attention = BlockAttention(keys, query, 0.5)  # the fused step computes the class token's attention
+        with_class = attention._replace(class_attention=class_attention(query, keys, 0.5, bias))
+        for layer in (0, 5):  # the alternating split, then the size-sorted one
+            given = with_class if policy.needs_class_attention else attention
+            eager = loop.match_step(merging, layer, state, given, bias, pack=False)
+            fused = loop.fused_step(merging, layer, state, attention, bias, pack=False)
+            assert eager.state is not state, "something should merge"
+            assert torch.equal(fused.state.size, eager.state.size)
+            assert torch.equal(fused.state.count, eager.state.count)
+            assert torch.equal(fused.matching_macs, eager.matching_macs)
+            torch.testing.assert_close(fused.state.x, eager.state.x, rtol=1e-6, atol=1e-6)
+
+
+def _atm(**settings) -> ATM:
+    return ATM(**{**ATM_LENIENT, "split_layer": 3, **settings})
+
+
+def _run(model, policy, images, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    patch(model, policy, fused=fused)
+    logits, tokens = [], []
+    with torch.inference_mode():
+        for image in images.split(1):
+            logits.append(model(image))
+            tokens.append(merge_stats(model).tokens)
+    return torch.cat(logits), torch.cat(tokens)
+
+
+@pytest.mark.parametrize("model_kind", list(MODELS))
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fused_step_merges_what_the_eager_step_merges(option, model_kind):
+    if model_kind == "no_class" and "attention_power" in OPTIONS[option]:
+        pytest.skip("attention weighting needs a class token")
+    model = make_vit("vit_tiny_patch16_224", depth=6, img_size=96, **MODELS[model_kind])
+    images = blocky_images(4, seed=1, size=96)
+    policy = _atm(**OPTIONS[option])
+    eager_logits, eager_tokens = _run(model, policy, images, fused=False)
+    fused_logits, fused_tokens = _run(model, policy, images, fused=True)
+    assert torch.equal(fused_tokens, eager_tokens)
+    assert (eager_tokens[:, -1] < eager_tokens[:, 0]).sum() >= 2, "most images should merge"
+    assert (eager_tokens[:, 3] > eager_tokens[:, -1]).any(), "the size-sorted split should merge too"
+    torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_runs_for_one_cpu_image_at_inference_only(monkeypatch):
+    calls = []
+    real = loop.fused_merge
+    monkeypatch.setattr(loop, "fused_merge", lambda *args: calls.append(1) or real(*args))
+    model = make_vit("vit_tiny_patch16_224", depth=4, img_size=96)
+    images = blocky_images(2, seed=1, size=96)
+    patch(model, _atm(), fused=True)
+
+    def steps(forward) -> int:
+        calls.clear()
+        forward()
+        return len(calls)
+
+    with torch.inference_mode():
+        assert steps(lambda: model(images[:1])) == len(model.blocks)
+        assert steps(lambda: model(images)) == 0  # a batch: the eager batched step
+    with torch.no_grad():
+        assert steps(lambda: model(images[:1])) == len(model.blocks)
+    assert steps(lambda: model(images[:1])) == 0  # gradients recorded: the kernel has no backward
+    patch(model, _atm(), fused=True, record_merges=True)
+    with torch.inference_mode():
+        assert steps(lambda: model(images[:1])) == 0  # recording needs the eager step's decisions
+    patch(model, _atm(trace_source=True), fused=True)
+    with torch.inference_mode():
+        assert steps(lambda: model(images[:1])) == 0  # sources travel with the tokens: eager
+
+
+def test_fused_needs_atm_and_says_so():
+    model = make_vit("vit_tiny_patch16_224", depth=2, img_size=96)
+    with pytest.raises(ValueError, match="fused=False"):
+        patch(model, "tome", fused=True, r=2)
+    with pytest.raises(ValueError, match="ToMe has no fused step"):
+        parse_method("tome:r=9,fused=true")
+
+
+def test_fused_without_compiler_names_the_fix(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    fused_module.load_kernel.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="C\\+\\+ compiler.*fused=False"):
+            fused_module.load_kernel()
+    finally:
+        fused_module.load_kernel.cache_clear()
+
+
+def test_config_method_takes_execution_options():
+    method = parse_method(f"{CONFIGS}/vit_t_atm.yaml:fused=true")
+    assert method.fused and method.label == "vit_t_atm:fused=true"
+    assert method.merger == from_config_file(CONFIGS / "vit_t_atm.yaml")
+    assert not parse_method(f"{CONFIGS}/vit_t_atm.yaml").fused
+    with pytest.raises(ValueError, match="only .* may follow it"):
+        parse_method(f"{CONFIGS}/vit_t_atm.yaml:theta_min=0.5")
+    with pytest.raises(ValueError, match="fused must be true or false"):
+        parse_method("atm:fused=1")
+
+
+@pytest.mark.shared
+def test_fused_shipped_points_agree_on_real_images(shared_weights, shared_images):
+    from atm_lightning.data.images import evenly_spaced, image_paths, load_images
+    from atm_lightning.models import create_model
+
+    model = create_model("vit_tiny_patch16_224", weights=str(shared_weights), num_classes=None).eval()
+    images, _ = load_images(evenly_spaced(image_paths([shared_images]), 12), "vit_tiny_patch16_224")
+    for name in ("vit_t_atm_20", "vit_t_atm", "vit_t_atm_40"):
+        policy = dataclasses.replace(from_config_file(CONFIGS / f"{name}.yaml"), rerun_margin=0.0)
+        eager_logits, eager_tokens = _run(model, policy, images, fused=False)
+        fused_logits, fused_tokens = _run(model, policy, images, fused=True)
+        assert torch.equal(fused_tokens, eager_tokens), name
+        assert eager_tokens[:, -2].float().mean() < 0.7 * eager_tokens[0, 0], name
+        assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1)), name
+        torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-4)
