@@ -7,9 +7,9 @@ ViT-Ti forward, which made merging slower than the model it shrinks. ``fused_ste
 same arithmetic in loops over the image's tokens, leaving only the similarity product to ATen's
 matmul, in a fifth of the time.
 
-It is built from source with the machine's C++ compiler on first use (about 40 s; cached under
-``$XDG_CACHE_HOME/atm_lightning`` or ``~/.cache/atm_lightning``, rebuilt when the source, torch or
-Python change). It merges the same pairs as the eager step; merged tokens agree to float rounding
+It is built from source with the machine's C++ compiler and ninja on first use (about 40 s;
+cached under ``$XDG_CACHE_HOME/atm_lightning`` or ``~/.cache/atm_lightning``, rebuilt when the
+source, torch or Python change). It merges the same pairs as the eager step; merged tokens agree to float rounding
 (the sums run in another order), so a pair whose effective similarity lies within about 1e-6 of
 the threshold could go either way.
 """
@@ -55,15 +55,24 @@ def build_directory(name: str) -> Path:
     return cache / "atm_lightning" / name
 
 
+def missing_build_tool() -> str | None:
+    """What the build needs and this machine lacks, with how to get it; None when nothing is missing."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler was found (install g++ or clang, or set CXX)"
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # not "no CUDA runtime found"
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja, which torch builds extensions with, was not found (pip install ninja)"
+    return None
+
+
 @cache
 def load_kernel() -> ModuleType:
     """The compiled extension, built on first use on this machine (needs a C++ compiler)."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise RuntimeError(
-            "fused=True builds the fused merge step with a C++ compiler, and none was found "
-            "(install g++ or clang, or set CXX); or patch with fused=False"
-        )
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # not "no CUDA runtime found"
+    missing = missing_build_tool()
+    if missing is not None:
+        raise RuntimeError(f"fused=True builds the fused merge step, but {missing}; or patch with fused=False")
     from torch.utils.cpp_extension import load
 
     name = kernel_name()
