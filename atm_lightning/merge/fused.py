@@ -2,16 +2,16 @@
 
 At batch 1 on a CPU the eager merge step is some seventy small ATen calls per block (keys
 normalised, similarities, pair weights, the class token's attention, the merge, the output
-order), each costing more in dispatch than in arithmetic: on 2 cores about a third of a dense
+order), each costing more in dispatch than in arithmetic: on 2 cores about a quarter of a dense
 ViT-Ti forward, which made merging slower than the model it shrinks. ``fused_step.cpp`` does the
 same arithmetic in loops over the image's tokens, leaving only the similarity product to ATen's
-matmul, in a fifth of the time.
+matmul, in about a quarter of the time.
 
 It is built from source with the machine's C++ compiler and ninja on first use (about 40 s;
 cached under ``$XDG_CACHE_HOME/atm_lightning`` or ``~/.cache/atm_lightning``, rebuilt when the
-source, torch or Python change). It merges the same pairs as the eager step; merged tokens agree to float rounding
-(the sums run in another order), so a pair whose effective similarity lies within about 1e-6 of
-the threshold could go either way.
+source, torch or Python change). It merges the same pairs as the eager step; merged tokens agree
+to float rounding (the sums run in another order), so a pair whose effective similarity lies
+within about 1e-6 of the threshold could go either way.
 """
 
 from __future__ import annotations
