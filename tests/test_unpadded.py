@@ -22,7 +22,12 @@ from atm_lightning.merge import (
     size_sorted_split,
     top_r,
 )
-from atm_lightning.merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image
+from atm_lightning.merge.unpadded import (
+    full_alternating_split,
+    full_size_sorted_split,
+    merge_single_image,
+    num_sources,
+)
 from atm_lightning.patch.loop import matching_cost
 
 
@@ -42,6 +47,11 @@ def test_full_splits_equal_general_splits_without_padding(protected):
     )
     size = torch.randint(1, 6, (batch, n)).float()
     _same_split(full_size_sorted_split(size, protected), size_sorted_split(size, protected))
+    for width in (n, n + 1):  # odd and even token counts
+        alternating = full_alternating_split(1, width, protected, torch.device("cpu"))
+        assert num_sources("alternate", width, protected) == alternating.a_idx.shape[1]
+        sized = full_size_sorted_split(torch.ones(1, width), protected)
+        assert num_sources("size", width, protected) == sized.a_idx.shape[1]
 
 
 def test_full_split_made_in_inference_mode_serves_gradients():

@@ -29,7 +29,7 @@ def full_alternating_split(batch: int, n: int, num_protected: int, device: torch
 
 
 def _alternating(batch: int, n: int, num_protected: int, device: torch.device) -> Split:
-    a_slice = slice(num_protected + num_protected % 2, n, 2)
+    a_slice = slice(num_protected + num_protected % 2, n, 2)  # num_sources("alternate", ...) of them
     b_slice = slice(num_protected + (num_protected + 1) % 2, n, 2)
     a_pos = torch.arange(n, device=device)[a_slice].expand(batch, -1)
     b_pos = torch.arange(n, device=device)[b_slice].expand(batch, -1)
@@ -38,11 +38,19 @@ def _alternating(batch: int, n: int, num_protected: int, device: torch.device) -
     return Split(a_pos, a_ok, b_pos, b_ok, a_slice, b_slice, all_real=True)
 
 
+def num_sources(kind: str, n: int, num_protected: int) -> int:
+    """How many of ``n`` tokens the ``kind`` split (``"size"`` or ``"alternate"``) makes sources
+    when every token is real: the sizes of the splits below, without building them."""
+    if kind == "size":
+        return (n - num_protected + 1) // 2
+    return len(range(num_protected + num_protected % 2, n, 2))
+
+
 def full_size_sorted_split(size: Tensor, num_protected: int) -> Split:
     """:func:`.matching.size_sorted_split` of images whose tokens are all real (``size > 0``)."""
     batch, n = size.shape
     order = torch.sort(size[:, num_protected:], dim=1, stable=True).indices + num_protected
-    num_a = (n - num_protected + 1) // 2
+    num_a = num_sources("size", n, num_protected)
     a_idx, b_idx = order[:, :num_a], order[:, num_a:]
     a_ok, b_ok = _all_real(a_idx.shape, size.device), _all_real(b_idx.shape, size.device)
     return Split(a_idx, a_ok, b_idx, b_ok, all_real=True)

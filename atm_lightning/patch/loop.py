@@ -32,7 +32,7 @@ from ..merge import (
     size_sorted_split,
 )
 from ..merge.fused import fused_merge
-from ..merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image
+from ..merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image, num_sources
 from .attention import attention_bias, head_mean
 from .state import TokenState
 from .stats import LayerRecord, MergeTrace, TraceRecorder
@@ -237,10 +237,7 @@ def fused_step(
     merged = fused_merge(state.x, attention.keys, attention.query_cls, state.size, attention.scale, protected, policy, layer)
     _, heads, _, head_dim = attention.keys.shape
     width = heads * head_dim if policy.key_form == "per_head" else head_dim
-    if policy.split_kind(layer) == "size":
-        num_a = (n - protected + 1) // 2
-    else:
-        num_a = len(range(protected + protected % 2, n, 2))  # as :func:`.unpadded.full_alternating_split`
+    num_a = num_sources(policy.split_kind(layer), n, protected)
     macs = whole_image_macs(merging.cost, num_a, n - protected - num_a, width, protected, policy.needs_class_attention)
     cost = torch.full((1,), macs, dtype=torch.float64)
     return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
