@@ -53,6 +53,9 @@ class TokenMergingModule(LightningModule):
             depth: 4}`` for a small ViT trained from scratch (set ``data.img_size`` to match).
         compile: run each block's attention and MLP through ``torch.compile`` (the merge step
             stays eager; the first batches compile, see ``atm_lightning.patch``).
+        fused: run ATM's merge step as one compiled C++ function on CPU at inference (built with
+            the machine's C++ compiler and ninja on first use; same merges, less time at small
+            batches; see ``atm_lightning.merge.fused``).
         fidelity: also run the unmerged model on every evaluation batch and report how far merging
             moves its predictions (agreement, KL, top-1 change with a 95% paired-bootstrap
             interval; see ``fidelity.py``). Costs one dense forward per batch, left out of img/s.
@@ -77,6 +80,7 @@ class TokenMergingModule(LightningModule):
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         compile: bool = False,
+        fused: bool = False,
         fidelity: bool = True,
     ) -> None:
         super().__init__()
@@ -89,7 +93,7 @@ class TokenMergingModule(LightningModule):
         self.merger = merger
         model = create_model(model_name, pretrained, weights, num_classes, model_kwargs, new_head=new_head)
         model = set_drop_path(model, drop_path_rate)
-        self.model = patch(model, merger, compile=compile)
+        self.model = patch(model, merger, compile=compile, fused=fused)
         self.mixup = build_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.criterion = train_criterion(self.mixup, label_smoothing)
         depth = len(self.model.blocks)
@@ -99,6 +103,11 @@ class TokenMergingModule(LightningModule):
         self.results: dict[str, dict[str, Any]] = {}
         self.predictions: dict[str, Tensor] = {}
         self.targets: dict[str, Tensor] = {}
+
+    def restore_merging(self) -> None:
+        """Patch the model with the module's merger and execution options again, after a tool
+        (calibration, the merge visualisation) patched it with something else for a while."""
+        patch(self.model, self.merger, compile=self.hparams.compile, fused=self.hparams.fused)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)

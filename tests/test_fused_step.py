@@ -1,4 +1,4 @@
-"""The compiled single-image ATM step merges what the eager step merges, and runs only where it may."""
+"""The compiled ATM step (one image, or a packed batch) merges what the eager step merges, and runs only where it may."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from atm_lightning.merge import fused as fused_module
 from atm_lightning.patch import loop
 from atm_lightning.patch.attention import attention_bias
 from atm_lightning.patch.loop import BlockAttention
+from atm_lightning.patch.ragged import ragged_layout
 from atm_lightning.patch.state import TokenState
 from tests.helpers import ATM_LENIENT, CONFIGS, blocky_images, make_vit
 
@@ -69,15 +70,61 @@ def test_fused_step_equals_match_step(option, protected, sized):
             torch.testing.assert_close(fused.state.x, eager.state.x, rtol=1e-6, atol=1e-6)
 
 
+@needs_kernel
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_fused_batch_step_equals_match_step(option, packed):
+    """A batch: before the first merge (every image whole) or packed and ragged (some images with
+    too few tokens to split), tokens, sizes, counts, image order and matching cost as the eager step's."""
+    heads, head_dim, channels, protected, width = 3, 4, 12, 1, 23
+    counts = torch.tensor([23, 23, 19, 14, 9, 2]) if packed else torch.full((4,), width)
+    batch = len(counts)
+    real = torch.arange(width) < counts[:, None]
+    policy = ATM(**{**OPTIONS[option], "alpha": 0.9, "beta": 0.0, "theta_min": 0.5, "split_layer": 5})
+    merging = loop.Merging(policy, None, SimpleNamespace(attn_width=channels, **COSTS), protected)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        keys = torch.randn(batch, heads, width, head_dim)
+        # Several tokens near token 5: sources choose the same destination, without exact ties.
+        keys[:, :, 2::4] = keys[:, :, 5:6] + 0.05 * keys[:, :, 2::4]
+        keys = keys * real[:, None, :, None]  # padding holds zero keys, as grouped attention leaves them
+        query = torch.randn(batch, heads, 1, head_dim)
+        if packed:
+            size = (torch.randint(1, 5, (batch, width)) * real).float()
+            state = TokenState(torch.randn(int(counts.sum()), channels), counts, size)
+            state = dataclasses.replace(state, layout=ragged_layout(counts, width, channels))
+        else:
+            size, state = None, TokenState(torch.randn(batch, width, channels), counts)
+        bias = attention_bias(size, policy.prop_attn, torch.float32)
+        cls = class_attention(query, keys, 0.5, bias) if policy.needs_class_attention else None
+        attention = BlockAttention(keys, None, 0.5, cls)
+        for layer in (0, 5):  # the alternating split, then the size-sorted one
+            eager = loop.match_step(merging, layer, state, attention, bias, pack=True)
+            fused = loop.fused_batch_step(merging, layer, state, attention, bias, pack=True)
+            assert eager.state is not state, "something should merge"
+            assert torch.equal(fused.state.count, eager.state.count)
+            assert torch.equal(fused.state.image_order, eager.state.image_order)
+            assert torch.equal(fused.state.size, eager.state.size)
+            assert torch.equal(fused.matching_macs, eager.matching_macs)
+            torch.testing.assert_close(fused.state.padded(), eager.state.padded(), rtol=1e-6, atol=1e-6)
+
+
+# The FLOPs model's matching costs, as ViTCost computes them (attention width 12, head size 4).
+COSTS = {
+    "matching_macs": lambda a, b, width: a.double() * b.double() * width,
+    "class_attention_macs": lambda n: n.double() * 12,
+}
+
+
 def _atm(**settings) -> ATM:
     return ATM(**{**ATM_LENIENT, "split_layer": 3, **settings})
 
 
-def _run(model, policy, images, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(model, policy, images, fused: bool, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     patch(model, policy, fused=fused)
     logits, tokens = [], []
     with torch.inference_mode():
-        for image in images.split(1):
+        for image in images.split(batch):
             logits.append(model(image))
             tokens.append(merge_stats(model).tokens)
     return torch.cat(logits), torch.cat(tokens)
@@ -93,39 +140,55 @@ def test_fused_step_merges_what_the_eager_step_merges(option, model_kind):
     images = blocky_images(4, seed=1, size=96)
     policy = _atm(**OPTIONS[option])
     eager_logits, eager_tokens = _run(model, policy, images, fused=False)
-    fused_logits, fused_tokens = _run(model, policy, images, fused=True)
-    assert torch.equal(fused_tokens, eager_tokens)
     assert (eager_tokens[:, -1] < eager_tokens[:, 0]).sum() >= 2, "most images should merge"
     assert (eager_tokens[:, 3] > eager_tokens[:, -1]).any(), "the size-sorted split should merge too"
-    torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    assert (eager_tokens != eager_tokens[:1]).any(), "the batch should turn ragged"
+    for batch in (1, 4):  # one image at a time (the single-image kernel), then the whole batch
+        fused_logits, fused_tokens = _run(model, policy, images, fused=True, batch=batch)
+        assert torch.equal(fused_tokens, eager_tokens)
+        torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_fused_step_runs_for_one_cpu_image_at_inference_only(monkeypatch):
-    calls = []
-    real = loop.fused_merge
-    monkeypatch.setattr(loop, "fused_merge", lambda *args: calls.append(1) or real(*args))
+def test_fused_step_runs_at_inference_only(monkeypatch):
+    calls = {"image": 0, "batch": 0}
+    real_image, real_batch = loop.fused_merge, loop.fused_merge_batch
+
+    def count(kind, real):
+        def counted(*args):
+            calls[kind] += 1
+            return real(*args)
+
+        return counted
+
+    monkeypatch.setattr(loop, "fused_merge", count("image", real_image))
+    monkeypatch.setattr(loop, "fused_merge_batch", count("batch", real_batch))
     model = make_vit("vit_tiny_patch16_224", depth=4, img_size=96)
     images = blocky_images(2, seed=1, size=96)
     patch(model, _atm(), fused=True)
 
-    def steps(forward) -> int:
-        calls.clear()
+    def steps(forward) -> tuple[int, int]:
+        calls.update(image=0, batch=0)
         forward()
-        return len(calls)
+        return calls["image"], calls["batch"]
 
+    depth = len(model.blocks)
     with torch.inference_mode():
-        assert steps(lambda: model(images[:1])) == len(model.blocks)
-        assert steps(lambda: model(images)) == 0  # a batch: the eager batched step
+        assert steps(lambda: model(images[:1])) == (depth, 0)
+        assert steps(lambda: model(images)) == (0, depth)  # a packed batch: the batch kernel
     with torch.no_grad():
-        assert steps(lambda: model(images[:1])) == len(model.blocks)
-    assert steps(lambda: model(images[:1])) == 0  # gradients recorded: the kernel has no backward
+        assert steps(lambda: model(images[:1])) == (depth, 0)
+    assert steps(lambda: model(images)) == (0, 0)  # gradients recorded: the kernel has no backward
+    patch(model, _atm(), fused=True, ragged="padded")
+    with torch.inference_mode():
+        assert steps(lambda: model(images[:1])) == (depth, 0)
+        assert steps(lambda: model(images)) == (0, 0)  # padded batches: the eager step
     patch(model, _atm(), fused=True, record_merges=True)
     with torch.inference_mode():
-        assert steps(lambda: model(images[:1])) == 0  # recording needs the eager step's decisions
+        assert steps(lambda: model(images[:1])) == (0, 0)  # recording needs the eager step's decisions
     patch(model, _atm(trace_source=True), fused=True)
     with torch.inference_mode():
-        assert steps(lambda: model(images[:1])) == 0  # sources travel with the tokens: eager
+        assert steps(lambda: model(images)) == (0, 0)  # sources travel with the tokens: eager
 
 
 def test_fused_needs_atm_and_says_so():
@@ -167,9 +230,26 @@ def test_fused_shipped_points_agree_on_real_images(shared_weights, shared_images
     images, _ = load_images(evenly_spaced(image_paths([shared_images]), 12), "vit_tiny_patch16_224")
     for name in ("vit_t_atm_20", "vit_t_atm", "vit_t_atm_40"):
         policy = dataclasses.replace(from_config_file(CONFIGS / f"{name}.yaml"), rerun_margin=0.0)
-        eager_logits, eager_tokens = _run(model, policy, images, fused=False)
-        fused_logits, fused_tokens = _run(model, policy, images, fused=True)
-        assert torch.equal(fused_tokens, eager_tokens), name
+        eager_logits, eager_tokens = _run(model, policy, images, fused=False, batch=12)
         assert eager_tokens[:, -2].float().mean() < 0.7 * eager_tokens[0, 0], name
-        assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1)), name
-        torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-4)
+        for batch in (1, 12):
+            fused_logits, fused_tokens = _run(model, policy, images, fused=True, batch=batch)
+            assert torch.equal(fused_tokens, eager_tokens), name
+            assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1)), name
+            torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_module_keeps_fused_after_the_merge_visualisation():
+    """``--model.fused true`` reaches the patched model, and a callback that patches the model
+    for a while (source tracing) gives it back with the same execution options."""
+    from atm_lightning.callbacks.visualization import _trace_sources
+    from atm_lightning.module import TokenMergingModule
+
+    module = TokenMergingModule(
+        "vit_tiny_patch16_224", num_classes=3, merger=_atm(), fused=True, model_kwargs={"img_size": 96, "depth": 4}
+    )
+    assert module.model._merging.fused
+    sources = _trace_sources(module, blocky_images(2, seed=1, size=96))
+    assert sources.shape[-1] == 37  # traced with the eager step
+    assert module.model._merging.fused and not module.model._merging.policy.trace_source

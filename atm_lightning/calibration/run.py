@@ -85,7 +85,7 @@ def calibrate(
         score = progress_scorer(module.model, cal, use_labels, rerun_fraction, len(shapes) * max_evals, progress)
         result = search(score, shapes, base, target, tolerance, max_evals, use_labels)
     finally:
-        patch(module.model, module.merger)
+        module.restore_merging()
     dense_top1 = cal.dense_top1() if use_labels else None
     return replace(result, num_images=cal.num_images, dense_gflops=cal.dense_gflops, dense_top1=dense_top1)
 

@@ -83,7 +83,7 @@ def _trace_sources(pl_module: LightningModule, images: Tensor) -> Tensor:
             model(images.to(pl_module.device))
         return merge_stats(model).source.float().cpu()
     finally:
-        patch(model, pl_module.merger)
+        pl_module.restore_merging()
         model.train(was_training)
 
 

@@ -22,7 +22,7 @@ from ..patch import RAGGED_MODES, UnsupportedModelError
 METHOD_HELP = (
     f"{SPEC_HELP}; or a project config YAML whose model.merger gives the method (e.g. "
     f"configs/vit_t_atm.yaml). Either may add how it runs: 'ragged=padded' runs ragged batches "
-    f"padded instead of packed, 'fused=true' runs ATM's single-image merge step compiled "
+    f"padded instead of packed, 'fused=true' runs ATM's merge step compiled "
     f"(e.g. 'configs/vit_t_atm.yaml:fused=true')"
 )
 EXECUTION_OPTIONS = ("ragged", "fused")

@@ -1,11 +1,12 @@
-"""ATM's merge step for one image as a single compiled function (CPU, float32, inference).
+"""ATM's merge step as a single compiled function (CPU, float32, inference).
 
-At batch 1 on a CPU the eager merge step is some seventy small ATen calls per block (keys
+At small batches on a CPU the eager merge step is some seventy small ATen calls per block (keys
 normalised, similarities, pair weights, the class token's attention, the merge, the output
-order), each costing more in dispatch than in arithmetic: on 2 cores about a quarter of a dense
-ViT-Ti forward, which made merging slower than the model it shrinks. ``fused_step.cpp`` does the
-same arithmetic in loops over the image's tokens, leaving only the similarity product to ATen's
-matmul, in about a quarter of the time.
+order), each costing more in dispatch than in arithmetic: at batch 1 on 2 cores about a quarter
+of a dense ViT-Ti forward, which made merging slower than the model it shrinks. ``fused_step.cpp``
+does the same arithmetic in loops over one image's tokens, leaving only the similarity product to
+ATen's matmul, in about a quarter of the time. A batch runs its images in parallel, each as it
+would run alone, and comes out packed and sorted as the eager step leaves it.
 
 It is built from source with the machine's C++ compiler and ninja on first use (about 40 s;
 cached under ``$XDG_CACHE_HOME/atm_lightning`` or ``~/.cache/atm_lightning``, rebuilt when the
@@ -32,6 +33,9 @@ from .merging import Merged
 from .policies import ATM, TokenMerger
 
 SOURCE = Path(__file__).with_name("fused_step.cpp")
+# OpenMP, for ATen's parallel_for (a header template) to run a batch's images on every thread.
+CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def check_fusable(policy: TokenMerger) -> None:
@@ -44,9 +48,9 @@ def check_fusable(policy: TokenMerger) -> None:
 
 
 def kernel_name() -> str:
-    """The extension's name: changes with the source, torch and Python, so each gets its own build."""
+    """The extension's name: changes with the source, the flags, torch and Python, so each gets its own build."""
     digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(f"{torch.__version__} {sys.version_info[:2]}".encode())
+    digest.update(f"{CFLAGS} {LDFLAGS} {torch.__version__} {sys.version_info[:2]}".encode())
     return f"atm_fused_step_{digest.hexdigest()[:12]}"
 
 
@@ -80,7 +84,7 @@ def load_kernel() -> ModuleType:
     if not (directory / f"{name}.so").exists():
         print(f"atm_lightning: compiling the fused merge step into {directory} (once, about 40 s)", file=sys.stderr)
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name, [str(SOURCE)], extra_cflags=["-O3", "-fno-math-errno"], build_directory=str(directory))
+    return load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory))
 
 
 def fused_merge(
@@ -110,3 +114,32 @@ def fused_merge(
         policy.attention_power, policy.keep_norm, policy.prop_attn, policy.threshold(layer),
     )  # fmt: skip
     return Merged(out[0], out[1], None, out[2]) if out else None
+
+
+def fused_merge_batch(
+    x: Tensor,
+    count: Tensor,
+    keys: Tensor,
+    attention: Tensor | None,
+    size: Tensor | None,
+    num_protected: int,
+    policy: ATM,
+    layer: int,
+) -> Merged | None:
+    """ATM's merge step (``layer``) for a batch whose images hold ``count`` [B] tokens each, packed
+    one after the other in ``x`` ([T, C], or [B, N, C] when none is padded); None when no image merges.
+
+    ``keys`` [B, H, W, d] per-head keys, ``attention`` [B, W] the class token's attention (read when
+    ``policy.attention_power`` > 0), ``size`` [B, W] (None: all 1). Each image merges exactly as
+    :func:`fused_merge` merges it alone. The output is what :func:`.merging.merge_tokens` gives
+    with ``sort_images=True, pack=True``: images by descending token count, tokens packed.
+    """
+    x = x.reshape(-1, x.shape[-1])
+    size = None if size is None else size.contiguous()
+    attention = None if attention is None else attention.contiguous()
+    out = load_kernel().merge_batch(
+        x if x.is_contiguous() else x.contiguous(), count, keys if keys.stride(-1) == 1 else keys.contiguous(),
+        attention, size, num_protected, policy.keys == "per_head", policy.split_kind(layer) == "size",
+        policy.size_weighted, policy.attention_power, policy.keep_norm, policy.threshold(layer),
+    )  # fmt: skip
+    return Merged(out[0], out[1], None, out[2], out[3]) if out else None

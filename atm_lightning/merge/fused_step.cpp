@@ -1,9 +1,10 @@
-// One image's ATM merge step as a single function: CPU, float32, inference.
+// ATM's merge step as a single function, for one image or a packed batch: CPU, float32, inference.
 //
 // The same arithmetic as the eager step (atm_lightning/merge/costs.py, matching.py, selection.py,
 // unpadded.py) in loops over the image's tokens, with the similarity product left to ATen's
 // matmul. Built on first use by atm_lightning/merge/fused.py; see its docstring for why.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -54,15 +55,21 @@ std::vector<float> class_attention(const at::Tensor& query, const at::Tensor& ke
   return attention;
 }
 
+// Where one image's keys are: [H, n, d] with rows of d contiguous floats.
+struct KeyView {
+  const float* data;
+  int64_t heads, dim, head_stride, token_stride;
+};
+
 // Unit-length matching features [len(pos), W] of the tokens at pos: every head's key normalised
 // and scaled by 1/sqrt(H) (per_head, W = H d), or the head-averaged key normalised (W = d).
-at::Tensor features(const at::Tensor& keys, const std::vector<int64_t>& pos, bool per_head) {
-  const int64_t heads = keys.size(0), dim = keys.size(2);
+at::Tensor features(const KeyView& keys, const std::vector<int64_t>& pos, bool per_head) {
+  const int64_t heads = keys.heads, dim = keys.dim;
   const int64_t width = per_head ? heads * dim : dim;
-  const float* k = keys.data_ptr<float>();
-  const int64_t kh = keys.stride(0), kn = keys.stride(1);
+  const float* k = keys.data;
+  const int64_t kh = keys.head_stride, kn = keys.token_stride;
   const float head_scale = static_cast<float>(std::sqrt(static_cast<double>(heads)));
-  at::Tensor out = at::empty({static_cast<int64_t>(pos.size()), width}, keys.options());
+  at::Tensor out = at::empty({static_cast<int64_t>(pos.size()), width}, at::TensorOptions().dtype(at::kFloat));
   float* base = out.data_ptr<float>();
   for (size_t i = 0; i < pos.size(); ++i) {
     float* row = base + i * width;
@@ -85,44 +92,31 @@ at::Tensor features(const at::Tensor& keys, const std::vector<int64_t>& pos, boo
   return out;
 }
 
-}  // namespace
+// The policy's settings for one block, the same for every image.
+struct StepOptions {
+  int64_t num_protected;
+  bool per_head, size_split, size_weighted, keep_norm;
+  float attention_power, theta;
+};
 
-// One image: x [1, n, C] contiguous; keys [1, H, n, d] (rows contiguous); query [1, H, 1, d]
-// (needed when attention_power > 0); size [1, n] (None before the first merge: all ones).
-// Returns the merged tokens [1, m, C], their sizes [1, m] and the count [1], ordered
-// [protected, unmerged sources, destinations] by position, or an empty list when nothing merges.
-std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& keys_in,
-                                   const std::optional<at::Tensor>& query_in, const std::optional<at::Tensor>& size_in,
-                                   double scale, int64_t num_protected, bool per_head, bool size_split,
-                                   bool size_weighted, double attention_power, bool keep_norm, bool prop_attn,
-                                   double theta) {
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1 && x_in.is_contiguous() && x_in.scalar_type() == at::kFloat,
-              "x must be one image's contiguous float32 tokens [1, n, C]");
-  const at::Tensor x = x_in.select(0, 0), keys = keys_in.select(0, 0);
-  TORCH_CHECK(keys.dim() == 3 && keys.size(1) == x.size(0) && keys.stride(2) == 1 && keys.scalar_type() == at::kFloat,
-              "keys must be float32 [1, H, n, d] with contiguous rows");
-  const int64_t n = x.size(0), channels = x.size(1);
-  std::vector<float> size(n, 1.0f);
-  if (size_in.has_value()) {
-    TORCH_CHECK(size_in->numel() == n && size_in->is_contiguous() && size_in->scalar_type() == at::kFloat,
-                "size must be contiguous float32 [1, n]");
-    std::copy_n(size_in->data_ptr<float>(), n, size.begin());
-  }
-  const bool attend = attention_power != 0.0;
-  std::vector<float> attention;
-  if (attend) {
-    TORCH_CHECK(query_in.has_value() && query_in->dim() == 4 && query_in->stride(3) == 1 &&
-                    query_in->scalar_type() == at::kFloat,
-                "attention_power > 0 needs the class token's query, float32 [1, H, 1, d]");
-    const at::Tensor query = query_in->select(0, 0).select(1, 0);
-    attention = class_attention(query, keys, size, prop_attn && size_in.has_value(), static_cast<float>(scale));
-  }
+// One image's step: its n tokens (rows of C floats), sizes (all 1 before the first merge), keys
+// and the class token's attention (empty unless attention_power > 0). When anything merges,
+// tokens/sizes hold the output in order [protected, unmerged sources, destinations].
+struct ImageStep {
+  bool merged = false;
+  std::vector<float> tokens, sizes;
+};
 
+ImageStep merge_image(const float* xp, int64_t n, int64_t channels, const std::vector<float>& size, const KeyView& keys,
+                      const std::vector<float>& attention, const StepOptions& options) {
+  ImageStep result;
+  const int64_t num_protected = options.num_protected;
+  const bool attend = !attention.empty();
   // The split: sources at even positions past the protected tokens, destinations at odd ones,
   // or (size_split) the smaller half by size as sources, ties in position order.
   std::vector<int64_t> a_pos, b_pos;
-  if (size_split) {
-    std::vector<int64_t> order(n - num_protected);
+  if (options.size_split) {
+    std::vector<int64_t> order(std::max<int64_t>(n - num_protected, 0));
     std::iota(order.begin(), order.end(), num_protected);
     std::stable_sort(order.begin(), order.end(), [&](int64_t i, int64_t j) { return size[i] < size[j]; });
     const size_t num_sources = (order.size() + 1) / 2;
@@ -132,11 +126,11 @@ std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& key
     for (int64_t j = num_protected; j < n; ++j) (j % 2 == 0 ? a_pos : b_pos).push_back(j);
   }
   const int64_t num_a = a_pos.size(), num_b = b_pos.size();
-  if (num_a == 0 || num_b == 0) return {};
+  if (num_a == 0 || num_b == 0) return result;
 
   // Effective similarity 1 - (1 - cos) * weight of every pair; each source's best destination
   // (the first on ties) merges if it is strictly above the threshold.
-  at::Tensor scores = at::mm(features(keys, a_pos, per_head), features(keys, b_pos, per_head).t());
+  at::Tensor scores = at::mm(features(keys, a_pos, options.per_head), features(keys, b_pos, options.per_head).t());
   float* cos = scores.data_ptr<float>();
   const float tokens = static_cast<float>(num_a + num_b);  // attention * tokens: 1 for an average token
   std::vector<float> b_size(num_b), b_attention(num_b, 0.0f), weight(num_b, 1.0f);
@@ -144,38 +138,46 @@ std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& key
     b_size[j] = size[b_pos[j]];
     if (attend) b_attention[j] = attention[b_pos[j]] * tokens;
   }
-  const float power = static_cast<float>(attention_power);
+  const float power = options.attention_power;
+  const bool size_weighted = options.size_weighted;
+  std::vector<float> total(num_b), share(num_b);
   std::vector<int64_t> src, dst;  // merged pairs, in source slot order
   for (int64_t i = 0; i < num_a; ++i) {
     const int64_t a = a_pos[i];
     float* row = cos + i * num_b;
     if (size_weighted || attend) {
+      // One simple loop per factor (no branch inside), so that each vectorises.
       const float a_size = size[a], a_attention = attend ? attention[a] * tokens : 0.0f;
-      for (int64_t j = 0; j < num_b; ++j) {
-        const float total = std::max(a_size + b_size[j], 1e-12f);
-        float w = size_weighted ? ((a_size + a_size) * b_size[j]) / total : 1.0f;
-        if (attend) {
-          const float share = std::max((a_attention * b_size[j] + b_attention[j] * a_size) / total, 1e-6f);
-          const float factor = power == 0.5f ? std::sqrt(share) : std::pow(share, power);
-          w = size_weighted ? w * factor : factor;
-        }
-        weight[j] = w;
+      for (int64_t j = 0; j < num_b; ++j) total[j] = std::max(a_size + b_size[j], 1e-12f);
+      if (size_weighted)
+        for (int64_t j = 0; j < num_b; ++j) weight[j] = ((a_size + a_size) * b_size[j]) / total[j];
+      if (attend) {
+        for (int64_t j = 0; j < num_b; ++j)
+          share[j] = std::max((a_attention * b_size[j] + b_attention[j] * a_size) / total[j], 1e-6f);
+        if (power == 0.5f)
+          for (int64_t j = 0; j < num_b; ++j) share[j] = std::sqrt(share[j]);
+        else
+          for (int64_t j = 0; j < num_b; ++j) share[j] = std::pow(share[j], power);
+        if (size_weighted)
+          for (int64_t j = 0; j < num_b; ++j) weight[j] = weight[j] * share[j];
+        else
+          std::copy(share.begin(), share.end(), weight.begin());
       }
       for (int64_t j = 0; j < num_b; ++j) row[j] = row[j] - (1.0f - row[j]) * (weight[j] - 1.0f);
     }
     int64_t best = 0;
     for (int64_t j = 1; j < num_b; ++j)
       if (row[j] > row[best]) best = j;
-    if (row[best] > static_cast<float>(theta)) {
+    if (row[best] > options.theta) {
       src.push_back(a);
       dst.push_back(b_pos[best]);
     }
   }
-  if (src.empty()) return {};
+  if (src.empty()) return result;
 
   // Destinations become the size-weighted mean of their parts, sources added in slot order;
   // with keep_norm, at the parts' size-weighted mean length.
-  const float* xp = x.data_ptr<float>();
+  const bool keep_norm = options.keep_norm;
   std::vector<float> new_size(size), sum, length;
   std::vector<int64_t> slot(n, -1);  // row in sum/length of each destination that takes in sources
   std::vector<char> merged(n, 0);
@@ -205,14 +207,13 @@ std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& key
   for (int64_t j = num_protected; j < n; ++j)
     if (!is_source[j]) order.push_back(j);
   const int64_t out_n = order.size();
-  at::Tensor out = at::empty({out_n, channels}, x.options());
-  at::Tensor out_size = at::empty({out_n}, x.options());
-  float* op = out.data_ptr<float>();
-  float* os = out_size.data_ptr<float>();
+  result.merged = true;
+  result.tokens.resize(out_n * channels);
+  result.sizes.resize(out_n);
   for (int64_t i = 0; i < out_n; ++i) {
     const int64_t j = order[i];
-    float* row = op + i * channels;
-    os[i] = new_size[j];
+    float* row = result.tokens.data() + i * channels;
+    result.sizes[i] = new_size[j];
     if (new_size[j] == size[j]) {
       std::copy_n(xp + j * channels, channels, row);
       continue;
@@ -224,9 +225,161 @@ std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& key
       for (int64_t c = 0; c < channels; ++c) row[c] = row[c] * factor;
     }
   }
-  return {out.unsqueeze(0), out_size.unsqueeze(0), at::full({1}, out_n, x.options().dtype(at::kLong))};
+  return result;
+}
+
+StepOptions step_options(int64_t num_protected, bool per_head, bool size_split, bool size_weighted,
+                         double attention_power, bool keep_norm, double theta) {
+  return {num_protected, per_head, size_split, size_weighted, keep_norm, static_cast<float>(attention_power),
+          static_cast<float>(theta)};
+}
+
+}  // namespace
+
+// One image: x [1, n, C] contiguous; keys [1, H, n, d] (rows contiguous); query [1, H, 1, d]
+// (needed when attention_power > 0); size [1, n] (None before the first merge: all ones).
+// Returns the merged tokens [1, m, C], their sizes [1, m] and the count [1], ordered
+// [protected, unmerged sources, destinations] by position, or an empty list when nothing merges.
+std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& keys_in,
+                                   const std::optional<at::Tensor>& query_in, const std::optional<at::Tensor>& size_in,
+                                   double scale, int64_t num_protected, bool per_head, bool size_split,
+                                   bool size_weighted, double attention_power, bool keep_norm, bool prop_attn,
+                                   double theta) {
+  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1 && x_in.is_contiguous() && x_in.scalar_type() == at::kFloat,
+              "x must be one image's contiguous float32 tokens [1, n, C]");
+  const at::Tensor x = x_in.select(0, 0), keys = keys_in.select(0, 0);
+  TORCH_CHECK(keys.dim() == 3 && keys.size(1) == x.size(0) && keys.stride(2) == 1 && keys.scalar_type() == at::kFloat,
+              "keys must be float32 [1, H, n, d] with contiguous rows");
+  const int64_t n = x.size(0), channels = x.size(1);
+  std::vector<float> size(n, 1.0f);
+  if (size_in.has_value()) {
+    TORCH_CHECK(size_in->numel() == n && size_in->is_contiguous() && size_in->scalar_type() == at::kFloat,
+                "size must be contiguous float32 [1, n]");
+    std::copy_n(size_in->data_ptr<float>(), n, size.begin());
+  }
+  std::vector<float> attention;
+  if (attention_power != 0.0) {
+    TORCH_CHECK(query_in.has_value() && query_in->dim() == 4 && query_in->stride(3) == 1 &&
+                    query_in->scalar_type() == at::kFloat,
+                "attention_power > 0 needs the class token's query, float32 [1, H, 1, d]");
+    const at::Tensor query = query_in->select(0, 0).select(1, 0);
+    attention = class_attention(query, keys, size, prop_attn && size_in.has_value(), static_cast<float>(scale));
+  }
+  const KeyView key_view{keys.data_ptr<float>(), keys.size(0), keys.size(2), keys.stride(0), keys.stride(1)};
+  const StepOptions options =
+      step_options(num_protected, per_head, size_split, size_weighted, attention_power, keep_norm, theta);
+  ImageStep step = merge_image(x.data_ptr<float>(), n, channels, size, key_view, attention, options);
+  if (!step.merged) return {};
+  const int64_t out_n = step.sizes.size();
+  at::Tensor out = at::empty({1, out_n, channels}, x.options());
+  at::Tensor out_size = at::empty({1, out_n}, x.options());
+  std::copy(step.tokens.begin(), step.tokens.end(), out.data_ptr<float>());
+  std::copy(step.sizes.begin(), step.sizes.end(), out_size.data_ptr<float>());
+  return {out, out_size, at::full({1}, out_n, x.options().dtype(at::kLong))};
+}
+
+// A batch of images, each run as merge_step runs one, in parallel over the images.
+// x [T, C]: image i's count[i] tokens one image after the other (packed, or padded without
+// padding); keys [B, H, W, d] (rows contiguous, W >= every count); attention [B, W], the class
+// token's attention (needed when attention_power > 0); size [B, W] (None: all ones).
+// Returns, as the eager step with packing does, the images sorted by descending token count
+// (stable): tokens packed [T', C], sizes [B, W'] (0 past each count), counts [B] and the input
+// image of each output row [B]; or an empty list when no image merges anything.
+std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count_in, const at::Tensor& keys,
+                                    const std::optional<at::Tensor>& attention_in,
+                                    const std::optional<at::Tensor>& size_in, int64_t num_protected, bool per_head,
+                                    bool size_split, bool size_weighted, double attention_power, bool keep_norm,
+                                    double theta) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "x must be contiguous float32 packed tokens [T, C]");
+  TORCH_CHECK(count_in.dim() == 1 && count_in.scalar_type() == at::kLong, "count must be long [B]");
+  const at::Tensor count = count_in.contiguous();
+  const int64_t batch = count.size(0), channels = x.size(1);
+  TORCH_CHECK(keys.dim() == 4 && keys.size(0) == batch && keys.stride(3) == 1 && keys.scalar_type() == at::kFloat,
+              "keys must be float32 [B, H, W, d] with contiguous rows");
+  const int64_t width = keys.size(2);
+  const int64_t* counts = count.data_ptr<int64_t>();
+  std::vector<int64_t> start(batch + 1, 0);
+  for (int64_t i = 0; i < batch; ++i) {
+    TORCH_CHECK(counts[i] <= width, "an image holds more tokens than the keys' width");
+    start[i + 1] = start[i] + counts[i];
+  }
+  TORCH_CHECK(start[batch] == x.size(0), "x must hold exactly sum(count) rows");
+  const float* size_data = nullptr;
+  if (size_in.has_value()) {
+    TORCH_CHECK(size_in->dim() == 2 && size_in->size(0) == batch && size_in->is_contiguous() &&
+                    size_in->scalar_type() == at::kFloat,
+                "size must be contiguous float32 [B, W]");
+    size_data = size_in->data_ptr<float>();
+  }
+  const int64_t size_width = size_in.has_value() ? size_in->size(1) : 0;
+  for (int64_t i = 0; size_data != nullptr && i < batch; ++i)
+    TORCH_CHECK(counts[i] <= size_width, "an image holds more tokens than size has columns");
+  const float* attention_data = nullptr;
+  if (attention_power != 0.0) {
+    TORCH_CHECK(attention_in.has_value() && attention_in->dim() == 2 && attention_in->size(0) == batch &&
+                    attention_in->is_contiguous() && attention_in->scalar_type() == at::kFloat,
+                "attention_power > 0 needs the class token's attention, contiguous float32 [B, W]");
+    attention_data = attention_in->data_ptr<float>();
+  }
+  const int64_t attention_width = attention_data != nullptr ? attention_in->size(1) : 0;
+  for (int64_t i = 0; attention_data != nullptr && i < batch; ++i)
+    TORCH_CHECK(counts[i] <= attention_width, "an image holds more tokens than attention has columns");
+  const StepOptions options =
+      step_options(num_protected, per_head, size_split, size_weighted, attention_power, keep_norm, theta);
+  const float* xp = x.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  std::vector<ImageStep> steps(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = counts[i];
+      std::vector<float> size(n, 1.0f), attention;
+      if (size_data != nullptr) std::copy_n(size_data + i * size_width, n, size.begin());
+      if (attention_data != nullptr) {
+        const float* row = attention_data + i * attention_width;
+        attention.assign(row, row + n);
+      }
+      const KeyView key_view{kp + i * keys.stride(0), keys.size(1), keys.size(3), keys.stride(1), keys.stride(2)};
+      steps[i] = merge_image(xp + start[i] * channels, n, channels, size, key_view, attention, options);
+    }
+  });
+  if (std::none_of(steps.begin(), steps.end(), [](const ImageStep& s) { return s.merged; })) return {};
+
+  std::vector<int64_t> out_count(batch), image_order(batch);
+  for (int64_t i = 0; i < batch; ++i) out_count[i] = steps[i].merged ? static_cast<int64_t>(steps[i].sizes.size()) : counts[i];
+  std::iota(image_order.begin(), image_order.end(), 0);
+  std::stable_sort(image_order.begin(), image_order.end(),
+                   [&](int64_t i, int64_t j) { return out_count[i] > out_count[j]; });
+  const int64_t out_width = out_count[image_order[0]];
+  int64_t total = 0;
+  for (int64_t c : out_count) total += c;
+  at::Tensor out = at::empty({total, channels}, x.options());
+  at::Tensor out_size = at::zeros({batch, out_width}, x.options());
+  at::Tensor out_counts = at::empty({batch}, count.options());
+  at::Tensor out_order = at::empty({batch}, count.options());
+  float* op = out.data_ptr<float>();
+  float* os = out_size.data_ptr<float>();
+  int64_t row = 0;
+  for (int64_t r = 0; r < batch; ++r) {
+    const int64_t i = image_order[r], m = out_count[i];
+    out_counts.data_ptr<int64_t>()[r] = m;
+    out_order.data_ptr<int64_t>()[r] = i;
+    if (steps[i].merged) {
+      std::copy(steps[i].tokens.begin(), steps[i].tokens.end(), op + row * channels);
+      std::copy(steps[i].sizes.begin(), steps[i].sizes.end(), os + r * out_width);
+    } else {
+      std::copy_n(xp + start[i] * channels, m * channels, op + row * channels);
+      if (size_data != nullptr)
+        std::copy_n(size_data + i * size_width, m, os + r * out_width);
+      else
+        std::fill_n(os + r * out_width, m, 1.0f);
+    }
+    row += m;
+  }
+  return {out, out_size, out_counts, out_order};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_step", &merge_step, "One image's ATM merge step (see atm_lightning/merge/fused.py)");
+  m.def("merge_batch", &merge_batch, "ATM's merge step for a packed batch, in parallel over its images");
 }

@@ -46,11 +46,11 @@ def patch(
             counts; the data-dependent merge step stays eager. The first batches of each new
             shape kind (one image or several, before and after the first merge) compile. A
             string names the backend (e.g. ``"aot_eager"``); True is inductor.
-        fused: run ATM's merge step as one compiled C++ function when a forward holds one image
-            on the CPU (float32, inference): the eager step's many small ops cost more than the
-            FLOPs merging saves at batch 1. Built with the machine's C++ compiler and ninja on
-            first use (about 40 s, cached); the same merges, tokens equal to float rounding.
-            ATM only.
+        fused: run ATM's merge step as one compiled C++ function on the CPU (float32,
+            inference; one image, or a packed batch with its images in parallel): the eager
+            step's many small ops cost more than the FLOPs merging saves at small batches. Built
+            with the machine's C++ compiler and ninja on first use (about 40 s, cached); the same
+            merges, tokens equal to float rounding. ATM only.
         **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
     """
     merger = make_merger(method, **settings)

@@ -117,8 +117,8 @@ def apply(
     runs every layer on the padded batch (for comparison). Training always runs padded.
     ``compile`` runs each block's attention and MLP residuals through ``torch.compile``
     (:mod:`.compiled`; a string names its backend); the merge step stays eager. VisionTransformer only.
-    ``fused`` runs ATM's merge step for one image on the CPU as one compiled function
-    (:mod:`atm_lightning.merge.fused`), built here on first use.
+    ``fused`` runs ATM's merge step on the CPU as one compiled function, for one image or a
+    packed batch (:mod:`atm_lightning.merge.fused`), built here on first use.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")

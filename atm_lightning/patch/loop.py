@@ -31,7 +31,7 @@ from ..merge import (
     prune_inattentive,
     size_sorted_split,
 )
-from ..merge.fused import fused_merge
+from ..merge.fused import fused_merge, fused_merge_batch
 from ..merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image, num_sources
 from .attention import attention_bias, head_mean
 from .state import TokenState
@@ -107,7 +107,7 @@ class Merging:
     num_protected: int  # prefix tokens (class, distillation, registers): never merged
     record: bool = False  # keep every block's decisions (record_merges)
     ragged: str = "packed"  # how images with different token counts run, one of RAGGED_MODES
-    fused: bool = False  # one image on the CPU merges through the compiled step (:mod:`..merge.fused`)
+    fused: bool = False  # CPU inference merges through the compiled step (:mod:`..merge.fused`)
     last: MergeTrace | None = None
     resume: Resume | None = None  # kept by a merged forward whose policy reruns, for that rerun
     start: Resume | None = None  # set for the rerun: its blocks begin here (see :mod:`.rerun`)
@@ -142,8 +142,11 @@ def run_blocks(
     keep_resume = step is not None and policy.rerun_margin > 0 and not training
     recorder = TraceRecorder(state, first)
     needs = KeyNeeds.of(policy)
-    if step is match_step and runs_fused(merging, state, training):
-        step, needs = fused_step, needs._replace(class_attention=False)  # the fused step computes it
+    if step is match_step and runs_fused(merging, state, training, pack):
+        if len(state.x) == 1:
+            step, needs = fused_step, needs._replace(class_attention=False)  # the fused step computes it
+        else:
+            step = fused_batch_step
     prefix_only = merging.num_protected if policy.last_block_prefix_only and not training else 0
     bias, bias_size = None, None
     for layer, block in enumerate(blocks[first:], start=first):
@@ -213,13 +216,13 @@ def match_step(
     return StepResult(state.after(merged, merging.cost.attn_width), cost, record)
 
 
-def runs_fused(merging: Merging, state: TokenState, training: bool) -> bool:
-    """Whether this forward's merge steps run fused: asked for, and one CPU float32 image at
-    inference with nothing to carry or record (anything else takes the eager step)."""
+def runs_fused(merging: Merging, state: TokenState, training: bool, pack: bool) -> bool:
+    """Whether this forward's merge steps run fused: asked for, CPU float32 at inference with
+    nothing to carry or record, and one image or a packed batch (anything else takes the eager step)."""
     x = state.x
     return (
         merging.fused
-        and len(x) == 1
+        and (len(x) == 1 or pack)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not training
@@ -241,6 +244,33 @@ def fused_step(
     macs = whole_image_macs(merging.cost, num_a, n - protected - num_a, width, protected, policy.needs_class_attention)
     cost = torch.full((1,), macs, dtype=torch.float64)
     return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
+
+
+def fused_batch_step(
+    merging: Merging, layer: int, state: TokenState, attention: BlockAttention, bias: Tensor | None, pack: bool
+) -> StepResult:
+    """:func:`match_step` for a packed batch, as one compiled function run over the images in
+    parallel (:mod:`..merge.fused`); the same merges, the same output layout."""
+    policy, protected = merging.policy, merging.num_protected
+    count = state.count
+    merged = fused_merge_batch(
+        state.x, count, attention.keys, attention.class_attention, state.size, protected, policy, layer
+    )
+    _, heads, _, head_dim = attention.keys.shape
+    width = heads * head_dim if policy.key_form == "per_head" else head_dim
+    num_a = sources_per_image(policy.split_kind(layer), count, protected)
+    cost = merging.cost.matching_macs(num_a, count - protected - num_a, width)
+    if policy.needs_class_attention:
+        cost = cost + merging.cost.class_attention_macs(count)
+    return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
+
+
+def sources_per_image(kind: str, count: Tensor, num_protected: int) -> Tensor:
+    """[B] :func:`~atm_lightning.merge.unpadded.num_sources` for images of ``count`` [B] real tokens."""
+    if kind == "size":
+        return torch.div(count - num_protected + 1, 2, rounding_mode="floor")
+    first = num_protected + num_protected % 2
+    return torch.div(count - first + 1, 2, rounding_mode="floor").clamp_min(0)
 
 
 def matching_cost(
