@@ -52,6 +52,12 @@ def test_full_splits_equal_general_splits_without_padding(protected):
         assert num_sources("alternate", width, protected) == alternating.a_idx.shape[1]
         sized = full_size_sorted_split(torch.ones(1, width), protected)
         assert num_sources("size", width, protected) == sized.a_idx.shape[1]
+    counts = torch.arange(protected, n + 1)  # a ragged batch's counts: each as that image alone
+    for kind in ("alternate", "size"):
+        expected = [num_sources(kind, int(c), protected) for c in counts]
+        assert num_sources(kind, counts, protected).tolist() == expected
+    real = torch.arange(n)[None] < counts[:, None]  # the general split of the padded batch agrees
+    assert num_sources("alternate", counts, protected).tolist() == alternating_split(real, protected).a_ok.sum(1).tolist()
 
 
 def test_full_split_made_in_inference_mode_serves_gradients():

@@ -38,12 +38,14 @@ def _alternating(batch: int, n: int, num_protected: int, device: torch.device) -
     return Split(a_pos, a_ok, b_pos, b_ok, a_slice, b_slice, all_real=True)
 
 
-def num_sources(kind: str, n: int, num_protected: int) -> int:
+def num_sources(kind: str, n: int | Tensor, num_protected: int) -> int | Tensor:
     """How many of ``n`` tokens the ``kind`` split (``"size"`` or ``"alternate"``) makes sources
-    when every token is real: the sizes of the splits below, without building them."""
+    when every token is real: the sizes of the splits below, without building them. ``n`` may be
+    a [B] tensor of token counts (one answer per image)."""
     if kind == "size":
         return (n - num_protected + 1) // 2
-    return len(range(num_protected + num_protected % 2, n, 2))
+    count = (n - (num_protected + num_protected % 2) + 1) // 2  # even positions past the protected
+    return count.clamp_min(0) if isinstance(count, Tensor) else max(count, 0)
 
 
 def full_size_sorted_split(size: Tensor, num_protected: int) -> Split:

@@ -258,19 +258,11 @@ def fused_batch_step(
     )
     _, heads, _, head_dim = attention.keys.shape
     width = heads * head_dim if policy.key_form == "per_head" else head_dim
-    num_a = sources_per_image(policy.split_kind(layer), count, protected)
+    num_a = num_sources(policy.split_kind(layer), count, protected)
     cost = merging.cost.matching_macs(num_a, count - protected - num_a, width)
     if policy.needs_class_attention:
         cost = cost + merging.cost.class_attention_macs(count)
     return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
-
-
-def sources_per_image(kind: str, count: Tensor, num_protected: int) -> Tensor:
-    """[B] :func:`~atm_lightning.merge.unpadded.num_sources` for images of ``count`` [B] real tokens."""
-    if kind == "size":
-        return torch.div(count - num_protected + 1, 2, rounding_mode="floor")
-    first = num_protected + num_protected % 2
-    return torch.div(count - first + 1, 2, rounding_mode="floor").clamp_min(0)
 
 
 def matching_cost(
