@@ -33,9 +33,12 @@ from .merging import Merged
 from .policies import ATM, TokenMerger
 
 SOURCE = Path(__file__).with_name("fused_step.cpp")
-# OpenMP, for ATen's parallel_for (a header template) to run a batch's images on every thread.
-CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
+# OpenMP lets ATen's parallel_for (a header template) run a batch's images on every thread. Only
+# on Linux, where torch's wheels use GCC's OpenMP too; elsewhere (e.g. Apple's clang has no
+# -fopenmp) the images run one after the other, with the same results.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CFLAGS = ["-O3", "-fno-math-errno", *OPENMP]
+LDFLAGS = OPENMP
 
 
 def check_fusable(policy: TokenMerger) -> None:
