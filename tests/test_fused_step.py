@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from atm_lightning import merge_stats, patch
 from atm_lightning.evaluation.options import parse_method
+from atm_lightning.flops import ViTCost
 from atm_lightning.merge import ATM, class_attention, from_config_file
 from atm_lightning.merge import fused as fused_module
 from atm_lightning.patch import loop
@@ -37,6 +37,11 @@ MODELS = {  # protected tokens: 1, 4 (class and 3 registers), 0 (no class token)
 }
 
 
+# The FLOPs model of a ViT with attention width 12 and head size 4 (only the matching costs are read).
+COST = ViTCost(depth=6, qkv_per_token=0, attn_width=12, proj_per_token=0, mlp_per_token=0, head_dim=4,
+               patch_embed=0, num_prefix=1, head=0)  # fmt: skip
+
+
 @needs_kernel
 @pytest.mark.parametrize("sized", [False, True])
 @pytest.mark.parametrize("protected", [0, 1, 3])
@@ -56,7 +61,7 @@ def test_fused_step_equals_match_step(option, protected, sized):
         state = TokenState(x, torch.tensor([n]), size)
         policy = ATM(**{**OPTIONS[option], "alpha": 0.9, "beta": 0.0, "theta_min": 0.5, "split_layer": 5})
         bias = attention_bias(size, policy.prop_attn, x.dtype)
-        merging = loop.Merging(policy, None, SimpleNamespace(attn_width=channels), protected)
+        merging = loop.Merging(policy, None, COST, protected)
         attention = BlockAttention(keys, query, 0.5)  # the fused step computes the class token's attention
         with_class = attention._replace(class_attention=class_attention(query, keys, 0.5, bias))
         for layer in (0, 5):  # the alternating split, then the size-sorted one
@@ -81,7 +86,7 @@ def test_fused_batch_step_equals_match_step(option, packed):
     batch = len(counts)
     real = torch.arange(width) < counts[:, None]
     policy = ATM(**{**OPTIONS[option], "alpha": 0.9, "beta": 0.0, "theta_min": 0.5, "split_layer": 5})
-    merging = loop.Merging(policy, None, SimpleNamespace(attn_width=channels, **COSTS), protected)
+    merging = loop.Merging(policy, None, COST, protected)
     for seed in range(3):
         torch.manual_seed(seed)
         keys = torch.randn(batch, heads, width, head_dim)
@@ -108,12 +113,6 @@ def test_fused_batch_step_equals_match_step(option, packed):
             assert torch.equal(fused.matching_macs, eager.matching_macs)
             torch.testing.assert_close(fused.state.padded(), eager.state.padded(), rtol=1e-6, atol=1e-6)
 
-
-# The FLOPs model's matching costs, as ViTCost computes them (attention width 12, head size 4).
-COSTS = {
-    "matching_macs": lambda a, b, width: a.double() * b.double() * width,
-    "class_attention_macs": lambda n: n.double() * 12,
-}
 
 
 def _atm(**settings) -> ATM:

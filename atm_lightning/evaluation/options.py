@@ -35,7 +35,7 @@ class Method:
     label: str
     merger: TokenMerger
     ragged: str = "packed"  # how images left with different token counts run (patch's ``ragged``)
-    fused: bool = False  # one image's ATM merge step runs compiled (patch's ``fused``)
+    fused: bool = False  # ATM's merge step runs compiled on the CPU (patch's ``fused``)
 
     @property
     def dense(self) -> bool:

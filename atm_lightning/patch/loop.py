@@ -236,13 +236,9 @@ def fused_step(
     merging: Merging, layer: int, state: TokenState, attention: BlockAttention, bias: Tensor | None, pack: bool
 ) -> StepResult:
     """:func:`match_step` for one image without padding, as one compiled function (:mod:`..merge.fused`)."""
-    policy, protected, n = merging.policy, merging.num_protected, state.x.shape[1]
+    policy, protected = merging.policy, merging.num_protected
     merged = fused_merge(state.x, attention.keys, attention.query_cls, state.size, attention.scale, protected, policy, layer)
-    _, heads, _, head_dim = attention.keys.shape
-    width = heads * head_dim if policy.key_form == "per_head" else head_dim
-    num_a = num_sources(policy.split_kind(layer), n, protected)
-    macs = whole_image_macs(merging.cost, num_a, n - protected - num_a, width, protected, policy.needs_class_attention)
-    cost = torch.full((1,), macs, dtype=torch.float64)
+    cost = fused_matching_cost(merging, layer, state.count, attention.keys)
     return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
 
 
@@ -252,17 +248,22 @@ def fused_batch_step(
     """:func:`match_step` for a packed batch, as one compiled function run over the images in
     parallel (:mod:`..merge.fused`); the same merges, the same output layout."""
     policy, protected = merging.policy, merging.num_protected
-    count = state.count
     merged = fused_merge_batch(
-        state.x, count, attention.keys, attention.class_attention, state.size, protected, policy, layer
+        state.x, state.count, attention.keys, attention.class_attention, state.size, protected, policy, layer
     )
-    _, heads, _, head_dim = attention.keys.shape
+    cost = fused_matching_cost(merging, layer, state.count, attention.keys)
+    return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
+
+
+def fused_matching_cost(merging: Merging, layer: int, count: Tensor, keys: Tensor) -> Tensor:
+    """[B] MACs of a fused step's matching (as :func:`matching_cost` counts them): every image
+    holds all its ``count`` tokens, so its split's sizes follow from the count alone."""
+    policy, protected = merging.policy, merging.num_protected
+    _, heads, _, head_dim = keys.shape
     width = heads * head_dim if policy.key_form == "per_head" else head_dim
     num_a = num_sources(policy.split_kind(layer), count, protected)
-    cost = merging.cost.matching_macs(num_a, count - protected - num_a, width)
-    if policy.needs_class_attention:
-        cost = cost + merging.cost.class_attention_macs(count)
-    return StepResult(state if merged is None else state.after(merged, merging.cost.attn_width), cost)
+    macs = merging.cost.matching_macs(num_a, count - protected - num_a, width)
+    return macs + merging.cost.class_attention_macs(count) if policy.needs_class_attention else macs
 
 
 def matching_cost(
@@ -271,21 +272,13 @@ def matching_cost(
     """[B] MACs of one matching step: the similarities, plus the class token's attention to the
     ``count`` [B] tokens where the step computed it."""
     if split.all_real:  # every image holds all its tokens, the protected ones and the split's
-        macs = whole_image_macs(cost, split.a_idx.shape[1], split.b_idx.shape[1], width, num_protected, class_attention)
+        num_a, num_b = split.a_idx.shape[1], split.b_idx.shape[1]
+        macs = float(num_a * num_b * width)
+        if class_attention:
+            macs += float((num_protected + num_a + num_b) * cost.attn_width)
         return torch.full((len(split.a_idx),), macs, device=split.a_idx.device, dtype=torch.float64)
     macs = cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), width)
     return macs + cost.class_attention_macs(count) if class_attention else macs
-
-
-def whole_image_macs(
-    cost: ViTCost, num_a: int, num_b: int, width: int, num_protected: int, class_attention: bool
-) -> float:
-    """MACs of one matching step in an image holding all its tokens: ``num_a * num_b``
-    similarities of ``width``, plus the class token's attention to every token if computed."""
-    macs = float(num_a * num_b * width)
-    if class_attention:
-        macs += float((num_protected + num_a + num_b) * cost.attn_width)
-    return macs
 
 
 def choose_split(kind: str, state: TokenState, size: Tensor, protected: int) -> Split:
