@@ -112,15 +112,21 @@ class ViTCost:
         done = float(self.block_macs(n, n)) * layer + float(self.block_macs(n, torch.tensor(0)))  # + that attention
         return full - done - (num_tokens - self.num_prefix) * self.patch_embed
 
-    def matching_macs(self, num_a: Tensor, num_b: Tensor, width: int | None = None) -> Tensor:
+    def matching_macs(self, num_a: Tensor | int, num_b: Tensor | int, width: int | None = None) -> Tensor | float:
         """Cost of the cosine similarities of one matching step: |A| * |B| * the width of the
-        compared keys (head_dim for head-averaged keys, the attention width for per-head ones)."""
-        return num_a.double() * num_b.double() * (self.head_dim if width is None else width)
+        compared keys (head_dim for head-averaged keys, the attention width for per-head ones).
+        Tensors of counts give a float64 tensor; ints give the same value as a float."""
+        width = self.head_dim if width is None else width
+        if isinstance(num_a, Tensor):
+            return num_a.double() * num_b.double() * width
+        return float(num_a) * float(num_b) * width
 
-    def class_attention_macs(self, num_tokens: Tensor) -> Tensor:
+    def class_attention_macs(self, num_tokens: Tensor | int) -> Tensor | float:
         """Cost of the class token's attention to every token, read by pruning and attention
         weighting apart from the model's own (fused) attention: N * attention width."""
-        return num_tokens.double() * self.attn_width
+        if isinstance(num_tokens, Tensor):
+            return num_tokens.double() * self.attn_width
+        return float(num_tokens) * self.attn_width
 
 
 def _linear_macs(module: nn.Module, skip: nn.Module | None = None) -> int:

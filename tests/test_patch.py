@@ -373,3 +373,29 @@ def test_packed_inference_keeps_gradients_for_saliency():
         grads[ragged_mode] = images.grad
         assert len(set(merge_stats(model).tokens[:, -1].tolist())) > 1  # ragged: packing was used
     torch.testing.assert_close(grads["packed"], grads["padded"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, method, options",
+    [
+        ("vit_tiny", "tome", {"r": 4}),
+        ("vit_tiny", "evit", {"keep_rate": 0.7}),
+        ("vit_tiny", "atm", ATM_LENIENT | {"rerun_margin": 0.1}),
+        ("vit_tiny", "atm", ATM_LENIENT | {"ragged": "padded"}),
+        ("vit_tiny_avgpool", "atm", ATM_LENIENT),
+        ("vit_tiny_registers", "atm", ATM_LENIENT),
+    ],
+)
+@torch.no_grad()
+def test_an_empty_batch_gives_empty_outputs_like_timm(name, method, options, images):
+    """Zero images in, zero rows out, as from the unpatched model; the stats are empty but still
+    know the dense cost (the token count comes from the input's shape, not from an image)."""
+    model = MODELS[name]()
+    empty = images[:0]
+    expected = model(empty).shape
+    patch(model, method, **options)
+    assert model(empty).shape == expected
+    stats = merge_stats(model)
+    assert stats.tokens.shape[0] == 0 and stats.gflops.shape == (0,)
+    dense = model(images[:1])
+    assert stats.gflops_dense == merge_stats(model).gflops_dense and dense.shape[0] == 1

@@ -138,6 +138,8 @@ def run_blocks(
     pack = merging.ragged == "packed" and not training
     start, merging.start, merging.resume = merging.start, None, None
     state = start.state if start is not None else TokenState.start(x, policy.trace_source, coords)
+    if len(state.x) == 0:  # an empty batch: nothing to match, as in timm's own forward
+        step = None
     first = start.layer if start is not None else 0
     keep_resume = step is not None and policy.rerun_margin > 0 and not training
     recorder = TraceRecorder(state, first)
@@ -257,13 +259,19 @@ def fused_batch_step(
 
 def fused_matching_cost(merging: Merging, layer: int, count: Tensor, keys: Tensor) -> Tensor:
     """[B] MACs of a fused step's matching (as :func:`matching_cost` counts them): every image
-    holds all its ``count`` tokens, so its split's sizes follow from the count alone."""
-    policy, protected = merging.policy, merging.num_protected
+    holds all its ``count`` tokens, so its split's sizes follow from the count alone. Worked out
+    on the host from the counts: the fused step runs on the CPU, where the dozen tensor ops of
+    the same formula cost more than the step's own bookkeeping at batch 1."""
+    policy, protected, cost = merging.policy, merging.num_protected, merging.cost
     _, heads, _, head_dim = keys.shape
     width = heads * head_dim if policy.key_form == "per_head" else head_dim
-    num_a = num_sources(policy.split_kind(layer), count, protected)
-    macs = merging.cost.matching_macs(num_a, count - protected - num_a, width)
-    return macs + merging.cost.class_attention_macs(count) if policy.needs_class_attention else macs
+    kind, with_class = policy.split_kind(layer), policy.needs_class_attention
+    macs = []
+    for n in count.tolist():
+        num_a = num_sources(kind, n, protected)
+        image = cost.matching_macs(num_a, n - protected - num_a, width)
+        macs.append(image + cost.class_attention_macs(n) if with_class else image)
+    return torch.tensor(macs, dtype=torch.float64)
 
 
 def matching_cost(

@@ -45,6 +45,7 @@ class MergeTrace:
     rerun: Tensor | None = None  # [B] bool: ran again unmerged (rerun_margin); None: nothing was
     prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
     resume_layer: int | None = None  # block whose merge step first merged (a rerun resumes there); None: none did
+    input_tokens: int = 0  # tokens entering the first block (what the dense model runs on), even for an empty batch
 
 
 class TraceRecorder:
@@ -54,6 +55,7 @@ class TraceRecorder:
         """``first`` > 0: the run starts inside that block (a rerun), with ``state``'s tokens
         having entered every block before."""
         self.tokens = [state.count] * (first + 1)
+        self.input_tokens = state.x.shape[1]  # a starting state is always padded: [B, N, C]
         self.resume_layer: int | None = None
         self.matching = torch.zeros(state.count.shape, device=state.count.device, dtype=torch.float64)
         self.layers: list[LayerRecord] = []
@@ -74,7 +76,8 @@ class TraceRecorder:
         size, source = state.in_input_order(state.size), state.in_input_order(state.source)
         tokens = torch.stack(self.tokens, dim=1)
         return MergeTrace(
-            tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only, resume_layer=self.resume_layer
+            tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only,
+            resume_layer=self.resume_layer, input_tokens=self.input_tokens,
         )
 
 
@@ -108,10 +111,10 @@ def merge_stats(model: nn.Module) -> MergeStats:
     if trace is None:
         raise ValueError("no forward pass since the model was patched: run model(images) first")
     cost = merging.cost
-    dense_macs = cost.dense_macs(int(trace.tokens[0, 0]))
+    dense_macs = cost.dense_macs(trace.input_tokens)
     rerun_macs = 0.0  # nothing merged: the output is the dense one already
     if trace.resume_layer is not None:  # a rerun resumes where the batch first merged, with the same last block
-        rerun_macs = cost.resumed_macs(int(trace.tokens[0, 0]), trace.resume_layer, trace.prefix_only)
+        rerun_macs = cost.resumed_macs(trace.input_tokens, trace.resume_layer, trace.prefix_only)
     macs = cost.image_macs(trace.tokens, trace.prefix_only)
     if trace.rerun is not None:
         macs = macs + trace.rerun.to(macs.dtype) * rerun_macs
