@@ -208,9 +208,18 @@ class ATMCLI(LightningCLI):
             hflip=getattr(self.datamodule, "eval_hflip", False),
         )
         row |= getattr(self, "threads", {})  # set before the run by _set_threads
+        row["merge_step"] = merge_step_kind(self.model)
         path = write_metrics(row, log_dir)
         print(format_table(row))
         print(f"wrote {path}")
+
+
+def merge_step_kind(module: TokenMergingModule) -> str:
+    """How the run's merge steps ran: ``fused`` (the compiled step, see ``--model.fused``),
+    ``eager``, both (``fused+eager``, e.g. some batches in another dtype), or ``none`` (dense)."""
+    if not module.merger.merges:
+        return "none"
+    return "+".join(kind for kind in ("fused", "eager") if module.merge_steps[kind]) or "none"
 
 
 def run_name(name: str, method: str) -> str:

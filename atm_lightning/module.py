@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -54,8 +55,10 @@ class TokenMergingModule(LightningModule):
         compile: run each block's attention and MLP through ``torch.compile`` (the merge step
             stays eager; the first batches compile, see ``atm_lightning.patch``).
         fused: run ATM's merge step as one compiled C++ function on CPU at inference (built with
-            the machine's C++ compiler and ninja on first use; same merges, less time at small
-            batches; see ``atm_lightning.merge.fused``).
+            the machine's C++ compiler and ninja on first use; same merges, less time; see
+            ``atm_lightning.merge.fused``). ``auto`` (the default) does so where the kernel builds
+            and keeps the eager step, with a warning, where it does not; ``true`` makes a missing
+            compiler an error; GPU runs never build it.
         fidelity: also run the unmerged model on every evaluation batch and report how far merging
             moves its predictions (agreement, KL, top-1 change with a 95% paired-bootstrap
             interval; see ``fidelity.py``). Costs one dense forward per batch, left out of img/s.
@@ -80,7 +83,7 @@ class TokenMergingModule(LightningModule):
         drop_path_rate: float = 0.0,
         model_kwargs: dict[str, Any] | None = None,
         compile: bool = False,
-        fused: bool = False,
+        fused: bool | Literal["auto"] = "auto",
         fidelity: bool = True,
     ) -> None:
         super().__init__()
@@ -102,6 +105,7 @@ class TokenMergingModule(LightningModule):
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.results: dict[str, dict[str, Any]] = {}
         self.predictions: dict[str, Tensor] = {}
+        self.merge_steps: Counter[str] = Counter()  # evaluation batches by how their merge steps ran
         self.targets: dict[str, Tensor] = {}
 
     def restore_merging(self) -> None:
@@ -154,6 +158,7 @@ class TokenMergingModule(LightningModule):
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
         stats = merge_stats(self.model)
+        self.merge_steps["fused" if stats.fused else "eager"] += 1
         metrics.update(logits, targets, seconds, stats, self._dense_logits(images, logits))
 
     def _dense_logits(self, images: Tensor, logits: Tensor) -> Tensor | None:

@@ -17,6 +17,7 @@ from atm_lightning import ATM, NoMerge, ToMe, patch
 from atm_lightning.cli import ATMCLI, main, run_name
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.threads import available_cpus, default_threads
+from atm_lightning.merge.fused import missing_build_tool
 from tests.helpers import CONFIGS
 
 NAME = "vit_tiny_patch16_224"
@@ -51,6 +52,7 @@ ROW_KEYS = {
     "img_per_s",
     "threads",
     "num_workers",
+    "merge_step",
 }
 
 
@@ -138,6 +140,9 @@ def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights
     assert row["num_images"] == 8 and row["world_size"] == 1 and row["batch_size"] == 3
     assert row["num_workers"] == 0 and row["threads"] == min(2, available_cpus())  # no workers: every core
     assert row["method"] == merger.name and row["crop_pct"] == 0.9 and row["weights"] == str(weights)
+    # The default fused="auto": ATM's compiled step where it builds (the reference runs the eager one).
+    fused = "fused" if missing_build_tool() is None else "eager"
+    assert row["merge_step"] == {"NoMerge": "none", "ToMe": "eager", "ATM": fused}[type(merger).__name__]
     want = reference(weights, data_root, merger)
     assert row["top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert row["loss"] == pytest.approx(want["loss"], rel=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,7 @@ def test_fused_step_runs_at_inference_only(monkeypatch):
     def steps(forward) -> tuple[int, int]:
         calls.update(image=0, batch=0)
         forward()
+        assert merge_stats(model).fused == bool(calls["image"] or calls["batch"])  # the record says how it ran
         return calls["image"], calls["batch"]
 
     depth = len(model.blocks)
@@ -212,11 +214,49 @@ def test_config_method_takes_execution_options():
     method = parse_method(f"{CONFIGS}/vit_t_atm.yaml:fused=true")
     assert method.fused and method.label == "vit_t_atm:fused=true"
     assert method.merger == from_config_file(CONFIGS / "vit_t_atm.yaml")
-    assert not parse_method(f"{CONFIGS}/vit_t_atm.yaml").fused
+    assert parse_method(f"{CONFIGS}/vit_t_atm.yaml").fused == "auto"  # as atm validate runs it
+    assert parse_method(f"{CONFIGS}/vit_t_atm.yaml:fused=false").fused is False
     with pytest.raises(ValueError, match="only .* may follow it"):
         parse_method(f"{CONFIGS}/vit_t_atm.yaml:theta_min=0.5")
-    with pytest.raises(ValueError, match="fused must be true or false"):
+    with pytest.raises(ValueError, match="fused must be true, false or auto"):
         parse_method("atm:fused=1")
+
+
+@needs_kernel
+@torch.no_grad()
+def test_fused_auto_builds_on_the_first_cpu_inference_forward(monkeypatch):
+    """``fused="auto"``: ATM takes the fused step at inference once the kernel is there, other
+    methods keep their own step, training keeps the eager one, and a bad value is refused."""
+    model = make_vit("vit_tiny_patch16_224", depth=4, img_size=96)
+    images = blocky_images(2, seed=1, size=96)
+    merging = patch(model, _atm(), fused="auto")._merging
+    assert merging.fused == "auto"  # nothing built at patch time
+    model(images)
+    assert merging.fused is True and merge_stats(model).fused
+    assert patch(model, "tome", r=2, fused="auto")._merging.fused is False
+    with pytest.raises(ValueError, match="True, False or 'auto'"):
+        patch(model, _atm(), fused="yes")
+
+
+@torch.no_grad()
+def test_fused_auto_without_compiler_warns_once_and_merges_eagerly(monkeypatch):
+    model = make_vit("vit_tiny_patch16_224", depth=4, img_size=96)
+    images = blocky_images(2, seed=1, size=96)
+    patch(model, _atm(), fused=False)
+    eager, eager_tokens = model(images), merge_stats(model).tokens
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    fused_module.load_kernel.cache_clear()  # as on a machine that never built it
+    try:
+        merging = patch(model, _atm(), fused="auto")._merging
+        with pytest.warns(UserWarning, match="eager step runs.*no C\\+\\+ compiler.*--model.fused false"):
+            assert torch.equal(model(images), eager)
+        assert torch.equal(merge_stats(model).tokens, eager_tokens)
+        assert merging.fused is False and not merge_stats(model).fused
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(images)  # said once
+    finally:
+        fused_module.load_kernel.cache_clear()
 
 
 @needs_kernel

@@ -22,8 +22,9 @@ from ..patch import RAGGED_MODES, UnsupportedModelError
 METHOD_HELP = (
     f"{SPEC_HELP}; or a project config YAML whose model.merger gives the method (e.g. "
     f"configs/vit_t_atm.yaml). Either may add how it runs: 'ragged=padded' runs ragged batches "
-    f"padded instead of packed, 'fused=true' runs ATM's merge step compiled "
-    f"(e.g. 'configs/vit_t_atm.yaml:fused=true')"
+    f"padded instead of packed; 'fused=auto' (the default, as in atm validate) runs ATM's merge "
+    f"step compiled where it builds, 'fused=true' insists, 'fused=false' runs the eager step "
+    f"(e.g. 'configs/vit_t_atm.yaml:fused=false')"
 )
 EXECUTION_OPTIONS = ("ragged", "fused")
 
@@ -35,7 +36,7 @@ class Method:
     label: str
     merger: TokenMerger
     ragged: str = "packed"  # how images left with different token counts run (patch's ``ragged``)
-    fused: bool = False  # ATM's merge step runs compiled on the CPU (patch's ``fused``)
+    fused: bool | str = "auto"  # ATM's merge step runs compiled on the CPU (patch's ``fused``)
 
     @property
     def dense(self) -> bool:
@@ -62,19 +63,19 @@ def parse_method(spec: str) -> Method:
         name, settings = parse_spec(spec)
         ragged, fused = execution_options(settings, spec)
         label, merger = spec, build(name, settings, spec)
-    if fused:
+    if fused is True:
         check_fusable(merger)
     return Method(label, merger, ragged, fused)
 
 
-def execution_options(settings: dict[str, Any], spec: str) -> tuple[str, bool]:
+def execution_options(settings: dict[str, Any], spec: str) -> tuple[str, bool | str]:
     """``ragged`` and ``fused`` taken out of ``settings``: how a method runs, not what it merges."""
     ragged = str(settings.pop("ragged", "packed"))
     if ragged not in RAGGED_MODES:
         raise ValueError(f"bad settings in {spec!r}: ragged must be one of {RAGGED_MODES}")
-    fused = settings.pop("fused", False)
-    if not isinstance(fused, bool):
-        raise ValueError(f"bad settings in {spec!r}: fused must be true or false, got {fused!r}")
+    fused = settings.pop("fused", "auto")
+    if not (isinstance(fused, bool) or fused == "auto"):
+        raise ValueError(f"bad settings in {spec!r}: fused must be true, false or auto, got {fused!r}")
     return ragged, fused
 
 

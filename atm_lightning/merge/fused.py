@@ -41,9 +41,14 @@ CFLAGS = ["-O3", "-fno-math-errno", *OPENMP]
 LDFLAGS = OPENMP
 
 
+def fusable(policy: TokenMerger) -> bool:
+    """Whether the fused step implements ``policy``'s merge step (ATM's, with any of its options)."""
+    return type(policy) is ATM
+
+
 def check_fusable(policy: TokenMerger) -> None:
     """Fail at patch time, naming the fix, for a policy the fused step does not implement."""
-    if type(policy) is not ATM:
+    if not fusable(policy):
         raise ValueError(
             f"fused=True runs ATM's threshold merge step; {type(policy).__name__} has no fused step "
             f"(patch it with fused=False)"
@@ -71,6 +76,15 @@ def missing_build_tool() -> str | None:
 
     if not is_ninja_available():
         return "ninja, which torch builds extensions with, was not found (pip install ninja)"
+    return None
+
+
+def kernel_problem() -> str | None:
+    """None when the kernel is loaded (building it if need be); otherwise why it cannot be."""
+    try:
+        load_kernel()  # cached once loaded
+    except (RuntimeError, OSError, ImportError) as error:  # a missing tool, or a failed build
+        return missing_build_tool() or f"building it failed: {str(error).strip().splitlines()[0]}"
     return None
 
 

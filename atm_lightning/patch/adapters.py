@@ -16,7 +16,7 @@ from torch import nn
 
 from ..flops import ViTCost
 from ..merge import MatchingPolicy, PruningPolicy, TokenMerger
-from ..merge.fused import check_fusable, load_kernel
+from ..merge.fused import check_fusable, fusable, load_kernel
 from . import eva, vit
 from .errors import UnsupportedModelError
 from .compiled import CompiledVitBlocks, backend_of
@@ -108,7 +108,7 @@ def apply(
     record_merges: bool = False,
     ragged: str = "packed",
     compile: bool | str = False,
-    fused: bool = False,
+    fused: bool | str = False,
 ) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
@@ -118,7 +118,9 @@ def apply(
     ``compile`` runs each block's attention and MLP residuals through ``torch.compile``
     (:mod:`.compiled`; a string names its backend); the merge step stays eager. VisionTransformer only.
     ``fused`` runs ATM's merge step on the CPU as one compiled function, for one image or a
-    packed batch (:mod:`atm_lightning.merge.fused`), built here on first use.
+    packed batch (:mod:`atm_lightning.merge.fused`), built here on first use. ``"auto"`` does so
+    where it can: for ATM, built by the first forward that can use it (a CPU inference pass), and
+    where it cannot be built the eager step runs, with one warning that says why.
     """
     if ragged not in RAGGED_MODES:
         raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
@@ -126,9 +128,13 @@ def apply(
     adapter = None if patched else adapter_for(model)
     merger.check(len(model.blocks))
     _check_merger(model, merger)
-    if fused:
+    if not (isinstance(fused, bool) or fused == "auto"):
+        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+    if fused is True:
         check_fusable(merger)
         load_kernel()
+    elif fused == "auto" and not fusable(merger):
+        fused = False  # nothing to fuse: the policy's own step runs
     backend = backend_of(compile) if compile else None  # None: eager
     if backend is not None and not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"compile=True supports timm VisionTransformer only, not {model_label(model)}")

@@ -9,6 +9,7 @@ block's attention and MLP comes from a :class:`BlockRunner` (the per-architectur
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
@@ -31,7 +32,7 @@ from ..merge import (
     prune_inattentive,
     size_sorted_split,
 )
-from ..merge.fused import fused_merge, fused_merge_batch
+from ..merge.fused import fused_merge, fused_merge_batch, kernel_problem
 from ..merge.unpadded import full_alternating_split, full_size_sorted_split, merge_single_image, num_sources
 from .attention import attention_bias, head_mean
 from .state import TokenState
@@ -107,7 +108,7 @@ class Merging:
     num_protected: int  # prefix tokens (class, distillation, registers): never merged
     record: bool = False  # keep every block's decisions (record_merges)
     ragged: str = "packed"  # how images with different token counts run, one of RAGGED_MODES
-    fused: bool = False  # CPU inference merges through the compiled step (:mod:`..merge.fused`)
+    fused: bool | str = False  # CPU inference merges through the compiled step (:mod:`..merge.fused`); "auto": where it builds
     last: MergeTrace | None = None
     resume: Resume | None = None  # kept by a merged forward whose policy reruns, for that rerun
     start: Resume | None = None  # set for the rerun: its blocks begin here (see :mod:`.rerun`)
@@ -145,6 +146,7 @@ def run_blocks(
     recorder = TraceRecorder(state, first)
     needs = KeyNeeds.of(policy)
     if step is match_step and runs_fused(merging, state, training, pack):
+        recorder.fused = True
         if len(state.x) == 1:
             step, needs = fused_step, needs._replace(class_attention=False)  # the fused step computes it
         else:
@@ -222,7 +224,7 @@ def runs_fused(merging: Merging, state: TokenState, training: bool, pack: bool) 
     """Whether this forward's merge steps run fused: asked for, CPU float32 at inference with
     nothing to carry or record, and one image or a packed batch (anything else takes the eager step)."""
     x = state.x
-    return (
+    eligible = (
         merging.fused
         and (len(x) == 1 or pack)
         and x.device.type == "cpu"
@@ -232,6 +234,23 @@ def runs_fused(merging: Merging, state: TokenState, training: bool, pack: bool) 
         and not merging.record
         and state.carried() is None
     )
+    return bool(eligible) and kernel_ready(merging)
+
+
+def kernel_ready(merging: Merging) -> bool:
+    """Whether the fused kernel is there. ``fused="auto"`` builds it on the first forward that
+    can use it (so a model that only ever runs on a GPU never builds it); where it cannot be
+    built the model keeps the eager step (the same merges), after one warning saying why."""
+    if merging.fused == "auto":
+        problem = kernel_problem()
+        if problem is not None:
+            warnings.warn(
+                f"ATM's fused merge step is unavailable, so the eager step runs (same merges, slower on a CPU): "
+                f"{problem}. fused=False (--model.fused false) skips the attempt.",
+                stacklevel=2,
+            )
+        merging.fused = problem is None
+    return bool(merging.fused)
 
 
 def fused_step(

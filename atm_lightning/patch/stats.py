@@ -46,6 +46,7 @@ class MergeTrace:
     prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
     resume_layer: int | None = None  # block whose merge step first merged (a rerun resumes there); None: none did
     input_tokens: int = 0  # tokens entering the first block (what the dense model runs on), even for an empty batch
+    fused: bool = False  # the merge steps ran the compiled kernel (patch's ``fused``)
 
 
 class TraceRecorder:
@@ -56,6 +57,7 @@ class TraceRecorder:
         having entered every block before."""
         self.tokens = [state.count] * (first + 1)
         self.input_tokens = state.x.shape[1]  # a starting state is always padded: [B, N, C]
+        self.fused = False  # set by the block loop when its merge steps run the compiled kernel
         self.resume_layer: int | None = None
         self.matching = torch.zeros(state.count.shape, device=state.count.device, dtype=torch.float64)
         self.layers: list[LayerRecord] = []
@@ -77,7 +79,7 @@ class TraceRecorder:
         tokens = torch.stack(self.tokens, dim=1)
         return MergeTrace(
             tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only,
-            resume_layer=self.resume_layer, input_tokens=self.input_tokens,
+            resume_layer=self.resume_layer, input_tokens=self.input_tokens, fused=self.fused,
         )
 
 
@@ -95,6 +97,7 @@ class MergeStats:
     sources: list[Tensor]  # [B, N_l, T0] after each block (trace_source=True only)
     rerun: Tensor | None = None  # [B] bool: images run again unmerged, counted in gflops (rerun_margin)
     gflops_rerun: float = 0.0  # what an image's unmerged rerun adds to its gflops (0: nothing merged, no rerun)
+    fused: bool = False  # the merge steps ran the compiled kernel (patch's ``fused``), not the eager step
 
     @property
     def flops_reduction(self) -> Tensor:
@@ -129,4 +132,5 @@ def merge_stats(model: nn.Module) -> MergeStats:
         sources=trace.sources,
         rerun=trace.rerun,
         gflops_rerun=to_gflops(rerun_macs),
+        fused=trace.fused,
     )
