@@ -18,6 +18,7 @@ from atm_lightning.cli import main as atm_main
 from atm_lightning.data.images import check_not_noise, evenly_spaced, image_paths, load_images
 from atm_lightning.evaluation import benchmark, memory, timing
 from atm_lightning.evaluation.options import parse_method
+from atm_lightning.merge.fused import missing_build_tool
 from tests.helpers import usage_error
 
 MODEL = "vit_tiny_patch16_224"  # its name sets the eval transform (224 px); small_vit shrinks the net
@@ -116,9 +117,11 @@ def test_table_rows_and_ratios_match_merge_stats(
         (m, b) for b in (2, 4) for m in ("dense", "tome:r=13", ATM_SPEC)
     ]
     table = [line for line in printed.splitlines() if line.startswith("|")]
-    assert (
-        table[0] == "| method | batch | img/s | speed-up | GFLOPs | FLOPs ratio | realised | peak mem (MiB) |"
+    assert table[0] == (
+        "| method | merge step | batch | img/s | speed-up | GFLOPs | FLOPs ratio | realised | peak mem (MiB) |"
     )
+    fused = "fused" if missing_build_tool() is None else "eager"  # ATM's default: fused="auto"
+    assert [r.merge_step for r in rows[:3]] == ["-", "eager", fused]
     assert len(table) == 2 + len(rows)
     assert "peak mem: CPU resident set size" in printed
 
@@ -264,5 +267,6 @@ def test_end_to_end_times_the_decoding_loop(
     assert f"{torch.get_num_threads()} threads" in printed
     assert [r.method for r in rows] == ["dense", "tome:r=13"]
     assert rows[1].flops_ratio > 1 and rows[1].img_per_s > 0 and rows[1].peak_mem_mb is None
+    assert [r.merge_step for r in rows] == ["-", "eager"]  # ToMe has no fused step
     cached = benchmark.cli([*argv[:-1], "--runs", "1", "--warmup", "0", "--malloc", "default"])
     assert cached[1].gflops == pytest.approx(rows[1].gflops, rel=1e-12)

@@ -160,8 +160,8 @@ def header(args: argparse.Namespace, device: torch.device, num_images: int, work
 
 def markdown_table(rows: list[Row]) -> str:
     lines = [
-        "| method | batch | img/s | speed-up | GFLOPs | FLOPs ratio | realised | peak mem (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | merge step | batch | img/s | speed-up | GFLOPs | FLOPs ratio | realised | peak mem (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         memory = "n/a" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
@@ -169,7 +169,7 @@ def markdown_table(rows: list[Row]) -> str:
         if r.realised_min is not None and r.realised_max is not None and r.realised_min != r.realised_max:
             spread = f" ({r.realised_min:.0%}-{r.realised_max:.0%})"
         lines.append(
-            f"| {r.method} | {r.batch_size} | {r.img_per_s:.1f} | {r.speedup:.2f}x | {r.gflops:.3f} | "
+            f"| {r.method} | {r.merge_step} | {r.batch_size} | {r.img_per_s:.1f} | {r.speedup:.2f}x | {r.gflops:.3f} | "
             f"{r.flops_ratio:.2f}x | {r.realised:.0%}{spread} | {memory} |"
         )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from ..data.imagenet import default_num_workers
 from ..data.transforms import eval_transform, resolve_eval_config
 from ..patch import merge_stats
 from .options import Method
-from .timing import Measurement, Row, mean_gflops, to_row, use
+from .timing import Measurement, Row, mean_gflops, merge_step, to_row, use
 
 
 def end_to_end(
@@ -47,13 +47,14 @@ def end_to_end(
     flops = [mean_gflops(model, method, batches) for method in methods]
     for method in methods:
         timed_loop(model, method, loader, compile)
+    steps = [merge_step(model, method, batches[0], compile) for method in methods]
     seconds = [[0.0] * runs for _ in methods]
     for run in range(runs):
         for method, times in zip(methods, seconds):
             times[run] = timed_loop(model, method, loader, compile)
     results = [
-        Measurement(len(paths) / statistics.median(s), gflops, dense, None, tuple(s))
-        for s, (gflops, dense) in zip(seconds, flops)
+        Measurement(len(paths) / statistics.median(s), gflops, dense, None, tuple(s), step)
+        for s, (gflops, dense), step in zip(seconds, flops, steps)
     ]
     return [to_row(method, batch_size, result, results[0]) for method, result in zip(methods, results)]
 

@@ -35,6 +35,7 @@ class Row:
     peak_mem_mb: float | None  # rise above the level before one pass (see memory_note)
     realised_min: float | None = None  # lowest and highest realised fraction of single runs,
     realised_max: float | None = None  # each against dense in the same run (batches interleaved)
+    merge_step: str = "-"  # how the merge steps ran: fused (compiled) or eager; "-" for dense
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Measurement:
     gflops_dense: float
     peak_mem_mb: float | None
     seconds: tuple[float, ...] = ()  # per run
+    merge_step: str = "-"  # see Row
 
 def with_dense(methods: list[Method]) -> list[Method]:
     """Speed-ups need the dense baseline: put it first, adding it when not asked for."""
@@ -78,15 +80,16 @@ def benchmark(
          for m in methods]
         for batches in all_batches
     ]  # fmt: skip
+    steps = [[merge_step(model, m, batches[0], compile) for m in methods] for batches in all_batches]
     if before_timing is not None:
         before_timing()
     rows = []
-    for batch_size, batches, size_flops, size_memory in zip(batch_sizes, all_batches, flops, memory):
+    for batch_size, batches, size_flops, size_memory, size_steps in zip(batch_sizes, all_batches, flops, memory, steps):
         seconds = interleaved_runs(model, methods, batches, runs, compile)
         num_images = sum(len(b) for b in batches)
         results = [
-            Measurement(num_images / statistics.median(s), gflops, dense, peak, tuple(s))
-            for s, (gflops, dense), peak in zip(seconds, size_flops, size_memory)
+            Measurement(num_images / statistics.median(s), gflops, dense, peak, tuple(s), step)
+            for s, (gflops, dense), peak, step in zip(seconds, size_flops, size_memory, size_steps)
         ]
         rows += [to_row(method, batch_size, result, results[0]) for method, result in zip(methods, results)]
     unpatch(model)
@@ -118,6 +121,16 @@ def mean_gflops(model: nn.Module, method: Method, batches: list[Tensor]) -> tupl
             model(batch)
             total += float(merge_stats(model).gflops.sum())
     return total / sum(len(b) for b in batches), merge_stats(model).gflops_dense
+
+
+def merge_step(model: nn.Module, method: Method, batch: Tensor, compile: bool = False) -> str:
+    """How ``method``'s merge steps run on ``batch``: ``fused`` or ``eager`` (``-`` for dense)."""
+    if method.dense:
+        return "-"
+    forward = use(model, method, compile)
+    with torch.inference_mode():
+        forward(batch)
+    return "fused" if merge_stats(model).fused else "eager"
 
 
 def warm_up_then_peak_memory(
@@ -179,4 +192,5 @@ def to_row(method: Method, batch_size: int, result: Measurement, dense: Measurem
         peak_mem_mb=result.peak_mem_mb,
         realised_min=min(per_run, default=None),
         realised_max=max(per_run, default=None),
+        merge_step=result.merge_step,
     )
