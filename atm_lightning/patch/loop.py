@@ -163,7 +163,7 @@ def run_blocks(
             return state.in_input_order(prefix)
         if layer > first or start is None:  # a rerun starts after its first block's attention
             tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
-            state = replace(state, x=tokens)
+            state = state.with_x(tokens)
             if step is not None:
                 result = step(merging, layer, state, attention, bias, pack)
                 recorder.merge_step(state, result.matching_macs, result.record)
@@ -171,7 +171,7 @@ def run_blocks(
                     recorder.resume_layer = layer
                     merging.resume = Resume(layer, state) if keep_resume else None
                 state = result.state
-        state = replace(state, x=merging.blocks.mlp_residual(block, state.x))
+        state = state.with_x(merging.blocks.mlp_residual(block, state.x))
         recorder.block_done(state)
     merging.last = recorder.finish(state)
     return state.features()

@@ -38,6 +38,11 @@ class TokenState:
         source = torch.eye(n, device=x.device, dtype=x.dtype).expand(batch, n, n) if trace_source else None
         return cls(x, count, source=source, coords=coords)
 
+    def with_x(self, x: Tensor) -> TokenState:
+        """The same tokens' new values ``x`` (a block's residual): ``dataclasses.replace`` without
+        its per-call introspection, which twice per block is a visible cost at batch 1."""
+        return TokenState(x, self.count, self.size, self.source, self.image_order, self.layout, self.coords)
+
     def carried(self) -> Tensor | None:
         """What a merge step adds up over merged tokens besides sizes: the source (if traced) and
         the coordinate sums (if kept), side by side in one [B, W, K] tensor (see :meth:`after`)."""
