@@ -49,6 +49,7 @@ class Measurement:
     seconds: tuple[float, ...] = ()  # per run
     merge_step: str = "-"  # see Row
 
+
 def with_dense(methods: list[Method]) -> list[Method]:
     """Speed-ups need the dense baseline: put it first, adding it when not asked for."""
     dense = [m for m in methods if m.dense] or [parse_method("dense")]
