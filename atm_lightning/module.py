@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .merge import NoMerge, TokenMerger
 from .metrics import EvalMetrics
 from .models import create_model
-from .patch import merge_stats, patch, unmerged
+from .patch import build_fused_step, merge_stats, patch, unmerged
 from .training import build_mixup, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
 
 
@@ -141,6 +141,18 @@ class TokenMergingModule(LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics)
+
+    def on_validation_start(self) -> None:
+        self._settle_fused_step()
+
+    def on_test_start(self) -> None:
+        self._settle_fused_step()
+
+    def _settle_fused_step(self) -> None:
+        """With ``fused=auto`` on a CPU, build the fused merge step before the first timed batch
+        (a first build takes about a minute, which img/s must not count)."""
+        if self.device.type == "cpu" and self.merger.merges:
+            build_fused_step(self.model)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val", self.val_metrics)

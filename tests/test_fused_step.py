@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from atm_lightning import merge_stats, patch
+from atm_lightning.patch import build_fused_step
 from atm_lightning.evaluation.options import parse_method
 from atm_lightning.flops import ViTCost
 from atm_lightning.merge import ATM, class_attention, from_config_file
@@ -233,6 +234,8 @@ def test_fused_auto_builds_on_the_first_cpu_inference_forward(monkeypatch):
     assert merging.fused == "auto"  # nothing built at patch time
     model(images)
     assert merging.fused is True and merge_stats(model).fused
+    merging = patch(model, _atm(), fused="auto")._merging
+    assert build_fused_step(model) and merging.fused is True  # settled before any forward
     assert patch(model, "tome", r=2, fused="auto")._merging.fused is False
     with pytest.raises(ValueError, match="True, False or 'auto'"):
         patch(model, _atm(), fused="yes")
@@ -276,6 +279,18 @@ def test_fused_shipped_points_agree_on_real_images(shared_weights, shared_images
             assert torch.equal(fused_tokens, eager_tokens), name
             assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1)), name
             torch.testing.assert_close(fused_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_module_builds_the_fused_step_before_the_first_timed_batch():
+    """The module's default ``fused="auto"`` is settled when evaluation starts, so that a first
+    build (about a minute) is not counted in the first batch's img/s."""
+    from atm_lightning.module import TokenMergingModule
+
+    module = TokenMergingModule("vit_tiny_patch16_224", num_classes=3, merger=_atm(), model_kwargs={"img_size": 96, "depth": 4})
+    assert module.hparams.fused == "auto" and module.model._merging.fused == "auto"
+    module.on_validation_start()
+    assert module.model._merging.fused is True
 
 
 @needs_kernel

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..merge import TokenMerger, make_merger
-from .loop import RAGGED_MODES
+from .loop import RAGGED_MODES, kernel_ready
 from .rerun import running_dense
 from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
 from .adapters import MIXINS, apply, check_supported, remove
@@ -69,6 +69,15 @@ def unmerged(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+def build_fused_step(model: nn.Module) -> bool:
+    """Settle a patched ``model``'s ``fused="auto"`` now rather than in its first CPU forward:
+    build the kernel (or warn and keep the eager step). A first build takes about a minute, which
+    a timed forward must not include. Returns whether the fused step will be used."""
+    if not isinstance(model, MIXINS):
+        raise TypeError("build_fused_step needs a patched model: call atm_lightning.patch(model, ...) first")
+    return kernel_ready(model._merging)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore timm's own model class (no hooks, no accounting)."""
     return remove(model)
@@ -80,6 +89,7 @@ __all__ = [
     "MergeStats",
     "MergeTrace",
     "UnsupportedModelError",
+    "build_fused_step",
     "check_supported",
     "merge_stats",
     "patch",
