@@ -211,6 +211,19 @@ def test_fused_without_compiler_names_the_fix(monkeypatch):
         fused_module.load_kernel.cache_clear()
 
 
+@needs_kernel
+def test_loading_the_kernel_keeps_its_name():
+    """torch's builder appends its own flags to the lists it is given; the flags the kernel's
+    cache name hashes must not change, or every later load would build it again."""
+    name = fused_module.kernel_name()
+    fused_module.load_kernel.cache_clear()
+    try:
+        fused_module.load_kernel()
+        assert fused_module.kernel_name() == name
+    finally:
+        fused_module.load_kernel.cache_clear()
+
+
 def test_config_method_takes_execution_options():
     method = parse_method(f"{CONFIGS}/vit_t_atm.yaml:fused=true")
     assert method.fused and method.label == "vit_t_atm:fused=true"

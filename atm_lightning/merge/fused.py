@@ -36,9 +36,9 @@ SOURCE = Path(__file__).with_name("fused_step.cpp")
 # OpenMP lets ATen's parallel_for (a header template) run a batch's images on every thread. Only
 # on Linux, where torch's wheels use GCC's OpenMP too; elsewhere (e.g. Apple's clang has no
 # -fopenmp) the images run one after the other, with the same results.
-OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
-CFLAGS = ["-O3", "-fno-math-errno", *OPENMP]
-LDFLAGS = OPENMP
+OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+CFLAGS = ("-O3", "-fno-math-errno", *OPENMP)
+LDFLAGS = OPENMP  # tuples: torch's builder appends its own flags to the lists it is given
 
 
 def fusable(policy: TokenMerger) -> bool:
@@ -101,7 +101,9 @@ def load_kernel() -> ModuleType:
     if not (directory / f"{name}.so").exists():
         print(f"atm_lightning: compiling the fused merge step into {directory} (once, about 40 s)", file=sys.stderr)
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, build_directory=str(directory))
+    return load(
+        name, [str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(directory)
+    )
 
 
 def fused_merge(
