@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..merge import NoMerge, TokenMerger
-from ..merge.fused import check_fusable
+from ..merge.fused import check_fusable, is_fused_mode
 from ..merge.specs import SPEC_HELP, build, from_config_file, parse_spec
 from ..models import create_model
 from ..patch import RAGGED_MODES, UnsupportedModelError
@@ -74,7 +74,7 @@ def execution_options(settings: dict[str, Any], spec: str) -> tuple[str, bool | 
     if ragged not in RAGGED_MODES:
         raise ValueError(f"bad settings in {spec!r}: ragged must be one of {RAGGED_MODES}")
     fused = settings.pop("fused", "auto")
-    if not (isinstance(fused, bool) or fused == "auto"):
+    if not is_fused_mode(fused):
         raise ValueError(f"bad settings in {spec!r}: fused must be true, false or auto, got {fused!r}")
     return ragged, fused
 

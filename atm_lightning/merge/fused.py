@@ -41,6 +41,11 @@ CFLAGS = ("-O3", "-fno-math-errno", *OPENMP)
 LDFLAGS = OPENMP  # tuples: torch's builder appends its own flags to the lists it is given
 
 
+def is_fused_mode(value: object) -> bool:
+    """Whether ``value`` is a ``fused`` setting: True, False or ``"auto"``."""
+    return isinstance(value, bool) or value == "auto"
+
+
 def fusable(policy: TokenMerger) -> bool:
     """Whether the fused step implements ``policy``'s merge step (ATM's, with any of its options)."""
     return type(policy) is ATM

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..flops import ViTCost
 from ..merge import MatchingPolicy, PruningPolicy, TokenMerger
-from ..merge.fused import check_fusable, fusable, load_kernel
+from ..merge.fused import check_fusable, fusable, is_fused_mode, load_kernel
 from . import eva, vit
 from .errors import UnsupportedModelError
 from .compiled import CompiledVitBlocks, backend_of
@@ -128,7 +128,7 @@ def apply(
     adapter = None if patched else adapter_for(model)
     merger.check(len(model.blocks))
     _check_merger(model, merger)
-    if not (isinstance(fused, bool) or fused == "auto"):
+    if not is_fused_mode(fused):
         raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
     if fused is True:
         check_fusable(merger)

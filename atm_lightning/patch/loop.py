@@ -300,9 +300,9 @@ def matching_cost(
     ``count`` [B] tokens where the step computed it."""
     if split.all_real:  # every image holds all its tokens, the protected ones and the split's
         num_a, num_b = split.a_idx.shape[1], split.b_idx.shape[1]
-        macs = float(num_a * num_b * width)
+        macs = cost.matching_macs(num_a, num_b, width)
         if class_attention:
-            macs += float((num_protected + num_a + num_b) * cost.attn_width)
+            macs += cost.class_attention_macs(num_protected + num_a + num_b)
         return torch.full((len(split.a_idx),), macs, device=split.a_idx.device, dtype=torch.float64)
     macs = cost.matching_macs(split.a_ok.sum(1), split.b_ok.sum(1), width)
     return macs + cost.class_attention_macs(count) if class_attention else macs
