@@ -117,6 +117,28 @@ def test_fused_batch_step_equals_match_step(option, packed):
 
 
 
+def test_single_image_matching_cost_is_kept_and_stays_unchanged():
+    """At batch 1 the fused step hands out one kept [1] tensor per (block kind, token count); the
+    record adds it up without writing to it, so every forward counts the same cost."""
+    from atm_lightning.patch.stats import TraceRecorder
+
+    policy = ATM(alpha=0.9, beta=0.0, theta_min=0.5, split_layer=5, keys="per_head", attention_power=0.5)
+    merging = loop.Merging(policy, None, COST, 1)
+    keys = torch.zeros(1, 3, 23, 4)
+    first = loop.fused_matching_cost(merging, 0, torch.tensor([23]), keys)
+    want = COST.matching_macs(11, 11, 12) + COST.class_attention_macs(23)  # alternating split of 22 tokens
+    assert first.tolist() == [want]
+    assert loop.fused_matching_cost(merging, 0, torch.tensor([23]), keys) is first
+    state = TokenState(torch.zeros(1, 23, 12), torch.tensor([23]))
+    recorder = TraceRecorder(state)
+    for _ in range(3):
+        recorder.merge_step(state, first, None)
+    assert recorder.matching.tolist() == [3 * want] and first.tolist() == [want]
+    batch = loop.fused_matching_cost(merging, 5, torch.tensor([23, 10]), keys.expand(2, -1, -1, -1))
+    assert batch.tolist() == [COST.matching_macs(11, 11, 12) + COST.class_attention_macs(23),
+                              COST.matching_macs(5, 4, 12) + COST.class_attention_macs(10)]  # fmt: skip
+
+
 def _atm(**settings) -> ATM:
     return ATM(**{**ATM_LENIENT, "split_layer": 3, **settings})
 

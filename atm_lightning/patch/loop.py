@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import NamedTuple, Protocol
 
 import torch
@@ -279,18 +280,29 @@ def fused_batch_step(
 def fused_matching_cost(merging: Merging, layer: int, count: Tensor, keys: Tensor) -> Tensor:
     """[B] MACs of a fused step's matching (as :func:`matching_cost` counts them): every image
     holds all its ``count`` tokens, so its split's sizes follow from the count alone. Worked out
-    on the host from the counts: the fused step runs on the CPU, where the dozen tensor ops of
-    the same formula cost more than the step's own bookkeeping at batch 1."""
-    policy, protected, cost = merging.policy, merging.num_protected, merging.cost
+    on the host from the counts, and kept for single images: the fused step runs on the CPU, where
+    building the same value per block costs more than the step's own bookkeeping at batch 1."""
+    policy = merging.policy
     _, heads, _, head_dim = keys.shape
     width = heads * head_dim if policy.key_form == "per_head" else head_dim
-    kind, with_class = policy.split_kind(layer), policy.needs_class_attention
-    macs = []
-    for n in count.tolist():
-        num_a = num_sources(kind, n, protected)
-        image = cost.matching_macs(num_a, n - protected - num_a, width)
-        macs.append(image + cost.class_attention_macs(n) if with_class else image)
-    return torch.tensor(macs, dtype=torch.float64)
+    step = (merging.cost, policy.split_kind(layer), merging.num_protected, width, policy.needs_class_attention)
+    if len(count) == 1:
+        return _one_image_matching_macs(*step, int(count[0]))
+    return torch.tensor([_image_matching_macs(*step, n) for n in count.tolist()], dtype=torch.float64)
+
+
+@lru_cache(maxsize=4096)
+def _image_matching_macs(cost: ViTCost, kind: str, protected: int, width: int, with_class: bool, n: int) -> float:
+    """MACs of one image's matching step over ``n`` real tokens (see :func:`fused_matching_cost`)."""
+    num_a = num_sources(kind, n, protected)
+    macs = cost.matching_macs(num_a, n - protected - num_a, width)
+    return macs + cost.class_attention_macs(n) if with_class else macs
+
+
+@lru_cache(maxsize=4096)
+def _one_image_matching_macs(cost: ViTCost, kind: str, protected: int, width: int, with_class: bool, n: int) -> Tensor:
+    """:func:`_image_matching_macs` as a [1] tensor, shared between calls: read it, never write to it."""
+    return torch.tensor([_image_matching_macs(cost, kind, protected, width, with_class, n)], dtype=torch.float64)
 
 
 def matching_cost(
