@@ -116,7 +116,6 @@ def test_fused_batch_step_equals_match_step(option, packed):
             torch.testing.assert_close(fused.state.padded(), eager.state.padded(), rtol=1e-6, atol=1e-6)
 
 
-
 def test_single_image_matching_cost_is_kept_and_stays_unchanged():
     """At batch 1 the fused step hands out one kept [1] tensor per (block kind, token count); the
     record adds it up without writing to it, so every forward counts the same cost."""
