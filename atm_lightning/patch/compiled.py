@@ -14,7 +14,6 @@ Keys are returned by the compiled attention instead of read by hooks, so this ru
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
@@ -22,24 +21,7 @@ from ..merge import class_attention
 from .attention import grouped_attention
 from .loop import BlockAttention, KeyNeeds
 from .state import TokenState
-from .vit import prefix_block
-
-
-def attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``x + attn(norm1(x))`` for padded tokens [B, N, C], as timm's fused Attention computes it,
-    with the class token's query [B, H, 1, d] and the per-head keys [B, H, N, d]."""
-    attn = block.attn
-    batch, n, _ = x.shape
-    h = block.norm1(x)
-    qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scale)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, n, -1))
-    if getattr(attn, "gate", None) is not None:
-        out = out * attn.gate(h).sigmoid()
-    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q[:, :, :1], k
+from .vit import padded_attention_residual, prefix_block
 
 
 def packed_qkv(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,7 +57,7 @@ class CompiledVitBlocks:
 
     def __init__(self, backend: str = "inductor") -> None:
         self.backend = backend
-        self.attention = torch.compile(attention_residual, dynamic=True, backend=backend)
+        self.attention = torch.compile(padded_attention_residual, dynamic=True, backend=backend)
         self.mlp = torch.compile(mlp_residual, dynamic=True, backend=backend)
         self.packed_qkv = torch.compile(packed_qkv, dynamic=True, backend=backend)
         self.packed_output = torch.compile(packed_output, dynamic=True, backend=backend)

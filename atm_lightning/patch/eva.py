@@ -1,9 +1,10 @@
 """The one place that knows timm's Eva (EVA-02, timm's RoPE ViTs, DINOv3) and its blocks.
 
 Like :mod:`.vit`: the model's class gets a mixin whose ``forward_features`` runs timm's own
-blocks through :func:`.loop.run_blocks`, the keys ToMe and ATM match on are read by hooks on each
-``attn.k_norm`` (before RoPE: keys compare content; positions are averaged, not matched), and
-proportional attention is the additive ``attn_mask`` the attention forwards to SDPA.
+blocks through :func:`.loop.run_blocks`, and proportional attention is the additive ``attn_mask``
+the attention forwards to SDPA. Unlike it, padded blocks run timm's own attention forward (which
+applies RoPE inside), and the keys ToMe and ATM match on are read by hooks on each
+``attn.k_norm`` (before RoPE: keys compare content; positions are averaged, not matched).
 
 RoPE needs a position for every token. Each token carries the sum of the grid (row, col) of the
 patches it holds (``TokenState.coords``, added up by merges like sizes), so its position is the
@@ -13,6 +14,8 @@ unmerged forward is timm's bit for bit. Prefix tokens (class, registers) are nev
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +31,37 @@ from .pooling import pool_merged
 from .rerun import RerunForward
 from .rope import grid_coords, rope_at, rope_problem, rotate
 from .state import TokenState
-from .vit import _QueryKeyTap, add_residual, check_pool
+from .vit import add_residual, check_pool
 
 EVA_POOLS = ("token", "avg", "", "map")
+
+
+class _QueryKeyTap:
+    """Forward hooks on ``attn.q_norm``/``attn.k_norm`` of one Eva block.
+
+    Keeps the class token's query ([B, H, 1, d]; EViT needs no other) and the per-head keys
+    ([B, H, N, d]) until taken.
+    """
+
+    def __init__(self) -> None:
+        self.q: Tensor | None = None
+        self.k: Tensor | None = None
+
+    def on_query(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.q = output[:, :, :1]
+
+    def on_key(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        self.k = output
+
+    def take(self) -> tuple[Tensor, Tensor]:
+        q, k = self.q, self.k
+        self.clear()
+        if q is None or k is None:
+            raise RuntimeError("attention queries/keys were not captured; was the block's attention replaced?")
+        return q, k
+
+    def clear(self) -> None:
+        self.q = self.k = None
 
 
 class EvaBlocks:

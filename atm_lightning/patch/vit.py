@@ -2,17 +2,16 @@
 
 :func:`.adapters.apply` swaps the model's class for a subclass whose ``forward_features`` runs
 the blocks through :func:`.loop.run_blocks`, so tokens merge between each block's attention and
-its MLP. Blocks and attention modules are timm's own and untouched: the head-averaged keys that
-ToMe and ATM match on (and the class token's query EViT needs) are read by forward hooks on each
-``attn.q_norm``/``attn.k_norm`` (the last ops timm applies to q and k), and proportional
-attention is the additive ``attn_mask`` timm's Attention already forwards to
-``scaled_dot_product_attention``. Packed ragged batches call the attention's own submodules
-around :func:`.attention.grouped_attention` instead, so that only that call sees padding.
+its MLP. Blocks and attention modules are timm's own and untouched; the block loop calls their
+submodules (norm, qkv, q/k norms, norm, gate, proj, layer scale, drop-path) in the order timm's
+fused ``Attention`` does, so that it also has the per-head keys ToMe and ATM match on and the
+class token's query EViT needs, without forward hooks (which cost a visible share of a
+single-image forward). Proportional attention is an additive mask to
+``scaled_dot_product_attention``, as timm passes ``attn_mask``. Packed ragged batches run the
+same pieces around :func:`.attention.grouped_attention`, so that only that call sees padding.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,68 +32,48 @@ from .state import TokenState
 SUPPORTED_POOLS = ("token", "avg", "")
 
 
-class _QueryKeyTap:
-    """Forward hooks on ``attn.q_norm``/``attn.k_norm`` of one block.
-
-    Keeps the class token's query ([B, H, 1, d]; EViT needs no other) and the per-head keys
-    ([B, H, N, d]) until taken.
-    """
-
-    def __init__(self) -> None:
-        self.q: Tensor | None = None
-        self.k: Tensor | None = None
-
-    def on_query(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.q = output[:, :, :1]
-
-    def on_key(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        self.k = output
-
-    def take(self) -> tuple[Tensor, Tensor]:
-        q, k = self.q, self.k
-        self.clear()
-        if q is None or k is None:
-            raise RuntimeError("attention queries/keys were not captured; was the block's attention replaced?")
-        return q, k
-
-    def clear(self) -> None:
-        self.q = self.k = None
-
-
 class VitBlocks:
-    """Runs timm ``Block``s for the block loop: hooks the keys, and runs packed tokens as well."""
+    """Runs timm ``Block``s for the block loop, padded or packed."""
 
     def __init__(self, blocks: nn.ModuleList) -> None:
-        self.taps = [_QueryKeyTap() for _ in blocks]
-        self.hooks = []
-        for block, tap in zip(blocks, self.taps, strict=True):
-            self.hooks.append(block.attn.q_norm.register_forward_hook(tap.on_query))
-            self.hooks.append(block.attn.k_norm.register_forward_hook(tap.on_key))
+        del blocks  # nothing to prepare: every block is read as it runs
 
     def remove_hooks(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
+        """Nothing to remove: the attention returns the keys itself."""
 
     def attention_residual(
         self, layer: int, block: Block, state: TokenState, bias: Tensor | None, needs: KeyNeeds
     ) -> tuple[Tensor, BlockAttention]:
-        tap = self.taps[layer]
         if state.layout is None:
-            x = state.x + block.drop_path1(block.ls1(block.attn(block.norm1(state.x), attn_mask=bias)))
-            query, keys = tap.take()
+            x, query, keys = padded_attention_residual(block, state.x, bias)
             cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
             return x, BlockAttention(keys, query, block.attn.scale, cls)
         x, keys, cls = packed_attention_residual(block, state.x, bias, state.layout, needs)
-        tap.clear()  # the hooks saw the grouped keys too
         return x, BlockAttention(keys, None, block.attn.scale, cls)
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return add_residual(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
 
     def prefix_block(self, layer: int, block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
-        out = prefix_block(block, x, bias, prefix)
-        self.taps[layer].clear()  # the hooks saw the prefix queries and every key
-        return out
+        return prefix_block(block, x, bias, prefix)
+
+
+def padded_attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``x + attn(norm1(x))`` for padded tokens [B, N, C], as timm's fused Attention computes it
+    (the same ops and arguments, so unmerged blocks give timm's output bit for bit), with the
+    class token's query [B, H, 1, d] and the per-head keys [B, H, N, d]."""
+    attn = block.attn
+    batch, n, _ = x.shape
+    h = block.norm1(x)
+    qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    dropout = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h).sigmoid()
+    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q[:, :, :1], k
 
 
 def prefix_block(block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
