@@ -35,7 +35,7 @@ class Adapter(NamedTuple):
 
 
 ADAPTERS: dict[type, Adapter] = {
-    VisionTransformer: Adapter(vit.check_vit, lambda m: vit.VitBlocks(m.blocks), vit.VitMergingMixin),
+    VisionTransformer: Adapter(vit.check_vit, lambda m: vit.VitBlocks(), vit.VitMergingMixin),
     Eva: Adapter(eva.check_eva, eva.EvaBlocks, eva.EvaMergingMixin),
 }
 MIXINS = tuple(adapter.mixin for adapter in ADAPTERS.values())

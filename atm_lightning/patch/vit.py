@@ -35,9 +35,6 @@ SUPPORTED_POOLS = ("token", "avg", "")
 class VitBlocks:
     """Runs timm ``Block``s for the block loop, padded or packed."""
 
-    def __init__(self, blocks: nn.ModuleList) -> None:
-        del blocks  # nothing to prepare: every block is read as it runs
-
     def remove_hooks(self) -> None:
         """Nothing to remove: the attention returns the keys itself."""
 
@@ -60,8 +57,9 @@ class VitBlocks:
 
 def padded_attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """``x + attn(norm1(x))`` for padded tokens [B, N, C], as timm's fused Attention computes it
-    (the same ops and arguments, so unmerged blocks give timm's output bit for bit), with the
-    class token's query [B, H, 1, d] and the per-head keys [B, H, N, d]."""
+    (the same ops and arguments, so unmerged blocks give timm's output bit for bit; timm's
+    unfused fallback, ``TIMM_FUSED_ATTN=0``, rounds differently), with the class token's query
+    [B, H, 1, d] and the per-head keys [B, H, N, d]."""
     attn = block.attn
     batch, n, _ = x.shape
     h = block.norm1(x)
