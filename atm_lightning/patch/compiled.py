@@ -8,7 +8,8 @@ as compiled functions with dynamic token and image counts, one compiled graph se
 and without the attention bias, padded and packed tokens, one image or several). The merge step
 and the grouped attention of packed ragged batches, whose shapes depend on the data, stay eager.
 
-Keys are returned by the compiled attention instead of read by hooks, so this runner registers none.
+The padded attention is :func:`.vit.padded_attention_residual`, the eager runner's own, compiled:
+it returns the keys itself, so neither runner registers hooks.
 """
 
 from __future__ import annotations
