@@ -302,7 +302,9 @@ def test_checkpoint_reloads_with_identical_logits_under_any_merger(
             evaluated = TokenMergingModule(NAME, weights=ckpt, num_classes=3, merger=merger, model_kwargs=SMALL).eval()
             reference = timm.create_model(NAME, num_classes=3, **SMALL)
             reference.load_state_dict(tm.model.state_dict())
-            assert torch.equal(evaluated(images), patch(reference.eval(), merger)(images))
+            # The module's default fused="auto" runs ATM's compiled step, whose merged tokens
+            # round differently from the eager one's: the reference runs the same step.
+            assert torch.equal(evaluated(images), patch(reference.eval(), merger, fused="auto")(images))
 
 
 # --- the real entry point and the shipped configs ------------------------------------------------

@@ -195,7 +195,7 @@ def test_fused_step_runs_at_inference_only(monkeypatch):
         assert merge_stats(model).fused == bool(calls["image"] or calls["batch"])  # the record says how it ran
         return calls["image"], calls["batch"]
 
-    depth = len(model.blocks)
+    depth = len(model.blocks) - 1  # block 1's threshold (alpha = 1) merges nothing: no step there
     with torch.inference_mode():
         assert steps(lambda: model(images[:1])) == (depth, 0)
         assert steps(lambda: model(images)) == (0, depth)  # a packed batch: the batch kernel

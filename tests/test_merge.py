@@ -10,6 +10,8 @@ import torch
 
 from atm_lightning.merge import (
     ATM,
+    EViT,
+    NoMerge,
     ToMe,
     alternating_split,
     batch_min,
@@ -269,6 +271,18 @@ def test_merges_only_when_some_threshold_falls_below_1():
     assert ATM(alpha=1.0, beta=0.02, theta_min=0.8).merges
     assert ATM(alpha=0.95, beta=0.0, theta_min=0.8).merges
     assert not ATM(alpha=1.0, beta=0.0, theta_min=0.8).merges  # every threshold stays at alpha = 1
+
+
+def test_blocks_that_can_merge_nothing():
+    """The block loop skips the step where ``merges_in`` is False: it must be False only there."""
+    atm = ATM(alpha=1.0, beta=0.02, theta_min=0.8)
+    assert [atm.merges_in(layer) for layer in range(3)] == [False, True, True]  # thresholds 1, 0.98, 0.96
+    assert all(ATM(alpha=0.99, beta=0.0, theta_min=0.8).merges_in(layer) for layer in range(12))
+    assert not any(ATM(alpha=1.0, beta=0.02, theta_min=1.0).merges_in(layer) for layer in range(12))
+    assert [ToMe(r=[0, 3, 0, 1]).merges_in(layer) for layer in range(4)] == [False, True, False, True]
+    assert [EViT(prune_layers=[2]).merges_in(layer) for layer in range(3)] == [False, True, False]
+    assert not EViT(keep_rate=1.0, prune_layers=[2]).merges_in(1)
+    assert not NoMerge().merges_in(0)
 
 
 def test_depth_dependent_checks():

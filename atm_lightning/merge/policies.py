@@ -73,6 +73,11 @@ class TokenMerger(ABC):
     def merges(self) -> bool:
         """False when the policy can never merge, so the model runs exactly as timm's."""
 
+    def merges_in(self, layer: int) -> bool:
+        """False when block ``layer`` (0-indexed) can merge nothing, whatever the tokens: the block
+        loop then skips the step there, with the similarities and attention rows it would read."""
+        return self.merges
+
     def check(self, depth: int) -> None:
         """Raise ValueError naming the fix when the settings cannot apply to ``depth`` blocks."""
 
@@ -193,6 +198,9 @@ class ToMe(MatchingPolicy):
     def r_at(self, layer: int) -> int:
         return self.r[layer] if isinstance(self.r, tuple) else self.r
 
+    def merges_in(self, layer: int) -> bool:
+        return self.r_at(layer) > 0
+
     def select(self, context: MatchContext) -> Tensor:
         # ToMe's cap: at most half of the unprotected tokens merge in one block.
         if context.split.all_real:  # every image holds all its slots: the same cap for all
@@ -287,6 +295,10 @@ class ATM(MatchingPolicy):
     def threshold(self, layer: int) -> float:
         return layer_threshold(self.alpha, self.beta, self.theta_min, layer + 1)
 
+    def merges_in(self, layer: int) -> bool:
+        # A threshold of 1 or more merges nothing (see ``merges``): e.g. the first block at alpha 1.
+        return self.threshold(layer) < 1.0
+
     @property
     def key_form(self) -> KeyForm:
         return self.keys
@@ -347,6 +359,9 @@ class EViT(PruningPolicy):
             raise ValueError(
                 f"EViT prune_layers {list(self.prune_layers)} go past the model's {depth} blocks; use 1..{depth}"
             )
+
+    def merges_in(self, layer: int) -> bool:
+        return self.keep_rate < 1.0 and layer + 1 in self.prune_layers
 
     def keep(self, layer: int, num_unprotected: Tensor) -> Tensor | None:
         return keep_count(self.keep_rate, num_unprotected) if layer + 1 in self.prune_layers else None

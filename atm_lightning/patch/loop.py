@@ -64,6 +64,9 @@ class KeyNeeds(NamedTuple):
         return cls()
 
 
+NO_NEEDS = KeyNeeds()  # a block without a merge step needs nothing beyond its output
+
+
 class BlockRunner(Protocol):
     """How one architecture runs the two halves of its blocks around the merge step."""
 
@@ -163,9 +166,10 @@ def run_blocks(
             merging.last = recorder.finish(state, prefix_only)
             return state.in_input_order(prefix)
         if layer > first or start is None:  # a rerun starts after its first block's attention
-            tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs)
+            steps = step is not None and policy.merges_in(layer)
+            tokens, attention = merging.blocks.attention_residual(layer, block, state, bias, needs if steps else NO_NEEDS)
             state = state.with_x(tokens)
-            if step is not None:
+            if steps:
                 result = step(merging, layer, state, attention, bias, pack)
                 recorder.merge_step(state, result.matching_macs, result.record)
                 if recorder.resume_layer is None and result.state is not state:
