@@ -341,3 +341,74 @@ def test_module_keeps_fused_after_the_merge_visualisation():
     sources = _trace_sources(module, blocky_images(2, seed=1, size=96))
     assert sources.shape[-1] == 37  # traced with the eager step
     assert module.model._merging.fused and not module.model._merging.policy.trace_source
+
+
+def _attention_reference(qkv, count, bias, heads, scale):
+    """Per image and head, softmax(q k^T * scale + bias) v; keys per head; the class row averaged."""
+    dim = qkv.shape[1] // (3 * heads)
+    mixed, keys, first = torch.empty(len(qkv), heads * dim), [], []
+    start = 0
+    for i, n in enumerate(count.tolist()):
+        q, k, v = qkv[start : start + n].view(n, 3, heads, dim).permute(1, 2, 0, 3)  # [H, n, d] each
+        probs = (q @ k.transpose(1, 2) * scale + bias[i, :n]).softmax(-1)
+        mixed[start : start + n] = (probs @ v).transpose(0, 1).reshape(n, heads * dim)
+        keys.append(k)
+        first.append(probs[:, 0].mean(0))
+        start += n
+    return mixed, keys, first
+
+
+@needs_kernel
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_packed_attention_kernel_equals_per_image_attention(per_head, prop_attn):
+    g = torch.Generator().manual_seed(0)
+    heads, dim, width = 3, 8, 13
+    count = torch.tensor([13, 11, 11, 6, 4, 1])
+    size = torch.zeros(len(count), width)
+    for i, n in enumerate(count.tolist()):
+        size[i, :n] = torch.randint(1, 5, (n,), generator=g).float()
+    qkv = torch.randn(int(count.sum()), 3 * heads * dim, generator=g)
+    bias = attention_bias(size, prop_attn, torch.float32)
+    with torch.inference_mode():
+        mixed, keys, first = fused_module.fused_packed_attention(qkv, count, bias, heads, 0.3, per_head, True)
+    want_mixed, want_keys, want_first = _attention_reference(qkv, count, bias[:, 0, 0], heads, 0.3)
+    torch.testing.assert_close(mixed, want_mixed, rtol=1e-5, atol=1e-6)
+    assert keys.shape == (len(count), heads if per_head else 1, width, dim)
+    for i, n in enumerate(count.tolist()):
+        want = want_keys[i] if per_head else want_keys[i].mean(0, keepdim=True)
+        torch.testing.assert_close(keys[i, :, :n], want, rtol=1e-5, atol=1e-6)
+        assert not keys[i, :, n:].any()  # zero past the count
+        torch.testing.assert_close(first[i, :n], want_first[i], rtol=1e-5, atol=1e-6)
+        assert not first[i, n:].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_packed_batches_attend_in_the_kernel_unless_the_block_normalises_q_and_k(monkeypatch, qk_norm):
+    calls = []
+    kernel = fused_module.load_kernel()
+    monkeypatch.setattr(fused_module, "load_kernel", lambda: _Spy(kernel, calls))
+    model = make_vit("vit_tiny_patch16_224", depth=4, img_size=96, qk_norm=qk_norm)
+    images = blocky_images(4, seed=1, size=96)
+    patch(model, _atm(), fused=True)
+    with torch.inference_mode():
+        model(images)
+    tokens = merge_stats(model).tokens  # [B, depth + 1]: a block attends packed where its input is ragged
+    ragged = [sorted(tokens[:, layer].tolist(), reverse=True) for layer in range(4) if len(set(tokens[:, layer].tolist())) > 1]
+    assert ragged, "the batch should turn ragged"
+    assert calls == ([] if qk_norm else ragged)
+
+
+class _Spy:
+    """The kernel module, counting its packed_attention calls."""
+
+    def __init__(self, kernel, calls: list) -> None:
+        self.kernel, self.calls = kernel, calls
+
+    def packed_attention(self, *args):
+        self.calls.append(args[1].tolist())
+        return self.kernel.packed_attention(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.kernel, name)

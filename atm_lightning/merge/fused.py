@@ -167,3 +167,19 @@ def fused_merge_batch(
         policy.size_weighted, policy.attention_power, policy.keep_norm, policy.threshold(layer),
     )  # fmt: skip
     return Merged(out[0], out[1], None, out[2], out[3]) if out else None
+
+
+def fused_packed_attention(
+    qkv: Tensor, count: Tensor, bias: Tensor, heads: int, scale: float, per_head_keys: bool, class_attention: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Attention of packed tokens as :func:`atm_lightning.patch.attention.grouped_attention`
+    computes it (without q/k norms), one image and head at a time in parallel, reading each
+    image's rows where they are: no padded copies. ``qkv`` [T, 3*H*d] holds the images' ``count``
+    [B] rows one after the other; ``bias`` [B, 1, 1, W] is the block's additive mask. Returns the
+    mixed values [T, H*d], the keys ([B, H, W, d] per head, else [B, 1, W, d]; zero past each
+    count) and with ``class_attention`` the class token's head-averaged attention [B, W]."""
+    out = load_kernel().packed_attention(
+        qkv if qkv.is_contiguous() else qkv.contiguous(), count, bias[:, 0, 0], heads, scale, per_head_keys,
+        class_attention,
+    )
+    return out[0], out[1], out[2] if class_attention else None

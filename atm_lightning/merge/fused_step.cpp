@@ -287,6 +287,18 @@ std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& key
 }
 
 // A batch of images, each run as merge_step runs one, in parallel over the images.
+// The images of a batch in an order that spreads their work evenly over the threads: ATen's
+// parallel_for hands each thread one contiguous range, and packed images come sorted by size, so
+// range p takes images p, p + P, p + 2P, ... of P threads instead of the p-th largest block.
+std::vector<int64_t> interleaved(int64_t count) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  std::vector<int64_t> order;
+  order.reserve(count);
+  for (int64_t p = 0; p < threads; ++p)
+    for (int64_t i = p; i < count; i += threads) order.push_back(i);
+  return order;
+}
+
 // x [T, C]: image i's count[i] tokens one image after the other (packed, or padded without
 // padding); keys [B, H, W, d] (rows contiguous, W >= every count); attention [B, W], the class
 // token's attention (needed when attention_power > 0); size [B, W] (None: all ones).
@@ -338,9 +350,10 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
   const float* xp = x.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
   std::vector<ImageStep> steps(batch);
+  const std::vector<int64_t> order = interleaved(batch);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = counts[i];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = order[t], n = counts[i];
       std::vector<float> size(n, 1.0f), attention;
       if (size_data != nullptr) std::copy_n(size_data + i * size_width, n, size.begin());
       if (attention_data != nullptr) {
@@ -395,7 +408,74 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
   return {out, out_size, out_counts, out_order};
 }
 
+// Attention of packed tokens, one (image, head) at a time in parallel: qkv [T, 3*H*d] holds image
+// i's count[i] rows one image after the other; bias [B, W] is added to the logits (log(size) for
+// proportional attention; None: nothing). Returns the mixed values [T, H*d], the keys for
+// matching ([B, H, W, d] per head, or [B, 1, W, d] averaged over heads; zero past each count)
+// and, with class_attention, the class token's head-averaged attention [B, W] (else empty).
+std::vector<at::Tensor> packed_attention(const at::Tensor& qkv, const at::Tensor& count_in,
+                                         const std::optional<at::Tensor>& bias, int64_t heads, double scale,
+                                         bool per_head_keys, bool class_attention) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat && qkv.size(1) % (3 * heads) == 0,
+              "qkv must be contiguous float32 [T, 3*H*d]");
+  TORCH_CHECK(count_in.dim() == 1 && count_in.scalar_type() == at::kLong, "count must be long [B]");
+  const at::Tensor count = count_in.contiguous();
+  const int64_t batch = count.size(0), dim = qkv.size(1) / (3 * heads), channels = heads * dim;
+  const int64_t* counts = count.data_ptr<int64_t>();
+  std::vector<int64_t> start(batch + 1, 0);
+  int64_t width = 0;
+  for (int64_t i = 0; i < batch; ++i) {
+    start[i + 1] = start[i] + counts[i];
+    width = std::max(width, counts[i]);
+  }
+  TORCH_CHECK(start[batch] == qkv.size(0), "qkv must hold exactly sum(count) rows");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == batch && bias->size(1) >= width && bias->scalar_type() == at::kFloat,
+                "bias must be float32 [B, W] with W >= every count");
+    width = bias->size(1);
+  }
+  at::Tensor mixed = at::empty({qkv.size(0), channels}, qkv.options());
+  at::Tensor keys = at::zeros({batch, per_head_keys ? heads : 1, width, dim}, qkv.options());
+  at::Tensor first_rows = class_attention ? at::zeros({batch, heads, width}, qkv.options()) : at::Tensor();
+  const std::vector<int64_t> order = interleaved(batch * heads);
+  const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers need it too
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    const c10::InferenceMode mode(inference);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = order[t] / heads, h = order[t] % heads, n = counts[i];
+      if (n == 0) continue;
+      const at::Tensor rows = qkv.narrow(0, start[i], n);
+      const at::Tensor q = rows.narrow(1, h * dim, dim), k = rows.narrow(1, channels + h * dim, dim),
+                       v = rows.narrow(1, 2 * channels + h * dim, dim);
+      at::Tensor logits = at::empty({n, n}, qkv.options());
+      if (bias.has_value())
+        at::addmm_out(logits, bias->select(0, i).narrow(0, 0, n).unsqueeze(0).expand({n, n}), q, k.t(), 1.0, scale);
+      else
+        at::mm_out(logits, q, k.t()).mul_(scale);
+      const at::Tensor probs = at::_softmax(logits, 1, false);
+      at::Tensor out = mixed.narrow(0, start[i], n).narrow(1, h * dim, dim);
+      at::mm_out(out, probs, v);
+      if (per_head_keys) keys.select(0, i).select(0, h).narrow(0, 0, n).copy_(k);
+      if (class_attention) first_rows.select(0, i).select(0, h).narrow(0, 0, n).copy_(probs.select(0, 0));
+    }
+  });
+  if (!per_head_keys) {
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      const c10::InferenceMode mode(inference);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = counts[i];
+        at::Tensor total = keys.select(0, i).select(0, 0).narrow(0, 0, n);
+        const at::Tensor k = qkv.narrow(0, start[i], n).narrow(1, channels, channels);
+        for (int64_t h = 0; h < heads; ++h) total.add_(k.narrow(1, h * dim, dim));
+        total.div_(static_cast<double>(heads));
+      }
+    });
+  }
+  return {mixed, keys, class_attention ? first_rows.mean(1) : at::Tensor()};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_step", &merge_step, "One image's ATM merge step (see atm_lightning/merge/fused.py)");
   m.def("merge_batch", &merge_batch, "ATM's merge step for a packed batch, in parallel over its images");
+  m.def("packed_attention", &packed_attention, "Attention of packed ragged tokens, per image and head in parallel");
 }

@@ -56,6 +56,7 @@ class KeyNeeds(NamedTuple):
 
     per_head_keys: bool = False  # every head's keys, [B, H, W, d]
     class_attention: bool = False  # the class token's head-averaged attention, [B, W]
+    compiled: bool = False  # the forward merges in the compiled kernel, so packed attention may run there too
 
     @classmethod
     def of(cls, policy: TokenMerger) -> KeyNeeds:
@@ -154,7 +155,7 @@ def run_blocks(
         if len(state.x) == 1:
             step, needs = fused_step, needs._replace(class_attention=False)  # the fused step computes it
         else:
-            step = fused_batch_step
+            step, needs = fused_batch_step, needs._replace(compiled=True)
     prefix_only = merging.num_protected if policy.last_block_prefix_only and not training else 0
     bias, bias_size = None, None
     for layer, block in enumerate(blocks[first:], start=first):

@@ -21,6 +21,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..merge import class_attention
+from ..merge.fused import fused_packed_attention
 from .attention import grouped_attention
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
@@ -45,7 +46,7 @@ class VitBlocks:
             x, query, keys = padded_attention_residual(block, state.x, bias)
             cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
             return x, BlockAttention(keys, query, block.attn.scale, cls)
-        x, keys, cls = packed_attention_residual(block, state.x, bias, state.layout, needs)
+        x, keys, cls = packed_attention_residual(block, state.x, state.count, bias, state.layout, needs)
         return x, BlockAttention(keys, None, block.attn.scale, cls)
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
@@ -99,20 +100,29 @@ def prefix_block(block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> T
 
 
 def packed_attention_residual(
-    block: Block, x: Tensor, bias: Tensor, layout: RaggedLayout, needs: KeyNeeds
+    block: Block, x: Tensor, count: Tensor, bias: Tensor, layout: RaggedLayout, needs: KeyNeeds
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``x + attn(norm1(x))`` for packed tokens ``x`` [T, C] (inference: no drop-path).
+    """``x + attn(norm1(x))`` for packed tokens ``x`` [T, C] of images holding ``count`` [B]
+    tokens each (inference: no drop-path).
 
     Runs the pieces of timm's ``Attention`` (qkv, q/k norms, norm, gate, proj) around the
-    grouped attention with the block's additive mask, which is what timm's fused path computes.
-    Also returns the keys for matching and, if ``needs`` asks, the class token's attention.
+    attention of the packed tokens with the block's additive mask, which is what timm's fused
+    path computes: in the compiled kernel when the forward merges there and the block has no
+    q/k norms, else grouped. Also returns the keys for matching and, if ``needs`` asks, the
+    class token's attention.
     """
     attn = block.attn
     h = block.norm1(x)
-    mixed, keys, cls = grouped_attention(
-        attn.qkv(h), layout, bias, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm,
-        needs.per_head_keys, needs.class_attention,
-    )
+    qkv = attn.qkv(h)
+    if needs.compiled and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+        mixed, keys, cls = fused_packed_attention(
+            qkv, count, bias, attn.num_heads, attn.scale, needs.per_head_keys, needs.class_attention
+        )
+    else:
+        mixed, keys, cls = grouped_attention(
+            qkv, layout, bias, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm,
+            needs.per_head_keys, needs.class_attention,
+        )
     mixed = attn.norm(mixed)
     if getattr(attn, "gate", None) is not None:
         mixed = mixed * attn.gate(h).sigmoid()
