@@ -2,7 +2,8 @@
 //
 // The same arithmetic as the eager step (atm_lightning/merge/costs.py, matching.py, selection.py,
 // unpadded.py) in loops over the image's tokens, with the similarity product left to ATen's
-// matmul. Built on first use by atm_lightning/merge/fused.py; see its docstring for why.
+// matmul. Built on first use by atm_lightning/merge/fused.py; see its docstring for why. Also the
+// attention of a packed batch, per image and head (packed_attention, at the end).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>

@@ -5,6 +5,8 @@ token-wise layers on the real tokens only; attention, which must see each image 
 on a few groups of neighbouring images (chosen in :mod:`.ragged`). Each group runs one of two
 kernels: PyTorch's fused ``scaled_dot_product_attention``, or three batched matmuls per head,
 which is faster on CPU for short groups. ``python tools/attention_kernels.py`` measures both.
+Where a CPU forward merges in the compiled kernel, packed ViT blocks attend there instead
+(:func:`atm_lightning.merge.fused.fused_packed_attention`): no padding, no copies.
 
 Padding is handled with an additive mask: ``log(size)`` for proportional attention, ``-inf`` on
 padding (size 0), as :func:`attention_bias` builds it for the padded path too.

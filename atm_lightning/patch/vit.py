@@ -8,7 +8,8 @@ fused ``Attention`` does, so that it also has the per-head keys ToMe and ATM mat
 class token's query EViT needs, without forward hooks (which cost a visible share of a
 single-image forward). Proportional attention is an additive mask to
 ``scaled_dot_product_attention``, as timm passes ``attn_mask``. Packed ragged batches run the
-same pieces around :func:`.attention.grouped_attention`, so that only that call sees padding.
+same pieces around :func:`.attention.grouped_attention`, so that only that call sees padding, or,
+where the forward merges in the compiled kernel, around its packed attention (no padding at all).
 """
 
 from __future__ import annotations
