@@ -178,6 +178,15 @@ def test_solve_level_hits_a_monotone_curve_in_few_evaluations() -> None:
     assert len(calls) <= 6
 
 
+def test_solve_level_steps_in_from_either_end_of_the_range() -> None:
+    """A shape may start where the previous one ended, at an end of the range, on the wrong side of
+    its own root: the search steps back in rather than giving up."""
+    low, high = LOG_GAP_BOUNDS
+    for start, root in ((high, -1.0), (low, -6.0)):
+        x, _ = solve_level(lambda x, root=root: 0.1 * (x - root), start, slope=0.3, tolerance=0.01, max_evals=8)
+        assert abs(x - root) <= 0.1
+
+
 def test_solve_level_gives_up_when_the_target_is_out_of_reach() -> None:
     assert solve_level(lambda x: -0.5, start=0.0, slope=0.3, tolerance=0.01, max_evals=20) is None
     assert solve_level(lambda x: 0.5, start=0.0, slope=0.3, tolerance=0.01, max_evals=3) is None

@@ -108,8 +108,8 @@ def solve_level(
             (xa, fa), (xb, fb) = max(below), min(above)
             t = min(0.9, max(0.1, -fa / (fb - fa)))
             x = xa + t * (xb - xa)
-        elif x in (low, high):
-            return None
+        elif (x == high and f < 0) or (x == low and f > 0):
+            return None  # the target lies past the end of the range
         else:
             x = min(high, max(low, x - max(-2.0, min(2.0, f / slope))))
     return None
