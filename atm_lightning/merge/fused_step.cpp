@@ -287,7 +287,6 @@ std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& key
   return {out, out_size, at::full({1}, out_n, x.options().dtype(at::kLong))};
 }
 
-// A batch of images, each run as merge_step runs one, in parallel over the images.
 // The images of a batch in an order that spreads their work evenly over the threads: ATen's
 // parallel_for hands each thread one contiguous range, and packed images come sorted by size, so
 // range p takes images p, p + P, p + 2P, ... of P threads instead of the p-th largest block.
@@ -300,6 +299,7 @@ std::vector<int64_t> interleaved(int64_t count) {
   return order;
 }
 
+// A batch of images, each run as merge_step runs one, in parallel over the images.
 // x [T, C]: image i's count[i] tokens one image after the other (packed, or padded without
 // padding); keys [B, H, W, d] (rows contiguous, W >= every count); attention [B, W], the class
 // token's attention (needed when attention_power > 0); size [B, W] (None: all ones).

@@ -6,7 +6,7 @@ on a few groups of neighbouring images (chosen in :mod:`.ragged`). Each group ru
 kernels: PyTorch's fused ``scaled_dot_product_attention``, or three batched matmuls per head,
 which is faster on CPU for short groups. ``python tools/attention_kernels.py`` measures both.
 Where a CPU forward merges in the compiled kernel, packed ViT blocks attend there instead
-(:func:`atm_lightning.merge.fused.fused_packed_attention`): no padding, no copies.
+(:func:`atm_lightning.merge.fused.fused_packed_attention`), reading each image's rows in place.
 
 Padding is handled with an additive mask: ``log(size)`` for proportional attention, ``-inf`` on
 padding (size 0), as :func:`attention_bias` builds it for the padded path too.
