@@ -411,11 +411,11 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
 
 // Attention of packed tokens, one (image, head) at a time in parallel: qkv [T, 3*H*d] holds image
 // i's count[i] rows one image after the other; bias [B, W] is added to the logits (log(size) for
-// proportional attention; None: nothing). Returns the mixed values [T, H*d], the keys for
+// proportional attention, 0 without; a packed batch always has one). Returns the mixed values [T, H*d], the keys for
 // matching ([B, H, W, d] per head, or [B, 1, W, d] averaged over heads; zero past each count)
 // and, with class_attention, the class token's head-averaged attention [B, W] (else empty).
 std::vector<at::Tensor> packed_attention(const at::Tensor& qkv, const at::Tensor& count_in,
-                                         const std::optional<at::Tensor>& bias, int64_t heads, double scale,
+                                         const at::Tensor& bias, int64_t heads, double scale,
                                          bool per_head_keys, bool class_attention) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat && qkv.size(1) % (3 * heads) == 0,
               "qkv must be contiguous float32 [T, 3*H*d]");
@@ -423,18 +423,14 @@ std::vector<at::Tensor> packed_attention(const at::Tensor& qkv, const at::Tensor
   const at::Tensor count = count_in.contiguous();
   const int64_t batch = count.size(0), dim = qkv.size(1) / (3 * heads), channels = heads * dim;
   const int64_t* counts = count.data_ptr<int64_t>();
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == batch && bias.scalar_type() == at::kFloat, "bias must be float32 [B, W]");
+  const int64_t width = bias.size(1);
   std::vector<int64_t> start(batch + 1, 0);
-  int64_t width = 0;
   for (int64_t i = 0; i < batch; ++i) {
+    TORCH_CHECK(counts[i] <= width, "an image holds more tokens than bias has columns");
     start[i + 1] = start[i] + counts[i];
-    width = std::max(width, counts[i]);
   }
   TORCH_CHECK(start[batch] == qkv.size(0), "qkv must hold exactly sum(count) rows");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == batch && bias->size(1) >= width && bias->scalar_type() == at::kFloat,
-                "bias must be float32 [B, W] with W >= every count");
-    width = bias->size(1);
-  }
   at::Tensor mixed = at::empty({qkv.size(0), channels}, qkv.options());
   at::Tensor keys = at::zeros({batch, per_head_keys ? heads : 1, width, dim}, qkv.options());
   at::Tensor first_rows = class_attention ? at::zeros({batch, heads, width}, qkv.options()) : at::Tensor();
@@ -449,10 +445,7 @@ std::vector<at::Tensor> packed_attention(const at::Tensor& qkv, const at::Tensor
       const at::Tensor q = rows.narrow(1, h * dim, dim), k = rows.narrow(1, channels + h * dim, dim),
                        v = rows.narrow(1, 2 * channels + h * dim, dim);
       at::Tensor logits = at::empty({n, n}, qkv.options());
-      if (bias.has_value())
-        at::addmm_out(logits, bias->select(0, i).narrow(0, 0, n).unsqueeze(0).expand({n, n}), q, k.t(), 1.0, scale);
-      else
-        at::mm_out(logits, q, k.t()).mul_(scale);
+      at::addmm_out(logits, bias.select(0, i).narrow(0, 0, n).unsqueeze(0).expand({n, n}), q, k.t(), 1.0, scale);
       const at::Tensor probs = at::_softmax(logits, 1, false);
       at::Tensor out = mixed.narrow(0, start[i], n).narrow(1, h * dim, dim);
       at::mm_out(out, probs, v);

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -35,10 +36,19 @@ class AttentionGroup:
 
 @dataclass(frozen=True)
 class RaggedLayout:
-    """Where the real tokens of a ``[B, W, C]`` batch are, and how attention is grouped."""
+    """Where the real tokens of a ``[B, W, C]`` batch are, and how attention is grouped.
+
+    The groups are worked out on first use: a forward whose attention runs in the compiled kernel
+    (:func:`atm_lightning.merge.fused.fused_packed_attention`) never asks for them.
+    """
 
     real_rows: Tensor  # [T] long: flat rows ``b * W + j`` of the real tokens, in order
-    groups: list[AttentionGroup]
+    lengths: tuple[int, ...]  # real tokens of each image, descending
+    channels: int  # attention width: how dear a padded score is against one more call
+
+    @cached_property
+    def groups(self) -> list[AttentionGroup]:
+        return attention_layout(list(self.lengths), self.channels, self.real_rows.device)
 
 
 def ragged_layout(count: Tensor, width: int, channels: int) -> RaggedLayout | None:
@@ -46,30 +56,37 @@ def ragged_layout(count: Tensor, width: int, channels: int) -> RaggedLayout | No
 
     ``channels`` (the attention width) sets how dear a padded attention score is against the
     fixed cost of one more attention call. The indices are built on the host (the counts are
-    needed there anyway to choose the groups) and moved to ``count``'s device in one copy.
+    needed there anyway) and moved to ``count``'s device in one copy.
     """
     lengths = count.tolist()
     if all(n == width for n in lengths):
         return None
     if any(a < b for a, b in itertools.pairwise(lengths)):
         raise ValueError(f"ragged execution needs images sorted by descending token count, got {lengths}")
+    real = np.arange(width) < np.asarray(lengths)[:, None]  # [B, W]
+    real_rows = torch.from_numpy(np.flatnonzero(real)).to(count.device)
+    return RaggedLayout(real_rows, tuple(lengths), channels)
+
+
+def attention_layout(lengths: list[int], channels: int, device: torch.device) -> list[AttentionGroup]:
+    """The attention groups of images with descending ``lengths`` real tokens, with their indices
+    into the packed rows, moved to ``device`` in one copy."""
     counts = np.asarray(lengths)
-    positions = np.arange(width)
-    real = positions < counts[:, None]  # [B, W]
     first = np.cumsum(counts) - counts  # packed row of each image's first token
     ranges = attention_groups(lengths, channels)
-    pieces = [np.flatnonzero(real)]
+    pieces = []
     for start, stop in ranges:
-        block = real[start:stop, : lengths[start]]
+        positions = np.arange(lengths[start])  # the group is padded to its longest image
+        block = positions < counts[start:stop, None]  # [G, L]: the group's real slots
         pieces.append(np.flatnonzero(block))
         # Packed row of slot j of image i: its own token j, or its first token where it has none.
-        pieces.append((first[start:stop, None] + np.where(block, positions[: lengths[start]], 0)).ravel())
-    indices = torch.from_numpy(np.concatenate(pieces)).to(count.device).split([len(p) for p in pieces])
+        pieces.append((first[start:stop, None] + np.where(block, positions, 0)).ravel())
+    indices = torch.from_numpy(np.concatenate(pieces)).to(device).split([len(p) for p in pieces])
     groups = []
-    for (start, stop), slots, gather in zip(ranges, indices[1::2], indices[2::2], strict=True):
+    for (start, stop), slots, gather in zip(ranges, indices[0::2], indices[1::2], strict=True):
         packed = slice(int(first[start]), int(first[start]) + len(slots))
         groups.append(AttentionGroup(start, stop, lengths[start], packed, slots, gather))
-    return RaggedLayout(indices[0], groups)
+    return groups
 
 
 def attention_groups(lengths: list[int], channels: int) -> list[tuple[int, int]]:
