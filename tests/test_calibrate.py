@@ -110,6 +110,8 @@ def test_calibrated_config_validates_at_the_reduction_found(tmp_path, monkeypatc
     atm = ATM(**config["model"]["merger"]["init_args"])
     assert atm.theta_min < 1.0 and 0.0 < atm.rerun_margin < 1.0  # the default rerun fraction is on
     assert re.search(r"rerun_margin=[\d.e-]+: .* rerun [\d.]+%", lines[-1])
+    assert re.search(r"\n# [\d.]+% of these images ran again; of images the model is less sure of, more will", text)
+    assert "warning: the dense model gets" not in captured.err  # a random model is right on a third
 
     # The file is used as is; only the data root is new. val/ holds the calibration images.
     run("validate", "--config", str(output), "--data.root", str(mirrored_root))
@@ -258,6 +260,14 @@ def test_default_rerun_fraction_tapers_with_the_target_and_keeps_a_plain_atm_pla
     assert calibration_run.default_rerun_fraction(SimpleNamespace(merger=ATM(rerun_margin=0.1)), 0.3) == 0.1
     with pytest.raises(ValueError, match=r"--rerun_fraction is the fraction of images run again unmerged"):
         calibration_run.check_calibrate_args(0.3, 0.01, 10, 8, rerun_fraction=0.6)
+
+
+def test_a_rerun_set_on_images_the_model_almost_never_gets_wrong_is_warned_of() -> None:
+    warning = calibration_run.seen_images_warning(0.995, 0.05)
+    assert warning is not None and "gets 99.5% of the calibration images right" in warning
+    assert "more than the 5% of new images" in warning and "--rerun_fraction 0" in warning
+    assert calibration_run.seen_images_warning(0.995, 0.0) is None  # no rerun, nothing moves
+    assert calibration_run.seen_images_warning(calibration_run.SEEN_IMAGES_TOP1 - 0.001, 0.1) is None
 
 
 def test_the_search_starts_from_the_models_own_atm_options() -> None:

@@ -111,7 +111,7 @@ def calibrate(common: list[str], checkpoint: str, output: Path, target: float, n
 
     Without reruns: the model is surer of the images it was trained on than of new ones, so a
     rerun margin set on them reruns far more than its share of the val images (5% of the training
-    images, 13% of val) and the saving falls short of the target.
+    images, 7-13% of val in two training runs) and the saving falls short of the target.
     """
     args = ["calibrate", *common, "--model.weights", checkpoint, "--target_reduction", str(target)]
     args += ["--num_images", str(num_images), "--rerun_fraction", "0", "--output", str(output)]

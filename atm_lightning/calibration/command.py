@@ -134,6 +134,11 @@ def header(result: Calibration, images: str, seconds: float) -> str:
         dense,
         "Evaluate on held-out images: atm validate --config THIS_FILE --data.root DATASET",
     ]
+    if best.merger.rerun_margin > 0:
+        lines.append(
+            f"{100 * best.rerun:.1f}% of these images ran again; of images the model is less sure of, more "
+            "will (rerun_fraction in metrics.json), and the saving will be smaller"
+        )
     return "".join(f"# {line}\n" for line in lines)
 
 
