@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> list[Band]:
     merged, _ = logits_over(model, loader, "merged pass")
     unpatch(model)
     rows = bands(dense, merged, labels, args.bands)
-    total = 100.0 * (int((merged.argmax(-1) == labels).sum()) - int((dense.argmax(-1) == labels).sum())) / len(labels)
+    total = 100.0 * sum(r.gained - r.lost for r in rows) / len(labels)  # the merged pass alone
     print(f"{args.method} without rerun on {len(labels)} images of {args.split}/: dense top-1 "
           f"{100.0 * float((dense.argmax(-1) == labels).float().mean()):.2f}%")
     print(markdown(rows, total))
