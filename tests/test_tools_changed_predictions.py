@@ -57,3 +57,10 @@ def test_the_command_counts_what_the_patched_model_changes(data_root, vit_weight
     assert sum(r.gained for r in rows) == int(((dense != labels) & (merged == labels)).sum())
     assert rows[-1].top1_change_after_rerun == 0.0
     assert "| (no rerun) |" in capsys.readouterr().out
+
+
+def test_a_missing_split_is_one_error_line(data_root, vit_weights, capsys) -> None:
+    args = ["tome:r=8", "--weights", str(vit_weights(3)), "--data-root", str(data_root), "--num-classes", "3"]
+    with pytest.raises(SystemExit):
+        changed_predictions.main([*args, "--split", "test"])
+    assert f"error: expected {data_root / 'test'} with one folder per class" in capsys.readouterr().err

@@ -124,16 +124,21 @@ def main(argv: list[str] | None = None) -> list[Band]:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     try:
-        method = parse_method(args.method)
-        check_edges(args.bands)
-    except ValueError as err:
+        return report(args)
+    except (ValueError, FileNotFoundError) as err:  # user mistakes: one error line, not a traceback
         parser.error(str(err))
+
+
+def report(args: argparse.Namespace) -> list[Band]:
+    """Run both passes over the labelled images and print the table."""
+    method = parse_method(args.method)
+    check_edges(args.bands)
     merger = dataclasses.replace(method.merger, rerun_margin=0.0) if hasattr(method.merger, "rerun_margin") else method.merger
-    model = create_model(args.model, weights=args.weights, num_classes=args.num_classes).eval()
     data = ImageNetDataModule(
         args.data_root, model_name=args.model, num_classes=args.num_classes, batch_size=args.batch_size, num_workers=0
     )
     loader = data.eval_loader(data.labelled_images(args.split))
+    model = create_model(args.model, weights=args.weights, num_classes=args.num_classes).eval()
     dense, labels = logits_over(model, loader, "dense pass")
     patch(model, merger, ragged=method.ragged, fused=method.fused)
     merged, _ = logits_over(model, loader, "merged pass")
@@ -144,7 +149,6 @@ def main(argv: list[str] | None = None) -> list[Band]:
           f"{100.0 * float((dense.argmax(-1) == labels).float().mean()):.2f}%")
     print(markdown(rows, total))
     return rows
-
 
 if __name__ == "__main__":
     main()
