@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.evaluation.options import METHOD_HELP, parse_method
+from atm_lightning.fidelity import compare_batch
 from atm_lightning.models import create_model
 from atm_lightning.patch import patch, unpatch
 from atm_lightning.patch.rerun import top2_gap
@@ -57,31 +59,28 @@ def bands(dense: Tensor, merged: Tensor, labels: Tensor, edges: Sequence[float])
     are the rising shares (in (0, 1)) where bands end; a last band takes the rest."""
     check_edges(edges)
     n = len(labels)
-    dense_top, merged_top = dense.argmax(-1), merged.argmax(-1)
-    changed = dense_top != merged_top
-    lost = changed & (dense_top == labels) & (merged_top != labels)
-    gained = changed & (dense_top != labels) & (merged_top == labels)
     order = top2_gap(merged).argsort(stable=True)  # least certain first
-    net = int(gained.sum()) - int(lost.sum())  # merged minus dense top-1, in images
-    rows, start = [], 0
-    for share in (*edges, 1.0):
-        end = round(share * n)
+    cuts = [0, *(round(share * n) for share in edges), n]
+    counted = []  # (band, its fidelity sums: agree, lost, gained, ...)
+    for start, end in itertools.pairwise(cuts):
         band = order[start:end]
-        net -= int(gained[band].sum()) - int(lost[band].sum())  # these images now give the dense answer
+        counted.append((start, end, compare_batch(merged[band], dense[band], labels[band])))
+    net = sum(int(s["gained"]) - int(s["lost"]) for _, _, s in counted)  # merged minus dense top-1, in images
+    rows = []
+    for start, end, sums in counted:
+        net -= int(sums["gained"]) - int(sums["lost"])  # these images now give the dense answer
         rows.append(
             Band(
                 start=start / n,
                 end=end / n,
-                images=len(band),
-                changed=int(changed[band].sum()),
-                lost=int(lost[band].sum()),
-                gained=int(gained[band].sum()),
+                images=end - start,
+                changed=end - start - int(sums["agree"]),
+                lost=int(sums["lost"]),
+                gained=int(sums["gained"]),
                 top1_change_after_rerun=100.0 * net / n,
             )
         )
-        start = end
     return rows
-
 
 def markdown(rows: Sequence[Band], total_change: float) -> str:
     """The table as Markdown, with the merged pass alone on the first line."""
