@@ -60,6 +60,9 @@ class TokenMerger(ABC):
     trace_source: bool = False
 
     def __post_init__(self) -> None:
+        for setting in fields(self):  # a string such as "false" would otherwise count as true
+            if setting.type == "bool" and not isinstance(value := getattr(self, setting.name), bool):
+                raise ValueError(f"{self.name} {setting.name} is true or false, got {value!r}")
         margin = self.rerun_margin
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0.0 <= margin <= 1.0:
             raise ValueError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from timm.layers import PatchEmbed
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -55,8 +56,20 @@ def adapter_for(model: nn.Module) -> Adapter:
     for family, adapter in ADAPTERS.items():
         if isinstance(model, family):
             adapter.check(model, label)
+            check_patch_embed(model, label)
             return adapter
     raise UnsupportedModelError(f"cannot merge tokens in {label}: only {SUPPORTED} are supported")
+
+
+def check_patch_embed(model: nn.Module, label: str) -> None:
+    """Refuse a patch embedding other than timm's single convolution: the FLOPs model counts that
+    convolution alone, so a CNN stem in front of it (hybrid ViTs) would go uncounted."""
+    embed = getattr(model, "patch_embed", None)
+    if type(embed) is not PatchEmbed or not isinstance(getattr(embed, "proj", None), nn.Conv2d):
+        raise UnsupportedModelError(
+            f"cannot merge tokens in {label}: its patch embedding is {type(embed).__name__}, not timm's "
+            f"PatchEmbed (one convolution); a CNN stem, as hybrid ViTs have, is not supported"
+        )
 
 
 def check_supported(model: nn.Module) -> None:

@@ -28,7 +28,7 @@ from .attention import grouped_attention, head_mean
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
-from .rerun import RerunForward
+from .model_api import MergingModel
 from .rope import grid_coords, rope_at, rope_problem, rotate
 from .state import TokenState
 from .vit import add_residual, check_pool
@@ -182,7 +182,7 @@ def project_qkv(attn: nn.Module, h: Tensor) -> Tensor:
     return F.linear(h, weight=attn.qkv.weight, bias=bias)
 
 
-class EvaMergingMixin(RerunForward):
+class EvaMergingMixin(MergingModel):
     """Placed in front of an Eva model's own class by :func:`.adapters.apply`."""
 
     _merging: Merging
@@ -190,8 +190,9 @@ class EvaMergingMixin(RerunForward):
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("token merging does not support attn_mask/is_causal; unpatch the model")
-        if self.training and (self.patch_drop is not None or getattr(self.rope, "aug_active", False)):
-            raise NotImplementedError("token merging does not support patch dropout or RoPE coordinate augmentation")
+        self.check_training_options()
+        if self.training and getattr(self.rope, "aug_active", False):
+            raise NotImplementedError("token merging does not support RoPE coordinate augmentation")
         if self._merging.start is not None:  # a rerun: the blocks pick up where the merged pass first merged
             return self.norm(run_blocks(self._merging, self.blocks, None, self.training))
         x = self.patch_embed(x)
@@ -210,7 +211,7 @@ class EvaMergingMixin(RerunForward):
         patches as it holds (:mod:`.pooling`); Eva's attention pooling sees every token."""
         pool_type = self.global_pool if pool_type is None else pool_type
         size = self._merging.last.size if self._merging.last is not None else None
-        if size is None or (pool_type != "avg" and self.attn_pool is None):
+        if size is None or (pool_type in ("token", "") and self.attn_pool is None):
             return super().pool(x, pool_type)
         return pool_merged(self, x, pool_type, size, 0 if self.attn_pool is not None else self.num_prefix_tokens)
 

@@ -27,7 +27,7 @@ from .attention import grouped_attention
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
-from .rerun import RerunForward
+from .model_api import MergingModel
 from .ragged import RaggedLayout
 from .state import TokenState
 
@@ -135,7 +135,7 @@ def add_residual(x: Tensor, update: Tensor) -> Tensor:
     return x + update if torch.is_grad_enabled() else x.add_(update)
 
 
-class VitMergingMixin(RerunForward):
+class VitMergingMixin(MergingModel):
     """Placed in front of a VisionTransformer's own class by :func:`.adapters.apply`."""
 
     _merging: Merging
@@ -143,6 +143,7 @@ class VitMergingMixin(RerunForward):
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("token merging does not support attn_mask/is_causal; unpatch the model")
+        self.check_training_options()
         if self._merging.start is not None:  # a rerun: the blocks pick up where the merged pass first merged
             return self.norm(run_blocks(self._merging, self.blocks, None, self.training))
         x = self.patch_embed(x)
@@ -161,7 +162,7 @@ class VitMergingMixin(RerunForward):
         """
         pool_type = self.global_pool if pool_type is None else pool_type
         size = self._merging.last.size if self._merging.last is not None else None
-        if size is None or (pool_type != "avg" and self.attn_pool is None):
+        if size is None or (pool_type in ("token", "") and self.attn_pool is None):
             return super().pool(x, pool_type)
         start = 0 if self.pool_include_prefix else self.num_prefix_tokens
         return pool_merged(self, x, pool_type, size, start)
@@ -170,10 +171,11 @@ class VitMergingMixin(RerunForward):
 def check_vit(model: VisionTransformer, label: str) -> None:
     """Raise :class:`UnsupportedModelError` for VisionTransformer variants the adapter cannot run."""
     for i, block in enumerate(model.blocks):
-        if type(block) is not Block or type(block.attn) is not Attention:
+        attn = getattr(block, "attn", None)
+        if type(block) is not Block or type(attn) is not Attention:
             raise UnsupportedModelError(
                 f"cannot merge tokens in {label}: block {i} is {type(block).__name__} with "
-                f"{type(block.attn).__name__}; only timm's standard Block/Attention are supported"
+                f"{type(attn).__name__}; only timm's standard Block/Attention are supported"
             )
     check_pool(model, label)
 
