@@ -9,6 +9,7 @@ operating point and writes ``metrics.json`` next to the TensorBoard events; ``fi
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 import sys
 import warnings
@@ -28,6 +29,7 @@ from .data import ImageNetDataModule
 from .data.imagenet import default_num_workers
 from .failures import failure_summary, rank_label
 from .merge import MERGERS
+from .models import check_input_size
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
 from .threads import set_threads
@@ -104,6 +106,13 @@ class ATMCLI(LightningCLI):
                 f"settings would silently override --model.merger. Evaluate it with "
                 f"--model.weights {self.config[subcommand]['ckpt_path']} instead",
             )
+        strategy = self.config[subcommand].trainer.get("strategy") if subcommand else None
+        if isinstance(strategy, str) and any(word in strategy for word in ("spawn", "fork", "notebook")):
+            self._parse_error(
+                parser,
+                f"--trainer.strategy {strategy} runs the ranks in child processes, which neither find the "
+                f"patched model's class nor return its results: use --trainer.strategy ddp",
+            )
         if subcommand in PREDICTING_SUBCOMMANDS and self.config[subcommand].model.new_head:
             self._parse_error(
                 parser,
@@ -152,16 +161,24 @@ class ATMCLI(LightningCLI):
         count = set_threads(threads, 0 if workers_idle else workers, devices)
         self.threads = {"threads": count, "num_workers": workers}
 
+    def _check_input_size(self) -> None:
+        input_size = self.datamodule.data_config["input_size"][1:]
+        check_input_size(self.model.model, input_size, self.model.hparams.model_name)
+
     def before_fit(self) -> None:
+        self._check_input_size()
         self._set_threads()
 
     def before_validate(self) -> None:
+        self._check_input_size()
         self._set_threads()
 
     def before_test(self) -> None:
+        self._check_input_size()
         self._set_threads()
 
     def before_calibrate(self) -> None:
+        self._check_input_size()
         self._set_threads(workers_idle=True)
 
     def calibrate(self, **options: Any) -> Calibration:
@@ -188,10 +205,12 @@ class ATMCLI(LightningCLI):
         if results["num_images"] != len(dataset):
             raise RuntimeError(
                 f"evaluated {results['num_images']} images but the {stage} set has {len(dataset)}; "
-                f"a sampler padded or dropped images, or limit_{stage}_batches is set. "
+                f"a sampler padded or dropped images, or limit_{stage}_batches or fast_dev_run is set. "
                 f"Numbers from this run are not comparable"
             )
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if log_dir is None:  # fast_dev_run replaces the loggers: write where a run without logger does
+            log_dir = self.trainer.default_root_dir
         if not self.trainer.is_global_zero:
             return
         hparams = self.model.hparams
@@ -235,7 +254,7 @@ def run_name(name: str, method: str) -> str:
 def new_run_folder(trainer: Trainer) -> Path | None:
     """The outermost folder of the run's log directory that does not exist yet (it will be this
     run's), or None when there is none or this process is not the first rank."""
-    if not trainer.loggers or rank_label() not in (None, "0"):
+    if not trainer.loggers or trainer.log_dir is None or rank_label() not in (None, "0"):
         return None
     folder = Path(trainer.log_dir).absolute()
     if folder.exists():
@@ -278,6 +297,10 @@ def explain_parse_error(message: str) -> str:
             f"\n--model.merger takes one of {names} (case matters), e.g. --model.merger ToMe "
             f"--model.merger.r 8, or a class path such as atm_lightning.merge.ATM"
         )
+    key = re.match(r'Parser key "([^"]+)"', message)
+    if key and "Expected a <class 'list'>" in message:
+        option = "--" + key.group(1)
+        message += f"\n{option} takes a list in brackets, e.g. {option} '[10, 11]', or one value at a time: {option}+ 10"
     return message
 
 

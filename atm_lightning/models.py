@@ -132,6 +132,22 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
             nn.init.zeros_(head.bias)
 
 
+def check_input_size(model: nn.Module, input_size: tuple[int, int], model_name: str) -> None:
+    """Refuse, before any image is read, images of a size the model was not built for (timm would
+    stop at the first batch with its own assertion, which does not say what to change)."""
+    embed = getattr(model, "patch_embed", None)
+    built = getattr(embed, "img_size", None)
+    if built is None or getattr(model, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+        return
+    if tuple(input_size) != tuple(built):
+        (height, width), (built_h, built_w) = input_size, built
+        raise ValueError(
+            f"the data gives {height}x{width} images but {model_name} was built for {built_h}x{built_w}: "
+            f"set --model.model_kwargs '{{img_size: {height}}}' (timm resamples the position embedding) "
+            f"or --data.img_size {built_h}"
+        )
+
+
 def check_model_name(model_name: str) -> None:
     """Raise ValueError with the closest timm names when ``model_name`` is not a timm model."""
     if timm.is_model(model_name):

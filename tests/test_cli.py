@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -301,6 +302,42 @@ def test_unknown_merger_lists_the_mergers(tmp_path, monkeypatch, capsys, data_ro
         run(*eval_args("vit_t_dense.yaml", weights, data_root, "--model.merger", "Foo"))
     assert exit_info.value.code == 2
     assert "--model.merger takes one of ATM, ToMe, EViT, NoMerge" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--trainer.strategy", "ddp_spawn"], "child processes.*use --trainer.strategy ddp"),
+        (["--model.merger", "ToMe", "--model.merger.r", "[1, 2]x"], None),  # jsonargparse's own error
+    ],
+)
+def test_parse_time_refusals(tmp_path, monkeypatch, capsys, data_root, weights, extra, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, *extra))
+    assert exit_info.value.code == 2
+    if message:
+        assert re.search(message, capsys.readouterr().err)
+
+
+def test_list_options_say_how_to_give_a_list(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = eval_args("vit_t_dense.yaml", weights, data_root)
+    with pytest.raises(SystemExit):
+        run("calibrate", *argv[1:], "--split_layers", "4")
+    assert "--split_layers takes a list in brackets, e.g. --split_layers '[10, 11]'" in capsys.readouterr().err
+
+
+def test_images_of_another_size_are_refused_before_the_run(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"gives 64x64 images but .* built for 224x224: set --model.model_kwargs"):
+        run(*eval_args("vit_t_dense.yaml", weights, data_root, "--data.img_size", "64"))
+
+
+def test_fast_dev_run_writes_metrics_where_a_run_without_logger_does(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    run(*eval_args("vit_t_dense.yaml", weights, data_root, "--trainer.fast_dev_run", "true", "--data.batch_size", "8"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 8
 
 
 def test_dataset_size_mismatch_fails_loudly(tmp_path, monkeypatch, data_root, weights) -> None:

@@ -152,12 +152,14 @@ def test_atm_option_errors_come_as_one_short_error(argv, message, capsys, tmp_pa
     assert len(err.splitlines()) <= 8 and "--data.crop_scale" not in err
 
 
-def csv_rows(path: Path, rows: list[tuple[str, str, str, float, float]], images: int = 10) -> Path:
+def csv_rows(
+    path: Path, rows: list[tuple[str, str, str, float, float]], images: int = 10, batch: int = 4, metrics: str = "x"
+) -> Path:
     """A compare.csv of (method, family, params, gflops, top1) rows."""
     from atm_lightning.evaluation.options import write_csv
 
     made = [
-        compare.Row(m, f, p, g, 100 * (1 - g / 2), t, 99.0, 95.0, t - 80.0, -1.0, 1.0, True, 0.01, 5.0, images, 4, False, "x")
+        compare.Row(m, f, p, g, 100 * (1 - g / 2), t, 99.0, 95.0, t - 80.0, -1.0, 1.0, True, 0.01, 5.0, images, batch, False, metrics)
         for m, f, p, g, t in rows
     ]
     write_csv(made, path)
@@ -185,3 +187,19 @@ def test_merge_refuses_runs_on_other_images(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         compare.cli(["--merge", str(first), str(other), "--no-plot"])
     assert "measured on the same images" in capsys.readouterr().err
+
+
+def test_merge_refuses_runs_made_another_way(tmp_path, capsys) -> None:
+    dense = [("dense", "dense", "-", 2.0, 80.0)]
+    first = csv_rows(tmp_path / "a.csv", [*dense, ("ToMe r=8", "ToMe", "r=8", 1.5, 79.0)])
+    at_batch_1 = csv_rows(tmp_path / "b.csv", [*dense, ("atm_30", "ATM", "-", 1.4, 79.5)], batch=1)
+    with pytest.raises(SystemExit):
+        compare.cli(["--merge", str(first), str(at_batch_1), "--no-plot"])
+    assert "differ in batch_size 1 (dense), 4 (ToMe r=8)" in capsys.readouterr().err  # the later dense row
+    for name, interpolation in (("bicubic", "bicubic"), ("bilinear", "bilinear")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"model": "m", "interpolation": interpolation}))
+    bicubic = csv_rows(tmp_path / "c.csv", dense, metrics=str(tmp_path / "bicubic.json"))
+    bilinear = csv_rows(tmp_path / "d.csv", [("atm_30", "ATM", "-", 1.4, 79.5)], metrics=str(tmp_path / "bilinear.json"))
+    with pytest.raises(SystemExit):
+        compare.cli(["--merge", str(bicubic), str(bilinear), "--no-plot"])
+    assert 'differ in interpolation "bicubic" (dense), "bilinear" (atm_30)' in capsys.readouterr().err

@@ -70,6 +70,15 @@ def test_val_missing_a_class_keeps_the_train_indices(tmp_path: Path) -> None:
     assert val_labels(datamodule(tmp_path, num_classes=3)) == [1, 2]
 
 
+def test_fewer_class_folders_than_classes_is_refused_without_class_names(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "val", ["b", "c"], per_class=1)  # "a" (index 0) has no folder anywhere
+    with pytest.raises(ValueError, match="2 class folders but the head has num_classes=3.*--data.class_names"):
+        val_labels(datamodule(tmp_path, num_classes=3))
+    names = tmp_path / "classes.txt"
+    names.write_text("a\nb\nc\n")
+    assert val_labels(datamodule(tmp_path, num_classes=3, class_names=str(names))) == [1, 2]
+
+
 @pytest.mark.shared
 def test_real_imagenet_sample_is_labelled_in_wnid_order(shared_images: Path) -> None:
     dm = ImageNetDataModule(root=str(shared_images.parent), num_workers=0)

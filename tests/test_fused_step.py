@@ -202,6 +202,8 @@ def test_fused_step_runs_at_inference_only(monkeypatch):
     with torch.no_grad():
         assert steps(lambda: model(images[:1])) == (depth, 0)
     assert steps(lambda: model(images)) == (0, 0)  # gradients recorded: the kernel has no backward
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert steps(lambda: model(images)) == (0, 0)  # autocast: bfloat16 keys, the eager step
     patch(model, _atm(), fused=True, ragged="padded")
     with torch.inference_mode():
         assert steps(lambda: model(images[:1])) == (depth, 0)
@@ -220,6 +222,10 @@ def test_fused_needs_atm_and_says_so():
         patch(model, "tome", fused=True, r=2)
     with pytest.raises(ValueError, match="ToMe has no fused step"):
         parse_method("tome:r=9,fused=true")
+    with pytest.raises(ValueError, match="batch_rule='min' has no fused step"):
+        patch(model, _atm(batch_rule="min"), fused=True)
+    patch(model, _atm(batch_rule="min"), fused="auto")  # the min rule couples the images: eager
+    assert model._merging.fused is False
 
 
 def test_fused_without_compiler_names_the_fix(monkeypatch):

@@ -41,6 +41,8 @@ def test_existing_output_and_bad_fraction_are_refused(tmp_path: Path, capsys: py
         ([str(source), str(tmp_path / "o"), "--fraction", "1"], "strictly between 0 and 1"),
         ([str(source), str(source)], "exists; choose a new folder"),
         ([str(tmp_path / "empty"), str(tmp_path / "o")], "no images in class folders"),
+        ([str(source), str(tmp_path / "o"), "--fraction", "0.0001"], "leaves train/ empty"),
+        ([str(source), str(tmp_path / "o"), "--fraction", "0.9999"], "leaves val/ empty"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             holdout_split.main(argv)

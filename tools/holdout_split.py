@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--fraction must lie strictly between 0 and 1, got {args.fraction}")
     if args.output.exists():
         parser.error(f"{args.output} exists; choose a new folder")
-    calibration, held_out = split(images(args.source), args.fraction, args.seed)
+    found = images(args.source)
+    calibration, held_out = split(found, args.fraction, args.seed)
+    if not calibration or not held_out:
+        parser.error(
+            f"--fraction {args.fraction} of {len(found)} images leaves {'train/' if not calibration else 'val/'} "
+            f"empty; choose a fraction that puts at least one image in each"
+        )
     link(calibration, args.output / "train")
     link(held_out, args.output / "val")
     print(f"{args.output}/train: {len(calibration)} images (calibrate), {args.output}/val: {len(held_out)} (report)")

@@ -86,6 +86,12 @@ def class_map(num_classes: int, folders: Sequence[str], class_names: Sequence[st
             f"found {len(names)} classes in {source} but num_classes={num_classes}; "
             "set --model.num_classes to the number of classes"
         )
+    if class_names is None and len(names) < num_classes:
+        raise ValueError(
+            f"found {len(names)} class folders but the head has num_classes={num_classes}: numbering the "
+            "folders in sorted order would shift the labels of every class after a missing one; pass "
+            "--data.class_names <file with all class folder names, one per line, in class-index order>"
+        )
     return {name: index for index, name in enumerate(names)}
 
 

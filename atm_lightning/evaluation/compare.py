@@ -260,7 +260,9 @@ def to_rows(runs: list[Run], evaluated: list[Evaluated]) -> list[Row]:
 
 
 def describe(run: Run) -> str:
-    params = {k: v for k, v in run.merger.params().items() if k not in ("method", "prop_attn", "batch_rule")}
+    params = {k: v for k, v in run.merger.params().items() if k not in ("method", "prop_attn")}
+    if params.get("batch_rule") == "exact":
+        params.pop("batch_rule")  # each image on its own: the rule every shipped point uses
     for shared in ("rerun_margin", "last_block_prefix_only"):
         if not params.get(shared):
             params.pop(shared, None)  # off: the papers' methods
@@ -292,8 +294,37 @@ def merge_tables(paths: list[Path]) -> list[Row]:
     if len(references) != 1 or len(counts) != 1:
         raise ValueError("--merge needs files measured on the same images: each with its dense row, same count and top-1")
     merged = [dense[0], *others]
+    check_made_alike(merged)
     front = pareto_front([(r.gflops, r.top1) for r in merged])
     return [replace(r, pareto=i in front) for i, r in enumerate(merged)]
+
+
+# What each row's metrics.json records of how it ran that must be one value in a merged table
+# (the weights for dense rows only: a fine-tuned checkpoint row has its own).
+MADE_ALIKE = ("model", "img_size", "crop_pct", "interpolation", "hflip")
+
+
+def check_made_alike(rows: list[Row]) -> None:
+    """Refuse rows that ran with another batch size or preprocessing: their throughput, or their
+    top-1 on the same images, would not compare. Rows whose metrics.json is gone are checked on
+    their batch size alone."""
+    seen: dict[str, dict[Any, str]] = {}
+    for row in rows:
+        settings: dict[str, Any] = {"batch_size": row.batch_size}
+        metrics = Path(row.metrics)
+        if metrics.is_file():
+            recorded = json.loads(metrics.read_text())
+            keys = (*MADE_ALIKE, "weights") if row.family == "dense" else MADE_ALIKE
+            settings |= {key: recorded.get(key) for key in keys}
+        for key, value in settings.items():
+            seen.setdefault(key, {}).setdefault(json.dumps(value), row.method)
+    differ = {key: values for key, values in seen.items() if len(values) > 1}
+    if differ:
+        detail = "; ".join(
+            f"{key} " + ", ".join(f"{value} ({method})" for value, method in values.items())
+            for key, values in differ.items()
+        )
+        raise ValueError(f"--merge needs runs made alike, but they differ in {detail}; rerun the odd ones alike")
 
 
 def row_from_csv(record: dict[str, str]) -> Row:

@@ -52,15 +52,17 @@ def is_fused_mode(value: object) -> bool:
 
 
 def fusable(policy: TokenMerger) -> bool:
-    """Whether the fused step implements ``policy``'s merge step (ATM's, with any of its options)."""
-    return type(policy) is ATM
+    """Whether the fused step implements ``policy``'s merge step: ATM's, with any of its options
+    but ``batch_rule="min"`` (the fused step merges each image on its own)."""
+    return type(policy) is ATM and policy.batch_rule == "exact"
 
 
 def check_fusable(policy: TokenMerger) -> None:
     """Fail at patch time, naming the fix, for a policy the fused step does not implement."""
     if not fusable(policy):
+        what = "batch_rule='min'" if type(policy) is ATM else type(policy).__name__
         raise ValueError(
-            f"fused=True runs ATM's threshold merge step; {type(policy).__name__} has no fused step "
+            f"fused=True runs ATM's threshold merge step for each image on its own; {what} has no fused step "
             f"(patch it with fused=False)"
         )
 

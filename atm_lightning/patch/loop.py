@@ -227,14 +227,16 @@ def match_step(
 
 
 def runs_fused(merging: Merging, state: TokenState, training: bool, pack: bool) -> bool:
-    """Whether this forward's merge steps run fused: asked for, CPU float32 at inference with
-    nothing to carry or record, and one image or a packed batch (anything else takes the eager step)."""
+    """Whether this forward's merge steps run fused: asked for, CPU float32 at inference (no
+    autocast: its keys would be bfloat16) with nothing to carry or record, and one image or a
+    packed batch (anything else takes the eager step)."""
     x = state.x
     eligible = (
         merging.fused
         and (len(x) == 1 or pack)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
         and not training
         and not torch.is_grad_enabled()
         and not merging.record
