@@ -13,6 +13,7 @@ import torch
 
 from atm_lightning.cli import main as atm_main
 from atm_lightning.evaluation import compare, plot
+from atm_lightning.merge import ATM
 from tests.helpers import CONFIGS
 
 SMALL = {"img_size": 96, "depth": 6}
@@ -203,3 +204,8 @@ def test_merge_refuses_runs_made_another_way(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         compare.cli(["--merge", str(bicubic), str(bilinear), "--no-plot"])
     assert 'differ in interpolation "bicubic" (dense), "bilinear" (atm_30)' in capsys.readouterr().err
+
+
+def test_params_show_a_batch_rule_other_than_exact() -> None:
+    assert "batch_rule=min" in compare.describe(compare.Run("atm", "ATM", ATM(batch_rule="min")))
+    assert "batch_rule" not in compare.describe(compare.Run("atm", "ATM", ATM()))

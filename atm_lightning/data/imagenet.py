@@ -31,7 +31,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     Class indices follow the model's head: with 1000 classes and no `class_names` file, folders are
     ImageNet-1k wnids in the standard order, so a folder holding only some classes is labelled right;
     otherwise sorted folder names (those of the split and of the train split, so that a val folder
-    missing some classes keeps the training indices) or the order of a `class_names` file.
+    missing some classes keeps the training indices; fewer folders than classes is an error, as
+    the numbering would be a guess) or the order of a `class_names` file.
     Eval preprocessing comes from the model's timm pretrained config; `data_config` records it.
 
     Args:
