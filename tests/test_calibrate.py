@@ -53,7 +53,15 @@ def mirrored_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def weights(vit_weights) -> Path:
-    return vit_weights(NUM_CLASSES, **SMALL)
+    path = vit_weights(NUM_CLASSES, **SMALL)
+    others = [f"other{i}" for i in range(NUM_CLASSES - len(CLASSES))]  # the head's classes without images
+    class_names(path).write_text("\n".join(CLASSES + others) + "\n")
+    return path
+
+
+def class_names(weights: Path) -> Path:
+    """The class-index order of the head, beside its weights: three classes have folders."""
+    return weights.with_suffix(".classes.txt")
 
 
 def run(*args: str) -> None:
@@ -66,6 +74,7 @@ def common(weights: Path, root: Path) -> list[str]:
         "--model.model_name", NAME,
         "--model.weights", str(weights),
         "--model.num_classes", str(NUM_CLASSES),
+        "--data.class_names", str(class_names(weights)),
         "--model.model_kwargs", json.dumps(SMALL),
         "--data.img_size", str(SMALL["img_size"]),
         "--data.root", str(root),
@@ -224,15 +233,16 @@ def small_module(weights: Path, merger) -> TokenMergingModule:
     return TokenMergingModule(NAME, weights=str(weights), num_classes=NUM_CLASSES, model_kwargs=SMALL, merger=merger)
 
 
-def small_datamodule(root: Path) -> ImageNetDataModule:
+def small_datamodule(root: Path, weights: Path) -> ImageNetDataModule:
     return ImageNetDataModule(
-        str(root), model_name=NAME, num_classes=NUM_CLASSES, img_size=SMALL["img_size"], batch_size=6, num_workers=0
-    )
+        str(root), model_name=NAME, num_classes=NUM_CLASSES, img_size=SMALL["img_size"], batch_size=6,
+        num_workers=0, class_names=str(class_names(weights)),
+    )  # fmt: skip
 
 
 def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_root, weights, monkeypatch) -> None:
     module = small_module(weights, ToMe(r=2))
-    datamodule = small_datamodule(mirrored_root)
+    datamodule = small_datamodule(mirrored_root, weights)
     samples = draw_samples(datamodule, num_images=6, seed=0)
     shapes = candidate_shapes(len(module.model.blocks))
     result = calibrate(module, datamodule, samples, shapes, target=0.3, tolerance=0.03)
@@ -277,3 +287,12 @@ def test_the_search_starts_from_the_models_own_atm_options() -> None:
     pooled = SimpleNamespace(merger=NoMerge(), model=SimpleNamespace(cls_token=None))  # average pooling
     start = calibration_run.starting_merger(pooled)
     assert start.attention_power == 0.0 and start.size_weighted and start.keep_norm and start.keys == "per_head"
+
+
+def test_calibration_without_labels_reads_folders_the_head_cannot_number(mirrored_root) -> None:
+    # 3 class folders for a 200-class head and no class_names file: no image has a knowable label.
+    datamodule = ImageNetDataModule(str(mirrored_root), model_name=NAME, num_classes=NUM_CLASSES, num_workers=0)
+    with pytest.raises(ValueError, match="3 class folders but the head has num_classes=200"):
+        draw_samples(datamodule, num_images=6, seed=0)  # --use_labels true
+    samples = draw_samples(datamodule, num_images=6, seed=0, labels_needed=False)
+    assert len(samples) == 6 and {label for _, label in samples} == {-1}

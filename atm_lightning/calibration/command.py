@@ -81,7 +81,7 @@ class CalibrationTrainer(Trainer):
         started = time.perf_counter()
         strict = starting_merger(model).attention_power > 0
         shapes = candidate_shapes(len(model.model.blocks), split_layers, decay_layers, alpha_drops, strict)
-        samples = draw_samples(datamodule, num_images, seed)
+        samples = draw_samples(datamodule, num_images, seed, labels_needed=use_labels)
         result = calibrate(
             model, datamodule, samples, shapes, target=target_reduction, tolerance=tolerance, max_evals=max_evals,
             use_labels=use_labels, rerun_fraction=rerun_fraction, device=self.strategy.root_device, progress=self.progress_bar_callback is not None,

@@ -154,10 +154,11 @@ def check_calibrate_args(
         raise ValueError(f"--num_images must be >= 1 and --max_evals >= 2; got {num_images} and {max_evals}")
 
 
-def draw_samples(datamodule: ImageNetDataModule, num_images: int, seed: int) -> list[Sample]:
-    """``num_images`` labelled training images, drawn with ``seed`` (all of them if there are fewer)."""
+def draw_samples(datamodule: ImageNetDataModule, num_images: int, seed: int, labels_needed: bool = True) -> list[Sample]:
+    """``num_images`` labelled training images, drawn with ``seed`` (all of them if there are fewer).
+    ``labels_needed=False``: images whose class index cannot be known are drawn too (label -1)."""
     try:
-        samples = datamodule.labelled_images(datamodule.train_split)
+        samples = datamodule.labelled_images(datamodule.train_split, labels_needed)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err}. Calibration chooses thresholds on training images, never on the images you report: "

@@ -57,6 +57,13 @@ def read_class_names(path: str | Path) -> list[str]:
     return names
 
 
+class UnnumberedClassesError(ValueError):
+    """Fewer class folders than the head has classes, and no ``class_names`` file to number them."""
+
+
+UNKNOWN_LABEL = -1  # an image whose class index cannot be known (see ImageNetDataModule.labelled_images)
+
+
 def class_map(num_classes: int, folders: Sequence[str], class_names: Sequence[str] | None = None) -> dict[str, int]:
     """Map class folder names to the indices of the model's head.
 
@@ -87,7 +94,7 @@ def class_map(num_classes: int, folders: Sequence[str], class_names: Sequence[st
             "set --model.num_classes to the number of classes"
         )
     if class_names is None and len(names) < num_classes:
-        raise ValueError(
+        raise UnnumberedClassesError(
             f"found {len(names)} class folders but the head has num_classes={num_classes}: numbering the "
             "folders in sorted order would shift the labels of every class after a missing one; pass "
             "--data.class_names <file with all class folder names, one per line, in class-index order>"

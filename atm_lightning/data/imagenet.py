@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 
 from .datasets import (
     ImageListDataset,
+    UNKNOWN_LABEL,
     Sample,
+    UnnumberedClassesError,
     class_folders,
     class_map,
     find_split,
@@ -181,15 +183,23 @@ class ImageNetDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def labelled_images(self, split: str) -> list[Sample]:
+    def labelled_images(self, split: str, labels_needed: bool = True) -> list[Sample]:
         """``(path, label)`` of every image of a class-folder split of ``root``, labelled as the
-        eval splits are (e.g. training images for calibration)."""
+        eval splits are (e.g. training images for calibration). ``labels_needed=False``: where the
+        folders cannot be numbered (fewer than the classes, no ``class_names``), every image gets
+        ``UNKNOWN_LABEL`` instead of an error, for work that reads the images alone."""
         folder = find_split(self.root, split, flat=False)
         names = read_class_names(self.class_names) if self.class_names is not None else None
         # Include the train split's folders so that a val folder missing some classes keeps their indices.
         train = self.root / self.train_split
         folders = set(class_folders(folder)) | (set(class_folders(train)) if train.is_dir() else set())
-        return folder_samples(folder, class_map(self.num_classes, sorted(folders), names))
+        try:
+            classes = class_map(self.num_classes, sorted(folders), names)
+        except UnnumberedClassesError:
+            if labels_needed:
+                raise
+            classes = dict.fromkeys(folders, UNKNOWN_LABEL)
+        return folder_samples(folder, classes)
 
     def eval_loader(self, samples: Sequence[Sample]) -> DataLoader:
         """These images through the eval transform, in order, in batches of ``batch_size`` (one device)."""
