@@ -50,9 +50,10 @@ def patch(
             inference; one image, or a packed batch with its images in parallel): the eager
             step's many small ops cost more than the FLOPs merging saves at small batches. Built
             with the machine's C++ compiler and ninja on first use (about 40 s, cached); the same
-            merges, tokens equal to float rounding. ATM only. ``"auto"``: where it can (the
-            first CPU inference forward builds it; where that fails, the eager step runs, with
-            one warning), and for ATM only (other methods keep their own step).
+            merges, tokens equal to float rounding. ATM with ``batch_rule="exact"`` only.
+            ``"auto"``: where it can (the first CPU inference forward builds it; where that
+            fails, the eager step runs, with one warning), and for that ATM only (other methods
+            and the ``min`` rule keep their eager step).
         **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
     """
     merger = make_merger(method, **settings)
