@@ -29,6 +29,7 @@ from .data import ImageNetDataModule
 from .data.imagenet import default_num_workers
 from .failures import failure_summary, rank_label
 from .merge import MERGERS
+from .merger_switch import merger_switch, own_defaults
 from .models import check_input_size
 from .module import TokenMergingModule
 from .results import format_table, result_row, write_metrics
@@ -97,6 +98,9 @@ class ATMCLI(LightningCLI):
         except ArgumentError as err:
             self._parse_error(parser, explain_parse_error(str(err)))
         subcommand = self.config.get("subcommand")
+        argv = sys.argv[1:] if args is None else args
+        if subcommand and isinstance(argv, list):
+            self._start_switched_merger_from_its_defaults(parser, argv, subcommand)
         if subcommand in EVAL_SUBCOMMANDS and self.config[subcommand].get("ckpt_path"):
             # LightningCLI would re-parse the checkpoint's saved hyperparameters on top of the
             # command line, silently replacing the merge settings being evaluated.
@@ -120,6 +124,20 @@ class ATMCLI(LightningCLI):
                 f"report chance-level predictions; it is for fit (fine-tuning to another label set). "
                 f"Drop it and set --model.num_classes to the classes of the weights' head",
             )
+
+    def _start_switched_merger_from_its_defaults(self, parser: LightningArgumentParser, argv: list[str], subcommand: str) -> None:
+        """See :mod:`.merger_switch`: only where the command line changed the merger's class."""
+        switch = merger_switch([str(arg) for arg in argv])
+        merger = self.config[subcommand].model.get("merger")
+        if switch is None or merger is None or not hasattr(merger, "init_args"):
+            return
+        without, name, explicit = switch
+        previous = parser.parse_args(without).get(f"{subcommand}.model.merger")
+        if str(getattr(previous, "class_path", "")).rsplit(".", 1)[-1] == name:
+            return  # the same class again: the config's settings stay, as jsonargparse keeps them
+        settings = own_defaults(name, dict(vars(merger.init_args)), explicit)
+        for key, value in settings.items():
+            merger.init_args[key] = value
 
     def _parse_error(self, parser: LightningArgumentParser, message: str) -> NoReturn:
         if self.raise_parse_errors:

@@ -368,3 +368,34 @@ def test_model_compile_option_compiles_the_blocks(tmp_path, monkeypatch, data_ro
     args = eval_args("vit_t_atm.yaml", weights, data_root, "--model.compile", "true")
     cli = ATMCLI(args=args[1:], run=False)  # instantiated, not run: compiling takes a minute
     assert cli.model.model._merging.blocks.backend == "inductor"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        # another class starts from its own defaults: not the ATM point's calibrated rerun
+        (["--model.merger", "ToMe", "--model.merger.r", "2"], {"r": 2, "rerun_margin": 0.0, "last_block_prefix_only": False}),
+        (["--model.merger=ToMe", "--model.merger.rerun_margin=0.1"], {"rerun_margin": 0.1, "last_block_prefix_only": False}),
+        (["--model.merger", "EViT"], {"prop_attn": False, "rerun_margin": 0.0}),
+        # the same class again keeps the config's settings, as jsonargparse does
+        (["--model.merger", "ATM", "--model.merger.beta", "0.03"], {"beta": 0.03, "theta_min": 0.70835, "rerun_margin": 0.0489}),
+    ],
+)
+def test_merger_named_on_the_command_line_starts_from_its_defaults(
+    tmp_path, monkeypatch, data_root, weights, extra, expected
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run(*eval_args("vit_t_atm_40.yaml", weights, data_root, *extra))
+    merger = metrics(tmp_path)["merger"]
+    assert {key: merger[key] for key in expected} == expected
+
+
+def test_merger_switch_reads_the_last_class_and_the_settings_after_it() -> None:
+    from atm_lightning.merger_switch import merger_switch
+
+    argv = ["validate", "--model.merger.r", "4", "--model.merger", "ATM", "--model.merger", "atm_lightning.ToMe",
+            "--model.merger.r=8", "--data.limit", "3", "--model.merger.init_args.prop_attn", "false"]  # fmt: skip
+    without, name, explicit = merger_switch(argv)
+    assert name == "ToMe" and explicit == {"r", "prop_attn"}
+    assert without == ["validate", "--model.merger.r", "4", "--model.merger", "ATM", "--data.limit", "3"]
+    assert merger_switch(["validate", "--model.merger", '{"class_path": "ToMe"}']) is None

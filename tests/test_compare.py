@@ -13,7 +13,7 @@ import torch
 
 from atm_lightning.cli import main as atm_main
 from atm_lightning.evaluation import compare, plot
-from atm_lightning.merge import ATM
+from atm_lightning.merge import ATM, EViT, ToMe
 from tests.helpers import CONFIGS
 
 SMALL = {"img_size": 96, "depth": 6}
@@ -209,3 +209,9 @@ def test_merge_refuses_runs_made_another_way(tmp_path, capsys) -> None:
 def test_params_show_a_batch_rule_other_than_exact() -> None:
     assert "batch_rule=min" in compare.describe(compare.Run("atm", "ATM", ATM(batch_rule="min")))
     assert "batch_rule" not in compare.describe(compare.Run("atm", "ATM", ATM()))
+
+
+def test_params_show_proportional_attention_only_against_the_methods_own_default() -> None:
+    assert "prop_attn" not in compare.describe(compare.Run("evit", "EViT", EViT()))
+    assert "prop_attn=True" in compare.describe(compare.Run("evit", "EViT", EViT(prop_attn=True)))
+    assert "prop_attn=False" in compare.describe(compare.Run("tome", "ToMe", ToMe(r=8, prop_attn=False)))

@@ -260,9 +260,11 @@ def to_rows(runs: list[Run], evaluated: list[Evaluated]) -> list[Row]:
 
 
 def describe(run: Run) -> str:
-    params = {k: v for k, v in run.merger.params().items() if k not in ("method", "prop_attn")}
+    params = {k: v for k, v in run.merger.params().items() if k != "method"}
     if params.get("batch_rule") == "exact":
         params.pop("batch_rule")  # each image on its own: the rule every shipped point uses
+    if params.get("prop_attn") == type(run.merger)().prop_attn:
+        params.pop("prop_attn")  # the method's own choice
     for shared in ("rerun_margin", "last_block_prefix_only"):
         if not params.get(shared):
             params.pop(shared, None)  # off: the papers' methods
