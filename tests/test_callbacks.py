@@ -72,3 +72,23 @@ def test_without_tensorboard_the_callbacks_stay_quiet(tmp_path: Path, data_root:
 def test_visualization_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="num_images"):
         MergeVisualizationCallback(num_images=0)
+
+
+def test_fit_writes_each_evaluation_at_lightnings_step_and_the_prefix_block_input(tmp_path: Path, train_root: Path) -> None:
+    torch.manual_seed(0)
+    merger = ToMe(r=8, last_block_prefix_only=True)  # the last block computes the class token alone
+    module = TokenMergingModule(NAME, num_classes=3, merger=merger, lr=1e-4, warmup_steps=0)
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=logger, max_epochs=2, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, num_sanity_val_steps=0, callbacks=[MergeStatsCallback()],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=ImageNetDataModule(str(train_root), model_name=NAME, num_classes=3, batch_size=2, num_workers=0))
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    # 3 optimizer steps an epoch; the HParams entry repeats the first point at its step, never at 0
+    val_steps = sorted({event.step for event in events.Scalars("val/top1")})
+    assert val_steps == [2, 5]
+    assert [event.step for event in events.Scalars("merge/gflops")] == val_steps
+    histogram = events.Histograms("merge/final_tokens")[0].histogram_value
+    assert (histogram.num, histogram.min, histogram.max) == (3, 109, 109)  # 197 - 11 * 8 enter the last block

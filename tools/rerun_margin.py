@@ -7,12 +7,14 @@ reported ones:
     python tools/rerun_margin.py tome:r=14 --weights W --data-root SPLIT --fraction 0.1
 
 prints the margin: the ``fraction`` quantile of the merged model's top-2 softmax gaps on the
-images of ``SPLIT/train`` (ViT-Ti/16 preprocessing; ``--model`` for another timm ViT).
+images of ``SPLIT/train`` (ViT-Ti/16 preprocessing; ``--model`` for another timm ViT). The
+method's own ``rerun_margin`` is taken off first: the gaps are those of the merged pass alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from atm_lightning.data import ImageNetDataModule
-from atm_lightning.merge.specs import from_spec
+from atm_lightning.evaluation.options import METHOD_HELP, parse_method
 from atm_lightning.models import create_model
 from atm_lightning.patch import patch
 from atm_lightning.patch.rerun import top2_gap
@@ -29,7 +31,7 @@ from atm_lightning.patch.rerun import top2_gap
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("method", help="a method spec, e.g. tome:r=14 or 'atm:alpha=1.0,beta=0.03,theta_min=0.7'")
+    parser.add_argument("method", help=METHOD_HELP)
     parser.add_argument("--weights", required=True, help="local .safetensors/.pth weights")
     parser.add_argument("--data-root", required=True, help="folder whose train/ holds class folders of images")
     parser.add_argument("--fraction", type=float, default=0.1, help="share of the images to run again (default 0.1)")
@@ -39,13 +41,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.0 < args.fraction < 1.0:
         parser.error(f"--fraction must lie in (0, 1), got {args.fraction}")
-    model = patch(create_model(args.model, weights=args.weights, num_classes=args.num_classes).eval(), from_spec(args.method))
+    try:
+        method = parse_method(args.method)
+    except (ValueError, FileNotFoundError) as err:  # user mistakes: one error line, not a traceback
+        parser.error(str(err))
+    merger = dataclasses.replace(method.merger, rerun_margin=0.0)  # the merged pass alone
+    model = create_model(args.model, weights=args.weights, num_classes=args.num_classes).eval()
+    patch(model, merger, ragged=method.ragged, fused=method.fused)
     data = ImageNetDataModule(
         args.data_root, model_name=args.model, num_classes=args.num_classes, batch_size=args.batch_size, num_workers=0
     )
     gaps = []
     with torch.inference_mode():
-        for images, _ in tqdm(data.eval_loader(data.labelled_images(data.train_split)), desc="merged pass"):
+        samples = data.labelled_images(data.train_split, labels_needed=False)  # the images alone
+        for images, _ in tqdm(data.eval_loader(samples), desc="merged pass"):
             gaps.append(top2_gap(model(images)))
     print(f"{float(torch.quantile(torch.cat(gaps), args.fraction)):.4g}")
 

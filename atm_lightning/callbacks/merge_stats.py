@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.aggregation import CatMetric
 
 from ..patch import merge_stats
-from ._tensorboard import stage_of, tensorboard_logger
+from ._tensorboard import logged_step, stage_of, tensorboard_logger
 
 
 class MergeStatsCallback(Callback):
@@ -17,7 +17,8 @@ class MergeStatsCallback(Callback):
     Per layer: ``merge/tokens_lNN`` (mean tokens after NN blocks; l00 is the input) and
     ``merge/kept_ratio_lNN`` (the same over the input count), drawn together by a custom-scalars
     layout; ``merge/gflops*`` and ``merge/flops_reduction``; a histogram ``merge/final_tokens`` of
-    each image's final token count (for adaptive merging the spread is the point, a mean hides it);
+    the tokens each image ended with (entering the last block where that block computes the class
+    token alone; for adaptive merging the spread is the point, a mean hides it);
     and once per run an HParams entry (model, weights, merger, preprocessing -> top1, gflops).
     Test runs use the prefix ``merge_test/``. Without a TensorBoard logger it does nothing.
     """
@@ -34,10 +35,10 @@ class MergeStatsCallback(Callback):
         self._start(pl_module)
 
     def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._final_tokens.update(merge_stats(pl_module.model).tokens[:, -1].float())
+        self._final_tokens.update(merge_stats(pl_module.model).final_tokens.float())
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        self._final_tokens.update(merge_stats(pl_module.model).tokens[:, -1].float())
+        self._final_tokens.update(merge_stats(pl_module.model).final_tokens.float())
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._gathered = self._final_tokens.compute()  # every rank: compute() is a collective under DDP
@@ -62,7 +63,7 @@ class MergeStatsCallback(Callback):
         if trainer.sanity_checking or logger is None or results is None or not trainer.is_global_zero:
             return
         writer = logger.experiment
-        step = trainer.global_step
+        step = logged_step(trainer)
         prefix = "merge" if stage == "val" else f"merge_{stage}"
         tokens = results["tokens_per_layer"]
         for layer, count in enumerate(tokens):
@@ -76,7 +77,7 @@ class MergeStatsCallback(Callback):
             self._layout_written = True
         if not self._hparams_written:
             metrics = {f"{stage}/top1": results["top1"], f"{stage}/gflops": results["gflops"]}
-            logger.log_hyperparams(_run_params(trainer, pl_module), metrics)
+            logger.log_hyperparams(_run_params(trainer, pl_module), metrics, step)  # beside the val/* point
             self._hparams_written = True
         writer.flush()
 

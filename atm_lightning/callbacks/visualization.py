@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 from ..data.images import unnormalize
 from ..patch import merge_stats, patch
 from ..vis import paint_merged_groups
-from ._tensorboard import tensorboard_logger
+from ._tensorboard import logged_step, tensorboard_logger
 
 
 class MergeVisualizationCallback(Callback):
@@ -67,7 +67,7 @@ class MergeVisualizationCallback(Callback):
             originals, source, model.patch_embed.patch_size[0], model.num_prefix_tokens
         )
         grid = make_grid(torch.cat([originals, painted]), nrow=len(originals), padding=2, pad_value=1.0)
-        logger.experiment.add_image("merge/groups", grid, trainer.global_step)
+        logger.experiment.add_image("merge/groups", grid, logged_step(trainer))
         logger.experiment.flush()
 
 

@@ -98,6 +98,13 @@ class MergeStats:
     rerun: Tensor | None = None  # [B] bool: images run again unmerged, counted in gflops (rerun_margin)
     gflops_rerun: float = 0.0  # what an image's unmerged rerun adds to its gflops (0: nothing merged, no rerun)
     fused: bool = False  # the merge steps ran the compiled kernel (patch's ``fused``), not the eager step
+    prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
+
+    @property
+    def final_tokens(self) -> Tensor:
+        """[B] the tokens each image ended with: after the last block, or entering it where that
+        block computed the prefix tokens alone (``last_block_prefix_only``)."""
+        return self.tokens[:, -2] if self.prefix_only else self.tokens[:, -1]
 
     @property
     def flops_reduction(self) -> Tensor:
@@ -133,4 +140,5 @@ def merge_stats(model: nn.Module) -> MergeStats:
         rerun=trace.rerun,
         gflops_rerun=to_gflops(rerun_macs),
         fused=trace.fused,
+        prefix_only=trace.prefix_only,
     )
