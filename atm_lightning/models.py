@@ -86,8 +86,9 @@ def _from_file(
             model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=classes, **kwargs
         )
     except RuntimeError as err:
-        if "size mismatch" in str(err):
-            raise ValueError(_mismatch_message(state, path, model_name)) from None
+        if "size mismatch" in str(err) or "Missing key(s)" in str(err):
+            model = timm.create_model(model_name, num_classes=classes, **kwargs)  # what the settings build
+            raise ValueError(_mismatch_message(state, path, model_name, model)) from None
         raise ValueError(f"the weights in {path} do not load into {model_name}: {_first_line(err)}") from err
 
 
@@ -259,7 +260,9 @@ def _lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
 
 def _check_shapes(model: nn.Module, state: dict[str, Tensor], path: Path, model_name: str) -> None:
     expected = model.state_dict()
-    if any(k in expected and expected[k].shape != v.shape for k, v in state.items()):
+    found, wanted = _Arch.of(state), _Arch.of(expected)
+    other_depth = found is not None and wanted is not None and found.depth != wanted.depth
+    if other_depth or any(k in expected and expected[k].shape != v.shape for k, v in state.items()):
         raise ValueError(_mismatch_message(state, path, model_name, model))
 
 
@@ -301,6 +304,8 @@ def _mismatch_message(
     if found is None:
         return f"weights in {path} are not a timm ViT ({len(state)} tensors, no patch_embed.proj.weight)"
     hint = "pick the matching --model.model_name, or other weights"
-    if wanted is not None and found[:3] == wanted[:3]:
+    if wanted is not None and found[:2] == wanted[:2] and found.depth != wanted.depth:
+        hint = f"set --model.model_kwargs '{{depth: {found.depth}}}' (as the weights were trained), or other weights"
+    elif wanted is not None and found[:3] == wanted[:3]:
         hint = f"set --model.num_classes {found.classes}"
     return f"weights in {path} do not fit {model_name}: the file looks like {found}, but {model_name} is {wanted}; {hint}"

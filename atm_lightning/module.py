@@ -215,6 +215,12 @@ class TokenMergingModule(LightningModule):
             raise ValueError("the cosine schedule needs a finite run: set --trainer.max_epochs or --trainer.max_steps")
         if self.trainer.train_dataloader is None:
             self.trainer.fit_loop.setup_data()  # the batch size and epoch length are read off the loader
+        if self.trainer.num_training_batches == 0:
+            batch_size = getattr(self.trainer.train_dataloader, "batch_size", None)
+            raise ValueError(
+                f"no training batch: each device's share of the training images is smaller than "
+                f"--data.batch_size {batch_size}, and a last partial batch is dropped; lower --data.batch_size"
+            )
         hp = self.hparams
         lr = hp.lr if hp.lr_base_batch is None else scaled_lr(hp.lr, self._global_batch(), hp.lr_base_batch)
         optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=lr)
@@ -233,4 +239,5 @@ class TokenMergingModule(LightningModule):
         return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def _steps_per_epoch(self) -> int:
-        return max(1, self.trainer.num_training_batches // self.trainer.accumulate_grad_batches)
+        """Optimizer steps an epoch: a last, shorter accumulation also steps, as Lightning does."""
+        return max(1, -(-self.trainer.num_training_batches // self.trainer.accumulate_grad_batches))

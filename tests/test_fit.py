@@ -469,3 +469,22 @@ def test_ddp_fork_two_ranks_train_identically(train_root: Path, tmp_path: Path) 
         assert torch.equal(value, ranks[1]["weights"][name]), name
         assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name]), name
     assert not torch.equal(ranks[0]["weights"]["head.weight"], before["head.weight"])
+
+
+def test_warmup_in_epochs_counts_the_last_shorter_accumulation(tmp_path: Path, train_root: Path) -> None:
+    # 6 training images in batches of 2: 3 batches an epoch, accumulated by 2 into 2 optimizer steps.
+    lrs: list[float] = []
+
+    class RecordLr(Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    run = trainer(tmp_path, [RecordLr()], max_epochs=2, accumulate_grad_batches=2, limit_val_batches=0)
+    run.fit(module(warmup_epochs=1.0), datamodule=datamodule(train_root))
+    steps = sorted(set(lrs), key=lrs.index)  # the lr of each optimizer step, in order
+    assert steps[:3] == pytest.approx([1e-4 / 3, 2e-4 / 3, 1e-4])  # warm-up over the 2 steps of one epoch
+
+
+def test_a_training_set_smaller_than_the_batch_is_refused(tmp_path: Path, train_root: Path) -> None:
+    with pytest.raises(ValueError, match="no training batch.*--data.batch_size 8.*lower --data.batch_size"):
+        trainer(tmp_path, max_epochs=1).fit(module(), datamodule=datamodule(train_root, batch_size=8))

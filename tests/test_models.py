@@ -169,6 +169,20 @@ def test_weights_of_another_architecture_say_what_they_are(tmp_path: Path) -> No
         create_model(NAME, weights=str(path))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "hint"),
+    [
+        ({"depth": 4}, r"4 blocks.*12 blocks.*set --model.model_kwargs '\{depth: 4\}'"),
+        ({"num_classes": 3}, r"--model.num_classes 3"),
+    ],
+)
+def test_weights_of_another_depth_or_head_name_the_setting(tmp_path: Path, kwargs, hint) -> None:
+    path = tmp_path / "trained.pth"
+    torch.save(timm.create_model(NAME, **kwargs).state_dict(), path)
+    with pytest.raises(ValueError, match=hint):
+        create_model(NAME, weights=str(path), num_classes=1000)
+
+
 def test_pretrained_offline_points_to_local_weights() -> None:
     with pytest.raises(RuntimeError, match=r"--model.weights"):
         create_model(NAME, pretrained=True)
