@@ -16,8 +16,9 @@ image and in turns, three forwards of the same model:
 
 It prints milliseconds per image (median over the runs), the speed-up of each against dense and
 the method's FLOPs ratio. The gap between the method and ``same tokens`` is what the merge step
-(with the patched block loop around it) costs. ``configs/vit_t_atm.yaml:fused=true`` times the
-compiled merge step (:mod:`atm_lightning.merge.fused`) instead of the eager one.
+(with the patched block loop around it) costs. By default (``fused=auto``) ATM's merge step runs
+compiled where it can be built (:mod:`atm_lightning.merge.fused`); ``configs/vit_t_atm.yaml:fused=false``
+times the eager step.
 """
 
 from __future__ import annotations
