@@ -179,25 +179,23 @@ class ATMCLI(LightningCLI):
         count = set_threads(threads, 0 if workers_idle else workers, devices)
         self.threads = {"threads": count, "num_workers": workers}
 
-    def _check_input_size(self) -> None:
+    def _before_run(self, workers_idle: bool = False) -> None:
+        """Refuse images the model was not built for, before any is read; then set the threads."""
         input_size = self.datamodule.data_config["input_size"][1:]
         check_input_size(self.model.model, input_size, self.model.hparams.model_name)
+        self._set_threads(workers_idle)
 
     def before_fit(self) -> None:
-        self._check_input_size()
-        self._set_threads()
+        self._before_run()
 
     def before_validate(self) -> None:
-        self._check_input_size()
-        self._set_threads()
+        self._before_run()
 
     def before_test(self) -> None:
-        self._check_input_size()
-        self._set_threads()
+        self._before_run()
 
     def before_calibrate(self) -> None:
-        self._check_input_size()
-        self._set_threads(workers_idle=True)
+        self._before_run(workers_idle=True)
 
     def calibrate(self, **options: Any) -> Calibration:
         """Run ``trainer.calibrate``; the calibrated file is this very config with a new merger,

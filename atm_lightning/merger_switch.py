@@ -21,16 +21,21 @@ BY_NAME = {cls.__name__: cls for cls in MERGERS.values()}
 def merger_switch(argv: list[str]) -> tuple[list[str], str, set[str]] | None:
     """For the last ``--model.merger CLASS`` of ``argv`` (a class name or path, not a mapping):
     ``argv`` without it and the merger settings after it, the class name, and those settings' names."""
-    position, name = None, None
+    position, name, width = None, None, 0
     for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith(SWITCH + "=") else (argv[i + 1] if arg == SWITCH and i + 1 < len(argv) else None)
-        if value is not None and not value.lstrip().startswith("{"):
-            position, name = i, value.rsplit(".", 1)[-1]
+        if arg.startswith(SWITCH + "="):
+            value, span = arg.split("=", 1)[1], 1
+        elif arg == SWITCH and i + 1 < len(argv):
+            value, span = argv[i + 1], 2
+        else:
+            continue
+        if not value.lstrip().startswith("{"):  # a mapping gives every setting itself
+            position, name, width = i, value.rsplit(".", 1)[-1], span
     if position is None:
         return None
-    before, after = argv[:position], argv[position + (1 if "=" in argv[position] else 2) :]
+    before, after = argv[:position], argv[position + width :]
     explicit, rest, skip = set(), [], False
-    for i, arg in enumerate(after):
+    for arg in after:
         if skip:
             skip = False
             continue
