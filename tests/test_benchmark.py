@@ -53,10 +53,10 @@ def test_parse_method_reads_inline_specs(spec: str, cls: type, expected: dict) -
     assert {key: params[key] for key in expected} == expected
 
 
-def test_parse_method_reads_the_ragged_execution_mode() -> None:
-    assert parse_method("atm:theta_min=0.8").ragged == "packed"
-    method = parse_method("atm:theta_min=0.8,ragged=padded")
-    assert method.ragged == "padded" and method.merger.theta_min == 0.8
+def test_parse_method_reads_the_execution_options() -> None:
+    assert parse_method("atm:theta_min=0.8").attention == "sdpa"
+    method = parse_method("atm:theta_min=0.8,attention=flex,fused=false")
+    assert method.attention == "flex" and method.fused is False and method.merger.theta_min == 0.8
     assert parse_method("evit:keep_rate=0.7").merger.keep_rate == 0.7
 
 
@@ -81,7 +81,7 @@ def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> No
         ("tome:r=-1", "non-negative"),
         ("atm:alpha=0.5,theta_min=0.9", "must be >= theta_min"),
         ("atm:alpha=high", "finite number"),
-        ("atm:ragged=nested", "ragged must be one of"),
+        ("atm:attention=nested", "attention must be one of"),
     ],
 )
 def test_parse_method_rejects_bad_specs(spec: str, message: str) -> None:

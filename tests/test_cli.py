@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from atm_lightning import ATM, NoMerge, ToMe, patch
+from atm_lightning.patch.compiled import compiled_block
 from atm_lightning.cli import ATMCLI, main, run_name
 from atm_lightning.data import ImageNetDataModule
 from atm_lightning.threads import available_cpus, default_threads
@@ -367,7 +368,7 @@ def test_model_compile_option_compiles_the_blocks(tmp_path, monkeypatch, data_ro
     monkeypatch.chdir(tmp_path)
     args = eval_args("vit_t_atm.yaml", weights, data_root, "--model.compile", "true")
     cli = ATMCLI(args=args[1:], run=False)  # instantiated, not run: compiling takes a minute
-    assert cli.model.model._merging.blocks.backend == "inductor"
+    assert cli.model.model._merging.run_block is compiled_block("inductor")
 
 
 @pytest.mark.parametrize(

@@ -9,87 +9,88 @@ import torch
 import torch.nn.functional as F
 
 from atm_lightning import UnsupportedModelError, merge_stats, patch
-from atm_lightning.merge import (
-    ATM,
-    alternating_split,
-    best_matches,
-    effective_matches,
-    merge_tokens,
-    pair_weight,
-    per_head_keys,
-    size_sorted_split,
-)
+from atm_lightning.merge import ATM, alternating_split, best_matches, key_features, padding_mask, pair_weight, size_split
 from tests.helpers import ATM_LENIENT, blocky_images, make_vit
 
 
 def _batch(seed: int = 0, batch: int = 3, n: int = 11, dim: int = 8):
     g = torch.Generator().manual_seed(seed)
-    keys = torch.randn(batch, n, dim, generator=g)
+    keys = F.normalize(torch.randn(batch, n, dim, generator=g, dtype=torch.double), dim=-1)
     size = torch.randint(1, 6, (batch, n), generator=g).double()
     size[0, -3:] = 0  # image 0 has padding
     return keys, size
 
 
-def test_fresh_patches_keep_their_cosine_and_padding_stays_masked():
+def _masks(size: torch.Tensor):
+    neg = padding_mask(torch.log(size)[:, None, None], True)
+    return neg, (size[:, 1:] > 0).sum(1)
+
+
+def test_fresh_patches_keep_their_cosine():
     keys, _ = _batch()
     size = torch.ones(keys.shape[:2], dtype=torch.double)
-    size[0, -3:] = 0
-    split = alternating_split(size > 0, 1)
-    matches = best_matches(keys, split)
+    split = alternating_split(keys.shape[1], 1, keys.device)
     weight = pair_weight(split, size, size_weighted=True)
-    got = effective_matches(matches, split, weight)
-    real = split.a_ok[:, :, None] & split.b_ok[:, None, :]
-    assert torch.equal(got.scores[real], matches.scores[real])
-    assert torch.equal(got.similarity, matches.similarity)
-    assert torch.isneginf(got.scores[~real[:, :1, :].expand_as(real) & ~real]).all()
+    torch.testing.assert_close(weight, torch.ones_like(weight))
+    rows, cols = split.take(keys)
+    plain = best_matches(rows, cols, 1.0, None)
+    weighted = best_matches(rows, cols, 1.0, None, weight)
+    torch.testing.assert_close(weighted.score - weighted.offset, plain.score)
+    assert torch.equal(weighted.dst, plain.dst)
 
 
-def test_size_weighting_is_theorem_1_over_cosine():
-    """Effective similarity = 1 - (1 - cos) * 2 n_a n_b / (n_a + n_b), computed pair by pair."""
+@pytest.mark.parametrize("attention_power", [0.0, 0.5, 1.0])
+def test_weights_are_theorem_1_and_attention_share_over_cosine(attention_power):
+    """Effective similarity = 1 - (1 - cos) * w, w = 2 n_a n_b / (n_a + n_b) * (M a_pair)^p, pair by pair."""
     keys, size = _batch(1)
-    split = size_sorted_split(size, 1)
-    matches = best_matches(keys, split)
-    got = effective_matches(matches, split, pair_weight(split, size, size_weighted=True))
-    unit = F.normalize(keys, dim=-1)
+    neg, free = _masks(size)
+    split = size_split(size, free, 1, neg)
+    g = torch.Generator().manual_seed(4)
+    attention = torch.rand(size.shape, generator=g, dtype=torch.double) * (size > 0)
+    attention = attention / attention.sum(1, keepdim=True)
+    weight = pair_weight(split, size, True, attention if attention_power else None, attention_power, free)
+    rows, cols = split.take(keys)
+    got = best_matches(rows, cols, 1.0, split.col_mask, weight)
     for b in range(keys.shape[0]):
-        for i in range(split.a_idx.shape[1]):
-            if not split.a_ok[b, i]:
-                assert got.similarity[b, i] == -math.inf
+        m = int(free[b])
+        for i in range(split.num_rows):
+            if not split.row_ok[b, i]:
                 continue
             best = -math.inf
-            for j in range(split.b_idx.shape[1]):
-                if not split.b_ok[b, j]:
+            for j in range(split.col_pos.shape[1]):
+                if split.col_mask[b, 0, j] != 0:
                     continue
-                pa, pb = int(split.a_idx[b, i]), int(split.b_idx[b, j])
-                cos = float(unit[b, pa] @ unit[b, pb])
+                pa, pb = int(split.row_pos[b, i]), int(split.col_pos[b, j])
+                cos = float(keys[b, pa] @ keys[b, pb])
                 na, nb = float(size[b, pa]), float(size[b, pb])
-                want = 1 - (1 - cos) * 2 * na * nb / (na + nb)
-                assert float(got.scores[b, i, j]) == pytest.approx(want, abs=1e-5)
-                best = max(best, want)
-            assert float(got.similarity[b, i]) == pytest.approx(best, abs=1e-5)
+                w = 2 * na * nb / (na + nb)
+                if attention_power:
+                    share = m * (float(attention[b, pa]) * nb + float(attention[b, pb]) * na) / (na + nb)
+                    w *= max(share, 1e-6) ** attention_power
+                best = max(best, 1 - (1 - cos) * w)
+            assert float(got.score[b, i] - got.offset) == pytest.approx(best, abs=1e-5)
 
 
 def test_uniform_attention_weighs_one_and_attention_makes_tokens_dearer():
     keys, _ = _batch(2)
     size = torch.ones(keys.shape[:2], dtype=torch.double)
-    split = alternating_split(size > 0, 1)
-    unprotected = torch.full((keys.shape[0],), keys.shape[1] - 1)
-    uniform = torch.full(size.shape, 1.0 / (keys.shape[1] - 1), dtype=torch.double)
+    split = alternating_split(keys.shape[1], 1, keys.device)
+    unprotected = keys.shape[1] - 1
+    uniform = torch.full(size.shape, 1.0 / unprotected, dtype=torch.double)
     weight = pair_weight(split, size, False, uniform, 0.5, unprotected)
     torch.testing.assert_close(weight, torch.ones_like(weight))
     # Seven times the average attention on one destination: with an average source the pair's
     # share is (1 + 7) / 2 = 4 times the average, so its dissimilarity doubles at power 0.5.
     focused = uniform.clone()
-    dst = int(split.b_idx[0, 0])
-    focused[0, dst] *= 7
+    focused[0, int(split.col_pos[0, 0])] *= 7
     weight = pair_weight(split, size, False, focused, 0.5, unprotected)
     torch.testing.assert_close(weight[0, :, 0], torch.full_like(weight[0, :, 0], 2.0))
-    assert torch.equal(weight[1:], torch.ones_like(weight[1:]))
+    torch.testing.assert_close(weight[1:], torch.ones_like(weight[1:]))
 
 
 def test_attention_weighting_needs_the_attention():
     keys, size = _batch()
-    split = alternating_split(size > 0, 1)
+    split = alternating_split(keys.shape[1], 1, keys.device)
     with pytest.raises(ValueError, match="class token's attention"):
         pair_weight(split, size, False, None, 0.5, None)
 
@@ -97,28 +98,10 @@ def test_attention_weighting_needs_the_attention():
 def test_per_head_keys_compare_by_the_mean_of_head_cosines():
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(2, 3, 7, 4, generator=g)  # [B, H, N, d]
-    metric = per_head_keys(keys)
-    assert metric.shape == (2, 7, 12)
-    got = F.normalize(metric, dim=-1) @ F.normalize(metric, dim=-1).transpose(1, 2)
+    rows, scale = key_features(keys, per_head=True)
+    assert rows.shape == (2, 7, 12)
     unit = F.normalize(keys, dim=-1)
-    want = (unit @ unit.transpose(-1, -2)).mean(1)
-    torch.testing.assert_close(got, want)
-
-
-def test_keep_norm_gives_merged_tokens_the_mean_length_of_their_parts():
-    x = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])  # protected token first
-    size = torch.tensor([[1.0, 1.0, 2.0, 1.0]])
-    split = alternating_split(size > 0, 1)  # sources at positions 2 (size 2), destinations 1, 3
-    keys = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.1], [0.0, 1.0]]])
-    matches = best_matches(keys, split)  # position 2 matches position 1
-    selected = torch.tensor([[True]])
-    plain = merge_tokens(x, size, None, split, matches, selected, 1)
-    kept = merge_tokens(x, size, None, split, matches, selected, 1, keep_norm=True)
-    mean = torch.tensor([3.0, 2.0]) / 3  # (1 * [3, 0] + 2 * [0, 1]) / 3
-    length = (1 * 3.0 + 2 * 1.0) / 3
-    torch.testing.assert_close(plain.x[0, -2], mean)  # destinations last, in position order
-    torch.testing.assert_close(kept.x[0, -2], mean / mean.norm() * length)
-    assert torch.equal(kept.x[0, -1], x[0, 3]) and torch.equal(kept.size, plain.size)
+    torch.testing.assert_close(rows @ rows.transpose(1, 2) * scale, (unit @ unit.transpose(-1, -2)).mean(1))
 
 
 def test_atm_defaults_are_the_papers_method():
@@ -140,22 +123,20 @@ REFINED = {"keys": "per_head", "size_weighted": True, "attention_power": 0.5, "k
 
 
 @torch.no_grad()
-def test_refined_costs_in_a_patched_model_pack_batch_and_threshold_exactly():
-    """Packed == padded, batch == single images, and every merged pair was above its threshold
+def test_refined_costs_in_a_patched_model_batch_and_threshold_exactly():
+    """A batch merges every image as it merges alone, and every merged pair was above its threshold
     by the effective similarity the policy compared."""
     model = make_vit("deit_tiny_patch16_224")
     images = blocky_images(6, seed=5)
     settings = ATM_LENIENT | REFINED
-    patch(model, "atm", ragged="padded", record_merges=True, **settings)
+    patch(model, "atm", record_merges=True, **settings)
     padded = model(images)
     expected = merge_stats(model)
     assert (expected.tokens[:, -1] < expected.tokens[:, 0]).all()
     for record in expected.layers:
         merged = record.selected
         assert (record.similarity[merged] > record.threshold).all()
-    patch(model, "atm", ragged="packed", **settings)
-    torch.testing.assert_close(model(images), padded, atol=1e-4, rtol=1e-4)
-    assert torch.equal(merge_stats(model).tokens, expected.tokens)
+    patch(model, "atm", fused=False, **settings)
     for i in range(len(images)):
         torch.testing.assert_close(model(images[i : i + 1]), padded[i : i + 1], atol=1e-4, rtol=1e-4)
         assert torch.equal(merge_stats(model).tokens[0], expected.tokens[i])

@@ -85,20 +85,6 @@ def test_exact_rule_is_batch_independent(family, images):
         torch.testing.assert_close(single[0], logits[i], atol=1e-4, rtol=1e-4)
 
 
-@torch.no_grad()
-def test_packed_equals_padded(family, images):
-    model = FAMILIES[family]()
-    patch(model, "atm", ragged="padded", **LENIENT)
-    padded = model(images)
-    expected = merge_stats(model)
-    patch(model, "atm", ragged="packed", **LENIENT)
-    packed = model(images)
-    stats = merge_stats(model)
-    assert torch.equal(stats.tokens, expected.tokens) and torch.equal(stats.size, expected.size)
-    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
-    assert (padded.std(0) > 1e-2).any()  # the logits carry signal: the comparison means something
-
-
 @pytest.mark.parametrize("method", ["tome", "atm"])
 @torch.no_grad()
 def test_flops_match_the_counter(family, method):
@@ -109,8 +95,8 @@ def test_flops_match_the_counter(family, method):
     patch(model, "none")
     dense = counted_macs(model, image)
     assert dense == round(merge_stats(model).gflops_dense * 1e9)
-    patch(model, method, **({"r": 16} if method == "tome" else LENIENT))
+    patch(model, method, fused=False, **({"r": 16} if method == "tome" else LENIENT))  # the counter sees torch ops only
     counted = counted_macs(model, image)
     stats = merge_stats(model)
     assert stats.tokens[0, -1] < stats.tokens[0, 0]
-    assert counted == round((stats.gflops[0].item() + stats.gflops_matching[0].item()) * 1e9)
+    assert counted == round(stats.gflops[0].item() * 1e9)

@@ -1,4 +1,4 @@
-"""Pure merging functions: splits, selection, weighted merge, Theorem 1 (no timm)."""
+"""Pure merging functions: splits, matching, selection, the merge plan and the move, Theorem 1 (no timm)."""
 
 from __future__ import annotations
 
@@ -13,95 +13,89 @@ from atm_lightning.merge import (
     EViT,
     NoMerge,
     ToMe,
+    TokenState,
     alternating_split,
     batch_min,
     best_matches,
     class_attention,
     keep_count,
+    key_features,
     make_merger,
+    match_step,
     merge_error,
-    merge_tokens,
-    prune_inattentive,
-    size_sorted_split,
+    padding_mask,
+    plan,
+    prune_step,
+    size_split,
     threshold_schedule,
     top_r,
 )
-from atm_lightning.merge import with_trash_row
+from atm_lightning.merge.merging import alternating_group_keys, mean_tokens, move_matrix
+
+INF = float("inf")
 
 
 def test_alternating_split_matches_tome_positions():
-    valid = torch.ones(1, 8, dtype=torch.bool)
-    split = alternating_split(valid, num_protected=1)
-    assert split.a_idx.tolist() == [[2, 4, 6]]
-    assert split.b_idx.tolist() == [[1, 3, 5, 7]]
+    split = alternating_split(8, protected=1, device=torch.device("cpu"))
+    assert split.row_pos.tolist() == [[2, 4, 6]]
+    assert split.col_pos.tolist() == [[1, 3, 5, 7]]
     # Two protected tokens (class + distillation) are excluded from both sets.
-    split = alternating_split(valid, num_protected=2)
-    assert split.a_idx.tolist() == [[2, 4, 6]]
-    assert split.b_idx.tolist() == [[3, 5, 7]]
+    split = alternating_split(8, protected=2, device=torch.device("cpu"))
+    assert split.row_pos.tolist() == [[2, 4, 6]] and split.col_pos.tolist() == [[3, 5, 7]]
     # The slices name the same positions, for every protected count (registers: up to 5).
-    positions = torch.arange(9)
+    values = torch.arange(9)[None]
     for protected in range(6):
-        split = alternating_split(torch.ones(2, 9, dtype=torch.bool), num_protected=protected)
-        assert positions[split.a_slice].tolist() == split.a_idx[0].tolist()
-        assert positions[split.b_slice].tolist() == split.b_idx[0].tolist()
+        split = alternating_split(9, protected, torch.device("cpu"))
+        rows, cols = split.take(values)
+        assert rows.tolist() == split.row_pos.tolist() and cols.tolist() == split.col_pos.tolist()
+        assert set(rows[0].tolist()) | set(cols[0].tolist()) == set(range(protected, 9))
 
 
-def test_alternating_split_points_padding_at_trash_slot():
-    valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3])
-    split = alternating_split(valid, num_protected=1)
-    assert split.a_ok.tolist() == [[True, True, True], [True, True, False]]
-    assert split.a_idx[1].tolist() == [2, 4, 8]
-    assert split.b_idx[1].tolist() == [1, 3, 8, 8]
-
-
-def test_size_sorted_split_takes_smaller_half_as_sources():
+def test_size_split_takes_each_images_smaller_half_as_sources():
     torch.manual_seed(0)
     size = torch.randint(1, 6, (4, 15)).float()
     size[2, 11:] = 0  # padding
     size[3, 6:] = 0
-    split = size_sorted_split(size, num_protected=1)
-    for i in range(size.shape[0]):
-        m = int((size[i, 1:] > 0).sum())
-        a = split.a_idx[i][split.a_ok[i]]
-        b = split.b_idx[i][split.b_ok[i]]
-        assert len(a) == math.ceil(m / 2) and len(b) == m // 2
-        assert set(a.tolist()) | set(b.tolist()) == set(range(1, m + 1))
-        assert size[i, a].max() <= size[i, b].min()
-    # Stable: equal sizes keep position order.
-    split = size_sorted_split(torch.ones(1, 7), num_protected=1)
-    assert split.a_idx.tolist() == [[1, 2, 3]] and split.b_idx.tolist() == [[4, 5, 6]]
+    free = (size[:, 1:] > 0).sum(1)
+    split = size_split(size, free, protected=1, neg=padding_mask(torch.log(size)[:, None, None], True))
+    for i in range(4):
+        m = int(free[i])
+        rows = split.row_pos[i][split.row_ok[i]].tolist()
+        cols = split.col_pos[i][split.col_mask[i, 0] == 0].tolist()
+        assert len(rows) == math.ceil(m / 2) and len(cols) == m // 2
+        assert set(rows) | set(cols) == set(range(1, m + 1))
+        assert size[i, rows].max() <= size[i, cols].min()
+    # Stable: equal sizes keep position order; one count for every image needs no row mask.
+    split = size_split(torch.ones(1, 7), 6, protected=1, neg=None)
+    assert split.row_pos.tolist() == [[1, 2, 3]] and split.row_ok is None
+    assert split.col_pos[0][split.col_mask[0, 0] == 0].tolist() == [4, 5, 6]
 
 
-def test_best_matches_masks_missing_slots():
-    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.9, 0.1], [0.0, 0.0]]])
-    valid = torch.tensor([[True, True, True, True, False]])
-    split = alternating_split(valid, num_protected=1)  # A = [2, 4(pad)], B = [1, 3]
-    matches = best_matches(with_trash_row(metric), split)
-    assert matches.similarity[0, 1] == float("-inf")
-    cos_2_3 = (0.1) / math.sqrt(0.82)
-    assert matches.similarity[0, 0].item() == pytest.approx(cos_2_3, abs=1e-6)
-    assert split.b_idx[0, matches.dst[0, 0]].item() == 3
+def test_key_features_are_unit_rows_whose_products_are_similarities():
+    torch.manual_seed(1)
+    keys = torch.randn(2, 3, 5, 4)  # [B, H, N, d]
+    rows, scale = key_features(keys, per_head=False)
+    mean = torch.nn.functional.normalize(keys.mean(1), dim=-1)
+    torch.testing.assert_close(rows @ rows.transpose(1, 2) * scale, mean @ mean.transpose(1, 2))
+    rows, scale = key_features(keys, per_head=True)
+    heads = torch.nn.functional.normalize(keys, dim=-1)
+    torch.testing.assert_close(rows @ rows.transpose(1, 2) * scale, (heads @ heads.transpose(-1, -2)).mean(1))
 
 
-def test_matches_keep_every_score_and_find_destinations_lazily():
-    """Similarity is the row maximum over real destinations; ``dst_of`` equals the full ``dst``."""
-    torch.manual_seed(2)
-    size = torch.ones(4, 15)
-    size[1, 10:] = 0
-    size[3, 4:] = 0
-    split = alternating_split(size > 0, num_protected=1)
-    matches = best_matches(torch.randn(4, 15, 6), split)
-    real_scores = matches.scores.masked_fill(~split.a_ok[..., None], float("-inf"))
-    values, indices = real_scores.max(dim=-1)
-    assert torch.equal(matches.similarity, values)
-    assert torch.equal(matches.dst[split.a_ok], indices[split.a_ok])
-    assert (matches.scores[~split.b_ok[:, None, :].expand_as(matches.scores)] == float("-inf")).all()
-    image, slot = split.a_ok.nonzero().unbind(1)
-    assert torch.equal(matches.dst_of(image, slot), matches.dst[image, slot])
-    assert matches.dst_of(image[:0], slot[:0]).shape == (0,)
-    # Ties go to the first destination, as in max(dim).
-    tie = best_matches(torch.ones(1, 5, 2), alternating_split(torch.ones(1, 5, dtype=bool), 1))
-    assert tie.dst.tolist() == [[0, 0]] and tie.dst_of(torch.tensor([0]), torch.tensor([1])).tolist() == [0]
+def test_best_matches_masks_columns_and_breaks_ties_to_the_first():
+    rows = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), dim=-1)
+    cols = torch.nn.functional.normalize(torch.tensor([[[1.0, 0.1], [1.0, 0.1], [0.0, 1.0]]]), dim=-1)
+    matches = best_matches(rows, cols, 1.0, None)
+    assert matches.dst.tolist() == [[0, 2]] and matches.offset == 0.0  # ties go to the first column
+    mask = torch.tensor([[[-INF, 0.0, -INF]]])
+    matches = best_matches(rows, cols, 1.0, mask)
+    assert matches.dst.tolist() == [[1, 1]]
+    # With weights the score is the effective similarity minus one: 1 - (1 - cos) * w - 1.
+    weight = torch.full((1, 2, 3), 2.0)
+    weighted = best_matches(rows, cols, 1.0, mask, weight)
+    cos = (rows @ cols.transpose(1, 2))[0, :, 1]
+    torch.testing.assert_close(weighted.score[0], -(1 - cos) * 2)
+    assert weighted.offset == -1.0
 
 
 def test_threshold_schedule_follows_formula_and_floor():
@@ -115,116 +109,113 @@ def test_threshold_schedule_follows_formula_and_floor():
 
 
 def test_top_r_and_batch_min():
-    sim = torch.tensor([[0.9, 0.1, 0.95, float("-inf")], [0.2, 0.99, 0.3, 0.98]])
-    assert top_r(sim, 2).tolist() == [[True, False, True, False], [False, True, False, True]]
-    # r larger than the real slots never selects a missing slot.
-    assert top_r(sim, 4)[0].tolist() == [True, True, True, False]
-    above = sim > 0.5  # counts 2 and 2
-    chosen = batch_min(sim > 0.92, sim)  # counts 1 and 2 -> each image merges its single best
+    score = torch.tensor([[0.9, 0.1, 0.95, -INF], [0.2, 0.99, 0.3, 0.98]])
+    assert top_r(score, 2).tolist() == [[True, False, True, False], [False, True, False, True]]
+    assert top_r(score, torch.tensor([1, 3])).tolist() == [[False, False, True, False], [False, True, True, True]]
+    chosen = batch_min(score > 0.92, score)  # counts 1 and 2 -> each image merges its single best
     assert chosen.tolist() == [[False, False, True, False], [False, True, False, False]]
-    assert (sim[chosen] > 0.92).all()
-    assert batch_min(above, sim).sum(1).tolist() == [2, 2]
+    assert batch_min(score > 0.5, score).sum(1).tolist() == [2, 2]
 
 
-def test_merge_tokens_weighted_mean_sizes_and_order():
-    x = torch.tensor([[[10.0], [1.0], [2.0], [3.0], [4.0], [5.0]]])
-    size = torch.tensor([[1.0, 1.0, 3.0, 1.0, 1.0, 1.0]])
-    valid = size > 0
-    split = alternating_split(valid, num_protected=1)  # A = [2, 4], B = [1, 3, 5]
-    metric = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]]])
-    matches = best_matches(with_trash_row(metric), split)
-    selected = torch.tensor([[True, False]])  # merge position 2 (size 3) into its match, position 1
-    source = torch.eye(6).expand(1, 6, 6)
-    out = merge_tokens(x, size, source, split, matches, selected, num_protected=1)
-    # Order: protected, unmerged sources (position 4), destinations (1, 3, 5).
-    assert out.count.tolist() == [5]
-    assert out.size.tolist() == [[1.0, 1.0, 4.0, 1.0, 1.0]]
-    assert out.x[0, :, 0].tolist() == pytest.approx([10.0, 4.0, (1.0 + 3 * 2.0) / 4, 3.0, 5.0])
-    assert out.source[0, 2].tolist() == [0, 1, 1, 0, 0, 0]
-    assert out.source.sum(1).tolist() == [[1.0] * 6]
+def test_plan_orders_protected_sources_destinations_and_leaves_unmerged_images_as_they_were():
+    # Image 0: position 2 (a source) merges into 1; image 1 merges nothing; image 2 is padded.
+    size = torch.tensor([[1.0, 1, 3, 1, 1, 1], [1.0, 1, 1, 1, 1, 1], [1.0, 2, 1, 1, 0, 0]])
+    target = torch.arange(6).repeat(3, 1)
+    target[0, 2] = 1
+    target[2, 2] = 3
+    keys = alternating_group_keys(6, 1, torch.device("cpu"))
+    moves = plan(size, target, keys, torch.tensor([5, 5, 3]), protected=1, merges=None)
+    assert moves.width is None and int(moves.widest()) == 5 and moves.free.tolist() == [4, 5, 2]
+    # Output rows: protected, unmerged source 4, destinations 1, 3, 5 (source 2 goes with 1) ...
+    assert moves.out_row[0].tolist() == [0, 2, 2, 3, 1, 4]
+    assert moves.out_row[1].tolist() == [0, 1, 2, 3, 4, 5]  # ... nothing merged: the order as it was ...
+    assert moves.out_row[2, :4].tolist() == [0, 1, 2, 2]  # ... and padding past the image's tokens
+    assert (moves.out_row[2, 4:] >= 3).all()
+    new_size = move_matrix(moves, size, 6).sum(-1)
+    assert new_size.tolist() == [[1, 1, 4, 1, 1, 0], [1, 1, 1, 1, 1, 1], [1, 2, 2, 0, 0, 0]]
+    # The width shrinks to the widest image once nobody holds more.
+    narrow = plan(size[[0, 2]], target[[0, 2]], keys, torch.tensor([5, 3]), protected=1, merges=None)
+    assert int(narrow.widest()) + 1 == 5 and move_matrix(narrow, size[[0, 2]], 5).shape == (2, 5, 6)
 
 
-def test_merge_conserves_mass_and_pads_ragged_images():
-    torch.manual_seed(1)
-    x = torch.randn(3, 11, 4)
-    size = torch.randint(1, 4, (3, 11)).float()
-    split = alternating_split(size > 0, num_protected=1)
-    matches = best_matches(with_trash_row(torch.randn(3, 11, 8)), split)
-    selected = torch.tensor([[True] * 5, [False] * 5, [True, False, True, False, False]])
-    out = merge_tokens(x, size, None, split, matches, selected, num_protected=1)
-    assert out.count.tolist() == [6, 11, 9]
-    assert out.x.shape[1] == 11
-    assert (out.size[0, 6:] == 0).all() and (out.size[2, 9:] == 0).all()
-    torch.testing.assert_close(out.size.sum(1), size.sum(1))
-    torch.testing.assert_close((out.x * out.size[..., None]).sum(1), (x * size[..., None]).sum(1))
-    # An image that merges nothing is returned exactly as it came, order included.
-    assert torch.equal(out.x[1], x[1]) and torch.equal(out.size[1], size[1])
+def test_mean_tokens_are_size_weighted_means_and_conserve_mass():
+    torch.manual_seed(2)
+    size = torch.tensor([[1.0, 1, 3, 1, 1, 1], [1.0, 2, 1, 1, 0, 0]])
+    x = torch.randn(2, 6, 4) * (size > 0)[..., None]
+    target = torch.arange(6).repeat(2, 1)
+    target[0, 2], target[0, 4], target[1, 2] = 1, 1, 1
+    moves = plan(size, target, alternating_group_keys(6, 1, x.device), torch.tensor([5, 3]), 1, None)
+    matrix = move_matrix(moves, size, 6)
+    new_size = matrix.sum(-1)
+    out = mean_tokens(x, matrix, new_size)
+    torch.testing.assert_close((out * new_size[..., None]).sum(1), (x * size[..., None]).sum(1))
+    merged = (x[0, 1] + 3 * x[0, 2] + x[0, 4]) / 5  # both sources of image 0 went to destination 1
+    assert moves.out_row[0].tolist() == [0, 1, 1, 2, 1, 3]
+    torch.testing.assert_close(out[0, 1], merged)
+    torch.testing.assert_close(out[0, 2], x[0, 3])
+    assert out[1, 3:].abs().sum() == 0 and (new_size[1, 3:] == 0).all()  # padding stays zero
+    # keep_norm: merged tokens at their parts' size-weighted mean length, others untouched.
+    kept = mean_tokens(x, matrix, new_size, keep_norm=True)
+    length = (x[0, 1].norm() + 3 * x[0, 2].norm() + x[0, 4].norm()) / 5
+    torch.testing.assert_close(kept[0, 1].norm(), length)
+    torch.testing.assert_close(kept[0, 1] / kept[0, 1].norm(), merged / merged.norm())
+    torch.testing.assert_close(kept[0, 2], x[0, 3])
 
 
-def _merge_one_image(x, size, source, split, matches, selected, b, protected):
-    """Straightforward per-image merge: the definition merge_tokens must equal."""
-    a_pos = [int(p) for p, ok in zip(split.a_idx[b], split.a_ok[b]) if ok]
-    b_pos = [int(p) for p, ok in zip(split.b_idx[b], split.b_ok[b]) if ok]
-    chosen = {a_pos[i]: b_pos[int(matches.dst[b, i])] for i in range(len(a_pos)) if selected[b, i]}
-    prefix = [p for p in range(protected) if size[b, p] > 0]
-    rest = [p for p in a_pos if p not in chosen]
-    order = prefix + rest + b_pos if chosen else sorted(prefix + rest + b_pos)
-    rows, sizes, sources = [], [], []
-    for p in order:
-        takers = [a for a, d in chosen.items() if d == p]
-        total = size[b, p] + sum(size[b, a] for a in takers)
-        if takers:
-            rows.append((size[b, p] * x[b, p] + sum(size[b, a] * x[b, a] for a in takers)) / total)
-        else:
-            rows.append(x[b, p])
-        sizes.append(total)
-        if source is not None:
-            sources.append(source[b, p] + sum((source[b, a] for a in takers), torch.zeros_like(source[b, p])))
-    return torch.stack(rows), torch.stack(sizes), torch.stack(sources) if sources else None
+def _apply(move):
+    """The move applied at the width the host knows or reads."""
+    width = move.plan.width if move.plan.width is not None else int(move.plan.widest()) + move.tokens.protected
+    return move.apply(width)
 
 
-@pytest.mark.parametrize(("sort_images", "packed"), [(False, False), (True, False), (True, True)])
-def test_merge_tokens_equals_per_image_definition(sort_images, packed):
-    """Batched merge (ragged images, padding, reordering, packed rows, gradients) equals a per-image loop."""
+def _state(x, size, protected):
+    free = (size[:, protected:] > 0).sum(1)
+    return TokenState(x, free, protected, size)
+
+
+def test_match_step_equals_merging_each_image_alone():
+    """A ragged batch decides and merges every image as that image alone would (gradients too)."""
     torch.manual_seed(5)
-    batch, n, dim = 5, 13, 6
+    batch, n, dim, heads = 5, 13, 6, 2
     size = torch.randint(1, 5, (batch, n)).float()
-    size[1, 9:] = 0  # ragged: images 1 and 3 already carry padding
+    size[1, 9:] = 0  # images 1 and 3 carry padding
     size[3, 6:] = 0
     x = (torch.randn(batch, n, dim) * (size > 0)[..., None]).requires_grad_()
-    source = torch.rand(batch, n, 7) * (size > 0)[..., None]
-    split = alternating_split(size > 0, num_protected=2)
-    matches = best_matches(with_trash_row(torch.randn(batch, n, 4)), split)
-    selected = torch.rand(split.a_idx.shape) < 0.6
-    selected[2] = False  # one image merges nothing
-    x_in = x[size > 0] if packed else x  # packed: the real tokens of each image, one image after another
-    out = merge_tokens(x_in, size, source, split, matches, selected, 2, sort_images=sort_images, pack=packed)
-    out_x = out.x
-    if packed:  # unpack to compare: image i's tokens follow those of images before it
-        assert out.x.shape == (int(out.count.sum()), dim)
-        out_x = torch.zeros(batch, out.size.shape[1], dim).masked_scatter(out.size[..., None] > 0, out.x)
-
-    order = out.image_order if sort_images else torch.arange(batch)
-    if sort_images:
-        assert sorted(order.tolist()) == list(range(batch))
-        assert out.count.tolist() == sorted(out.count.tolist(), reverse=True)
-    else:
-        assert out.image_order is None
-    weights = torch.randn(out_x.shape)
-    expected_loss = 0.0
-    for row, b in enumerate(order.tolist()):
-        ex, es, esrc = _merge_one_image(x, size, source, split, matches, selected & split.a_ok, b, 2)
-        count = len(es)
-        assert out.count[row] == count
-        torch.testing.assert_close(out_x[row, :count], ex)
-        torch.testing.assert_close(out.size[row, :count], es)
-        torch.testing.assert_close(out.source[row, :count], esrc)
-        assert (out_x[row, count:] == 0).all() and (out.size[row, count:] == 0).all()
-        assert (out.source[row, count:] == 0).all()
-        expected_loss = expected_loss + (ex * weights[row, :count]).sum()
-    (grad,) = torch.autograd.grad((out_x * weights).sum(), x)
+    keys = torch.randn(batch, heads, n, 4)
+    attention = torch.rand(batch, n) * (size > 0)
+    attention = attention / attention.sum(1, keepdim=True)
+    policy = ATM(alpha=0.3, beta=0.0, theta_min=0.3, split_layer=1, keys="per_head", size_weighted=True,
+                 attention_power=0.5, keep_norm=True)  # fmt: skip
+    neg = padding_mask(torch.log(size)[:, None, None], True)
+    merged = _apply(match_step(policy, 0, _state(x, size, 2), keys, attention, neg, 2)[0])
+    weights = torch.randn(merged.x.shape)
+    loss, expected_loss = (merged.x * weights).sum(), 0.0
+    for b in range(batch):
+        real = int((size[b] > 0).sum())
+        alone = _apply(match_step(
+            policy, 0, _state(x[b : b + 1, :real], size[b : b + 1, :real], 2), keys[b : b + 1, :, :real],
+            attention[b : b + 1, :real], None, 2,
+        )[0])  # fmt: skip
+        count = alone.x.shape[1]
+        assert int(merged.free[b]) + 2 == count
+        torch.testing.assert_close(merged.x[b, :count], alone.x[0])
+        torch.testing.assert_close(merged.size[b, :count], alone.size[0])
+        assert (merged.x[b, count:] == 0).all() and (merged.size[b, count:] == 0).all()
+        expected_loss = expected_loss + (alone.x[0] * weights[b, :count]).sum()
+    assert merged.free.min() < merged.free.max()  # the batch did end up ragged
+    (grad,) = torch.autograd.grad(loss, x)
     (expected_grad,) = torch.autograd.grad(expected_loss, x)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_tome_merges_r_per_image_and_knows_the_width_without_reading_it():
+    torch.manual_seed(6)
+    x, keys = torch.randn(3, 11, 4), torch.randn(3, 2, 11, 4)
+    move, _ = match_step(ToMe(r=3), 0, TokenState(x, 10, 1), keys, None, None, 1)
+    assert move.plan.width == 8  # no host read
+    merged = move.apply(move.plan.width)
+    assert merged.free == 7 and merged.x.shape == (3, 8, 4)
+    torch.testing.assert_close(merged.size.sum(1), torch.full((3,), 11.0))
 
 
 def test_theorem1_identity():
@@ -261,7 +252,6 @@ def test_bad_settings_raise_one_clear_error(method, settings, message):
 
 @pytest.mark.parametrize(("alpha", "theta_min"), [(1.0, 2.0), (0.5, 1.0), (0.9, 1.5)])
 def test_theta_min_of_1_or_more_disables_merging_whatever_alpha(alpha, theta_min):
-    # theta_min 2 was refused as "alpha (1.0) must be >= theta_min", blaming the wrong setting.
     atm = ATM(alpha=alpha, beta=0.02, theta_min=theta_min)
     assert not atm.merges
     assert min(atm.thresholds(12)) >= 1.0
@@ -297,27 +287,24 @@ def test_depth_dependent_checks():
 
 def test_prune_keeps_most_attended_and_fuses_the_rest_by_attention():
     x = torch.arange(6, dtype=torch.float32).view(1, 6, 1).repeat(2, 1, 2)
-    size = torch.tensor([[1.0, 1, 2, 1, 1, 1], [1.0, 1, 1, 1, 0, 0]])  # image 1 is padded
-    attention = torch.tensor([[0.3, 0.05, 0.3, 0.1, 0.15, 0.1], [0.4, 0.3, 0.1, 0.2, 0.0, 0.0]])
-    keep = keep_count(0.5, torch.tensor([5, 3]))
-    assert keep.tolist() == [3, 2]
+    size = torch.tensor([[1.0, 1, 2, 1, 1, 1], [1.0, 1, 1, 1, 3, 1]])
+    attention = torch.tensor([[0.3, 0.05, 0.3, 0.1, 0.15, 0.1], [0.4, 0.3, 0.1, 0.05, 0.1, 0.05]])
+    assert keep_count(0.5, 5) == 3
     source = torch.eye(6).expand(2, 6, 6)
-    out = prune_inattentive(x, size, source, attention, keep, num_protected=1)
-    assert out.count.tolist() == [5, 4]
-    # Image 0 keeps positions 2, 4 and one of the 0.1 ties, in position order; fuses 1 and the other.
-    assert out.x[0, :4, 0].tolist()[:2] == [0.0, 2.0]
+    tokens = TokenState(x, 5, 1, size, source=source)
+    out = _apply(prune_step(EViT(keep_rate=0.5, prune_layers=[1]), 0, tokens, attention, 1))
+    assert out.free == 4 and out.x.shape == (2, 5, 2)
+    # Image 0 keeps positions 2, 4 and one of the 0.1 ties, in position order, and fuses the rest.
+    assert out.x[0, :2, 0].tolist() == [0.0, 2.0]
     kept = set(out.x[0, 1:4, 0].tolist())
     assert {2.0, 4.0} <= kept
     dropped = sorted({1.0, 2.0, 3.0, 4.0, 5.0} - kept)
     w = attention[0, [int(v) for v in dropped]]
-    expected = (w * torch.tensor(dropped)).sum() / w.sum()
-    assert out.x[0, 4, 0].item() == pytest.approx(expected.item())
+    assert out.x[0, 4, 0].item() == pytest.approx(float((w * torch.tensor(dropped)).sum() / w.sum()))
     assert out.size[0].sum() == size[0].sum()
-    # Image 1 keeps 1 and 3, fuses 2 alone (weight irrelevant), then one padding slot.
-    assert out.x[1, :4, 0].tolist() == [0.0, 1.0, 3.0, 2.0]
-    assert out.size[1].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
     assert out.source[0, 4].nonzero().flatten().tolist() == [int(v) for v in dropped]
-    assert out.source[1, 3].nonzero().flatten().tolist() == [2]
+    # Image 1 keeps 1, 2 and 4 (the tie at 0.1 broken by the sort), fuses 3 and 5 with sizes summed.
+    assert out.size[1].tolist()[-1] == 2.0
 
 
 def test_class_attention_is_a_head_averaged_distribution():

@@ -13,7 +13,7 @@ from atm_lightning.patch import eva
 from atm_lightning.patch.attention import attention_bias
 from atm_lightning.patch.loop import KeyNeeds
 from atm_lightning.patch.rope import grid_coords, rope_at
-from atm_lightning.patch.state import TokenState
+from atm_lightning.merge import TokenState
 from tests.helpers import ATM_LENIENT, blocky_images, make_vit
 
 ROPES = {
@@ -59,8 +59,7 @@ def test_identical_tokens_at_one_position_merge_losslessly(name):
     tokens[0, -1] = tokens[0, -2]
     coords = torch.cat([torch.zeros(prefix, 2), places])[None]
     dense = _block_output(model, block, tokens, torch.ones(1, prefix + 3), coords)
-    merged_coords = coords[:, :-1].clone()
-    merged_coords[0, -1] *= 2  # sum of the two copies' positions
+    merged_coords = coords[:, :-1].clone()  # the mean of the two copies' positions: the same place
     size = torch.ones(1, prefix + 2)
     size[0, -1] = 2
     merged = _block_output(model, block, tokens[:, :-1], size, merged_coords)
@@ -68,19 +67,19 @@ def test_identical_tokens_at_one_position_merge_losslessly(name):
     torch.testing.assert_close(dense[:, -1], dense[:, -2], atol=1e-6, rtol=0)
 
 
-def _block_output(model, block, x, size, coords) -> torch.Tensor:
+def _block_output(model, block, x, size, positions) -> torch.Tensor:
     runner = eva.EvaBlocks(model)
     runner.begin(None, tuple(model.patch_embed.grid_size))
-    state = TokenState(x.clone(), torch.tensor([x.shape[1]]), size=size, coords=coords)
+    prefix = model.num_prefix_tokens
+    state = TokenState(x.clone(), torch.tensor([x.shape[1] - prefix]), prefix, size=size, positions=positions)
     bias = attention_bias(size, True, x.dtype)
-    out, _ = runner.attention_residual(0, block, state, bias, KeyNeeds())
+    out = runner.attention_residual(0, block, state, bias, KeyNeeds(), "sdpa")
     runner.remove_hooks()
-    return runner.mlp_residual(block, out)
+    return runner.mlp_residual(block, out.x)
 
 
-@pytest.mark.parametrize("ragged", ["padded", "packed"])
 @torch.no_grad()
-def test_merged_tokens_are_rotated_at_their_patches_mean_position(ragged, monkeypatch):
+def test_merged_tokens_are_rotated_at_their_patches_mean_position(monkeypatch):
     """Every rotation evaluated after a merge is at each token's mean patch position, computed
     independently from the traced sources (which patches each token holds)."""
     model = make_vit("eva02_tiny_patch14_224", depth=4)
@@ -91,18 +90,13 @@ def test_merged_tokens_are_rotated_at_their_patches_mean_position(ragged, monkey
         return rope_at(rope, positions, grid)
 
     monkeypatch.setattr(eva, "rope_at", spy)
-    patch(model, "tome", r=24, trace_source=True, ragged=ragged)
+    patch(model, "tome", r=24, trace_source=True)
     model(blocky_images(2))
     grid = grid_coords(1, (16, 16), 1, torch.device("cpu"))[0]  # [257, 2]
     expected = [s @ grid / s.sum(-1, keepdim=True) for s in merge_stats(model).sources[:-1]]
     assert len(seen) == 3  # after the merges of blocks 1-3
     for got, want in zip(seen, expected, strict=True):
-        if ragged == "padded":  # packed runs hold the images sorted: compare as sets of rows
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-        else:
-            for image in range(2):
-                rows = {tuple(r) for r in want[image].mul(1e4).round().tolist()}
-                assert any({tuple(r) for r in g.mul(1e4).round().tolist()} == rows for g in got)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         assert not torch.equal(got, got.round())  # merged tokens sit between grid points
 
 

@@ -77,14 +77,20 @@ def test_config_files_give_their_merger(tmp_path) -> None:
 
 
 def test_selection_sees_the_context_it_needs() -> None:
-    """A policy chooses from the block's context; ToMe's count is capped at half the tokens."""
-    from atm_lightning.merge import MatchContext, alternating_split, best_matches
+    """A policy chooses from the block's context; ToMe's count is capped at half the tokens, and a
+    padded batch's rows that are not real are never chosen."""
+    from atm_lightning.merge import MatchContext, alternating_split, best_matches, key_features, padding_mask
 
     size = torch.ones(2, 9)
     size[1, 5:] = 0  # image 1 is padded
-    split = alternating_split(size > 0, num_protected=1)
-    matches = best_matches(torch.randn(2, 9, 4), split)
-    context = MatchContext(layer=0, split=split, matches=matches, size=size, num_unprotected=torch.tensor([8, 4]))
-    assert ToMe(r=3).select(context).sum(1).tolist() == [3, 2]
-    a_size, b_size, _ = context.slot_sizes()
-    assert a_size.sum(1).tolist() == [4.0, 2.0] and b_size.sum(1).tolist() == [4.0, 2.0]
+    neg = padding_mask(torch.log(size)[:, None, None], True)
+    split = alternating_split(9, 1, size.device, neg[:, None, 1::2])
+    rows, cols = split.take(key_features(torch.randn(2, 1, 9, 4), per_head=False)[0])
+    matches = best_matches(rows, cols, 1.0, split.col_mask)
+    context = MatchContext(layer=0, split=split, matches=matches, size=size, free=torch.tensor([8, 4]))
+    chosen, merges = ToMe(r=3).select(context)
+    assert chosen.sum(1).tolist() == [3, 2] and merges is None
+    assert not (chosen & ~context.real_rows()).any()
+    uniform = MatchContext(layer=0, split=split, matches=matches, size=torch.ones(2, 9), free=8)
+    chosen, merges = ToMe(r=3).select(uniform)
+    assert chosen.sum(1).tolist() == [3, 3] and merges == 3  # one count the host knows: no sync

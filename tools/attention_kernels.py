@@ -1,14 +1,12 @@
-"""Which attention kernel to use for a padded group of images: the fused one or three matmuls.
+"""The attention kernels a padded batch of merged tokens can run on: SDPA and FlexAttention.
 
-Packed ragged execution (``ragged="packed"``) runs attention per group of images of similar
-length. On CPU, PyTorch's fused ``scaled_dot_product_attention`` splits queries into small
-blocks below 192 tokens and slows down there; the patch then uses a per-head
-baddbmm-softmax-bmm path (``MATMUL_ATTENTION_MAX_TOKENS`` in ``atm_lightning/patch/attention.py``).
-This tool measures both on the layouts the patch feeds them (strided views of one qkv buffer,
-an additive mask with padded keys at -inf), taking turns call by call, and checks they agree.
+After merging, a batch's images hold different numbers of tokens; the patch attends them padded
+to the widest, with ``log(size)`` and ``-inf`` on padding in one additive mask
+(``atm_lightning/patch/attention.py``). This measures each kernel (``patch(..., attention=...)``)
+on such batches, taking turns call by call, and checks that they agree.
 
-Example (2 CPU cores, ViT-Ti attention: 3 heads of 64):
-    python tools/attention_kernels.py --groups 16 --lengths 197 190 150 120 90 60 45
+Example (ViT-Ti attention: 3 heads of 64; ``--device cuda`` on a machine with a GPU):
+    python tools/attention_kernels.py --batch 64 --lengths 197 150 90 45
 """
 
 from __future__ import annotations
@@ -21,112 +19,92 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from atm_lightning.evaluation.options import HelpFormatter, run_cli
-from atm_lightning.patch.attention import MATMUL_ATTENTION_MAX_TOKENS, matmul_attention
+from atm_lightning.patch.attention import ATTENTION_KERNELS, attend, attention_bias
 
 
 @dataclass(frozen=True)
 class KernelRow:
     length: int
-    fused_ms: float
-    matmul_ms: float
-    max_abs_diff: float
-
-    @property
-    def matmul_speedup(self) -> float:
-        return self.fused_ms / self.matmul_ms
+    ms: dict[str, float]  # median milliseconds per call, by kernel
+    max_abs_diff: float  # largest difference of any kernel's output from SDPA's
 
 
-def group_inputs(groups: int, length: int, heads: int, head_dim: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A padded group as the patch builds it: qkv [G, L, 3, H, d] and a [G, 1, 1, L] mask.
-
-    The first image is full; the others end 0-10% early, their padded keys masked with -inf.
-    """
+def batch_inputs(
+    batch: int, length: int, heads: int, head_dim: int, device: torch.device, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v [B, H, L, d] and the additive mask [B, 1, 1, L] of a padded merged batch: the first
+    image holds ``length`` tokens, the others 60-100% of it, sizes 1-4 (log(size) in the mask)."""
     g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(groups, length, 3, heads, head_dim, generator=g)
-    shortest = max(1, int(0.9 * length))
-    count = torch.randint(shortest, length + 1, (groups,), generator=g)
+    q, k, v = torch.randn(3, batch, heads, length, head_dim, generator=g).to(device).unbind(0)
+    count = torch.randint(max(1, int(0.6 * length)), length + 1, (batch,), generator=g)
     count[0] = length
-    padding = (torch.arange(length) >= count[:, None])[:, None, None]
-    mask = torch.zeros(groups, 1, 1, length).masked_fill(padding, float("-inf"))
-    return qkv, mask
+    size = torch.randint(1, 5, (batch, length), generator=g).float() * (torch.arange(length) < count[:, None])
+    return q, k, v, attention_bias(size.to(device), True, torch.float32)
 
 
-def fused(qkv: Tensor, mask: Tensor, scale: float) -> Tensor:
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, L, d]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(1, 2)
-
-
-def matmul(qkv: Tensor, mask: Tensor, scale: float) -> Tensor:
-    q, k, v = qkv.unbind(2)  # [G, L, H, d]
-    return matmul_attention(q, k, v, mask[:, 0], scale)
-
-
-def median_seconds(calls: dict[str, Callable[[], Tensor]], seconds: float) -> dict[str, float]:
-    """Median time of each call; they take turns so drift of the machine hits both alike."""
+def median_seconds(calls: dict[str, Callable[[], Tensor]], seconds: float, device: torch.device) -> dict[str, float]:
+    """Median time of each call; they take turns so drift of the machine hits them alike."""
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for call in calls.values():  # warm-up
+    for call in calls.values():  # warm-up (FlexAttention compiles here)
         call()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds or min(len(t) for t in times.values()) < 5:
         for name, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(args: argparse.Namespace) -> list[KernelRow]:
+    device = torch.device(args.device)
     rows = []
-    scale = args.head_dim**-0.5
     with torch.inference_mode():
         for length in args.lengths:
-            qkv, mask = group_inputs(args.groups, length, args.heads, args.head_dim)
-            diff = (fused(qkv, mask, scale) - matmul(qkv, mask, scale)).abs().max().item()
-            calls = {"fused": partial(fused, qkv, mask, scale), "matmul": partial(matmul, qkv, mask, scale)}
-            t = median_seconds(calls, args.seconds)
-            rows.append(KernelRow(length, t["fused"] * 1e3, t["matmul"] * 1e3, diff))
+            q, k, v, bias = batch_inputs(args.batch, length, args.heads, args.head_dim, device)
+            calls = {kernel: partial(attend, q, k, v, bias, 0.0, kernel) for kernel in args.kernels}
+            reference = attend(q, k, v, bias, 0.0, "sdpa")
+            diff = max((calls[kernel]() - reference).abs().max().item() for kernel in args.kernels)
+            rows.append(KernelRow(length, {n: s * 1e3 for n, s in median_seconds(calls, args.seconds, device).items()}, diff))
     return rows
 
 
-def markdown_table(rows: list[KernelRow], args: argparse.Namespace) -> str:
-    macs = [2 * args.groups * args.heads * r.length**2 * args.head_dim for r in rows]
-    lines = [
-        "| tokens | fused ms | matmul ms | fused GMAC/s | matmul GMAC/s | matmul speed-up | max abs diff | patch uses |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r, m in zip(rows, macs, strict=True):
-        uses = "matmul" if r.length <= MATMUL_ATTENTION_MAX_TOKENS else "fused"
-        lines.append(
-            f"| {r.length} | {r.fused_ms:.2f} | {r.matmul_ms:.2f} | {m / r.fused_ms / 1e6:.0f} | "
-            f"{m / r.matmul_ms / 1e6:.0f} | {r.matmul_speedup:.2f}x | {r.max_abs_diff:.1e} | {uses} |"
-        )
+def markdown_table(rows: list[KernelRow], kernels: list[str]) -> str:
+    lines = ["| tokens | " + " | ".join(f"{k} ms" for k in kernels) + " | max abs diff |", "|---:|" + "---:|" * (len(kernels) + 1)]
+    for r in rows:
+        lines.append(f"| {r.length} | " + " | ".join(f"{r.ms[k]:.2f}" for k in kernels) + f" | {r.max_abs_diff:.1e} |")
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[197, 190, 150, 120, 90, 60, 45])
-    parser.add_argument("--groups", type=int, default=16, help="images per padded group")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[197, 150, 90, 45])
+    parser.add_argument("--batch", type=int, default=64, help="images per padded batch")
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--kernels", nargs="+", default=list(ATTENTION_KERNELS), choices=ATTENTION_KERNELS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--seconds", type=float, default=1.5, help="timing budget per length")
     return parser
 
 
 def main(args: argparse.Namespace) -> list[KernelRow]:
-    for name in ("lengths", "groups", "heads", "head_dim", "threads"):
+    for name in ("lengths", "batch", "heads", "head_dim", "threads"):
         values = getattr(args, name)
         if min(values if isinstance(values, list) else [values]) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {values}")
     torch.set_num_threads(args.threads)
     rows = measure(args)
-    print(f"{args.groups} images x {args.heads} heads x {args.head_dim} dims, {args.threads} threads, CPU")
-    print(markdown_table(rows, args))
+    print(f"{args.batch} images x {args.heads} heads x {args.head_dim} dims, {args.device}, {args.threads} threads")
+    print(markdown_table(rows, args.kernels))
     return rows
 
 

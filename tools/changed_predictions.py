@@ -139,7 +139,7 @@ def report(args: argparse.Namespace) -> list[Band]:
     loader = data.eval_loader(data.labelled_images(args.split))
     model = create_model(args.model, weights=args.weights, num_classes=args.num_classes).eval()
     dense, labels = logits_over(model, loader, "dense pass")
-    patch(model, merger, ragged=method.ragged, fused=method.fused)
+    patch(model, merger, fused=method.fused, attention=method.attention)
     merged, _ = logits_over(model, loader, "merged pass")
     unpatch(model)
     rows = bands(dense, merged, labels, args.bands)

@@ -17,8 +17,8 @@ image and in turns, three forwards of the same model:
 It prints milliseconds per image (median over the runs), the speed-up of each against dense and
 the method's FLOPs ratio. The gap between the method and ``same tokens`` is what the merge step
 (with the patched block loop around it) costs. By default (``fused=auto``) ATM's merge step runs
-compiled where it can be built (:mod:`atm_lightning.merge.fused`); ``configs/vit_t_atm.yaml:fused=false``
-times the eager step.
+in the compiled CPU kernel where it can be built (:mod:`atm_lightning.merge.fused`);
+``configs/vit_t_atm.yaml:fused=false`` times the batched step.
 """
 
 from __future__ import annotations
@@ -83,11 +83,11 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     check_not_noise(paths)
     images, _ = load_images(paths, args.model)
     fused = method.fused
-    patch(model, merger, ragged=method.ragged, fused=fused)
+    patch(model, merger, fused=fused, attention=method.attention)
     counts, flops_ratio = token_counts(model, images)
     turns = [  # (name, set the model up outside the timer, forward of image i)
         ("dense", lambda: unpatch(model), lambda i: model(images[i : i + 1])),
-        (method.label, lambda: patch(model, merger, ragged=method.ragged, fused=fused), lambda i: model(images[i : i + 1])),
+        (method.label, lambda: patch(model, merger, fused=fused, attention=method.attention), lambda i: model(images[i : i + 1])),
         ("same tokens", lambda: unpatch(model), lambda i: same_tokens_forward(model, images[i : i + 1], counts[i])),
     ]
     seconds = {name: [0.0] * args.runs for name, _, _ in turns}

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     merger = dataclasses.replace(method.merger, rerun_margin=0.0)  # the merged pass alone
     model = create_model(args.model, weights=args.weights, num_classes=args.num_classes).eval()
-    patch(model, merger, ragged=method.ragged, fused=method.fused)
+    patch(model, merger, fused=method.fused, attention=method.attention)
     data = ImageNetDataModule(
         args.data_root, model_name=args.model, num_classes=args.num_classes, batch_size=args.batch_size, num_workers=0
     )

@@ -14,19 +14,19 @@ import torch
 from torch import nn
 
 from ..merge import NoMerge, TokenMerger
-from ..merge.fused import check_fusable, is_fused_mode
+from ..merge.fused import fusable, is_fused_mode
 from ..merge.specs import SPEC_HELP, build, from_config_file, parse_spec
 from ..models import create_model
-from ..patch import RAGGED_MODES, UnsupportedModelError
+from ..patch import ATTENTION_KERNELS, UnsupportedModelError
 
 METHOD_HELP = (
     f"{SPEC_HELP}; or a project config YAML whose model.merger gives the method (e.g. "
-    f"configs/vit_t_atm.yaml). Either may add how it runs: 'ragged=padded' runs ragged batches "
-    f"padded instead of packed; 'fused=auto' (the default, as in atm validate) runs ATM's merge "
-    f"step compiled where it builds, 'fused=true' insists, 'fused=false' runs the eager step "
-    f"(e.g. 'configs/vit_t_atm.yaml:fused=false')"
+    f"configs/vit_t_atm.yaml). Either may add how it runs: 'fused=auto' (the default, as in atm "
+    f"validate) runs ATM's merge step in the compiled CPU kernel where it builds, 'fused=true' "
+    f"insists, 'fused=false' runs the batched step (e.g. 'configs/vit_t_atm.yaml:fused=false'); "
+    f"'attention=flex' attends with FlexAttention instead of SDPA"
 )
-EXECUTION_OPTIONS = ("ragged", "fused")
+EXECUTION_OPTIONS = ("fused", "attention")
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class Method:
 
     label: str
     merger: TokenMerger
-    ragged: str = "packed"  # how images left with different token counts run (patch's ``ragged``)
-    fused: bool | str = "auto"  # ATM's merge step runs compiled on the CPU (patch's ``fused``)
+    fused: bool | str = "auto"  # ATM's merge step runs in the compiled CPU kernel (patch's ``fused``)
+    attention: str = "sdpa"  # the attention kernel (patch's ``attention``)
 
     @property
     def dense(self) -> bool:
@@ -57,26 +57,26 @@ def parse_method(spec: str) -> Method:
                 f"bad settings in {spec!r}: a config file's method is fixed; only {EXECUTION_OPTIONS} "
                 f"may follow it, not {unknown}"
             )
-        ragged, fused = execution_options(settings, spec)
+        fused, attention = execution_options(settings, spec)
         label, merger = Path(path + dot).stem + options, from_config_file(path + dot)
     else:
         name, settings = parse_spec(spec)
-        ragged, fused = execution_options(settings, spec)
+        fused, attention = execution_options(settings, spec)
         label, merger = spec, build(name, settings, spec)
-    if fused is True:
-        check_fusable(merger)
-    return Method(label, merger, ragged, fused)
+    if fused is True and not fusable(merger):
+        raise ValueError(f"bad settings in {spec!r}: fused=true runs ATM's exact rule only; use fused=auto or false")
+    return Method(label, merger, fused, attention)
 
 
-def execution_options(settings: dict[str, Any], spec: str) -> tuple[str, bool | str]:
-    """``ragged`` and ``fused`` taken out of ``settings``: how a method runs, not what it merges."""
-    ragged = str(settings.pop("ragged", "packed"))
-    if ragged not in RAGGED_MODES:
-        raise ValueError(f"bad settings in {spec!r}: ragged must be one of {RAGGED_MODES}")
+def execution_options(settings: dict[str, Any], spec: str) -> tuple[bool | str, str]:
+    """``fused`` and ``attention`` taken out of ``settings``: how a method runs, not what it merges."""
     fused = settings.pop("fused", "auto")
     if not is_fused_mode(fused):
         raise ValueError(f"bad settings in {spec!r}: fused must be true, false or auto, got {fused!r}")
-    return ragged, fused
+    attention = str(settings.pop("attention", "sdpa"))
+    if attention not in ATTENTION_KERNELS:
+        raise ValueError(f"bad settings in {spec!r}: attention must be one of {ATTENTION_KERNELS}")
+    return fused, attention
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -104,7 +104,7 @@ def use(model: nn.Module, method: Method, compile: bool = False) -> Callable[[Te
     """Set the model up to run ``method`` and return what to call; dense runs timm's own forward,
     without accounting hooks (with ``compile``, ``torch.compile`` of the whole model)."""
     if not method.dense:
-        return patch(model, method.merger, ragged=method.ragged, compile=compile, fused=method.fused)
+        return patch(model, method.merger, compile=compile, fused=method.fused, attention=method.attention)
     unpatch(model)
     if not compile:
         return model
@@ -115,7 +115,7 @@ def use(model: nn.Module, method: Method, compile: bool = False) -> Callable[[Te
 
 def mean_gflops(model: nn.Module, method: Method, batches: list[Tensor]) -> tuple[float, float]:
     """Mean per-image GFLOPs of ``method`` over the batches, and the dense model's GFLOPs."""
-    patch(model, method.merger, ragged=method.ragged)
+    patch(model, method.merger, fused=False, attention=method.attention)
     total = 0.0
     with torch.inference_mode():
         for batch in batches:

@@ -1,47 +1,51 @@
 """Token merging as pure tensor functions and policies (no timm in here)."""
 
-from .costs import effective_matches, pair_weight, per_head_keys
-from .matching import Matches, Split, alternating_split, best_matches, size_sorted_split, with_trash_row
-from .merging import Merged, merge_error, merge_tokens
-from .policies import ATM, EViT, MatchingPolicy, NoMerge, PruningPolicy, TokenMerger, ToMe
-from .pruning import class_attention, keep_count, prune_inattentive
+from .costs import pair_weight
+from .matching import Matches, Split, alternating_split, best_matches, key_features, size_split
+from .merging import Plan, merge_error, plan
+from .policies import ATM, MatchingPolicy, NoMerge, PruningPolicy, TokenMerger, ToMe
+from .pruning import EViT, class_attention, keep_count
 from .selection import MatchContext, above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
 from .specs import MERGERS, from_config, from_config_file, from_spec, make_merger, to_config, to_spec
+from .step import LayerRecord, match_step, padding_mask, prune_step
+from .tokens import TokenState
 
 __all__ = [
     "ATM",
     "MERGERS",
     "EViT",
+    "LayerRecord",
     "MatchContext",
     "Matches",
     "MatchingPolicy",
-    "Merged",
     "NoMerge",
+    "Plan",
     "PruningPolicy",
     "Split",
     "ToMe",
     "TokenMerger",
+    "TokenState",
     "above_threshold",
     "alternating_split",
     "batch_min",
     "best_matches",
     "class_attention",
-    "effective_matches",
     "from_config",
     "from_config_file",
     "from_spec",
     "keep_count",
+    "key_features",
     "layer_threshold",
     "make_merger",
+    "match_step",
     "merge_error",
-    "merge_tokens",
+    "padding_mask",
     "pair_weight",
-    "per_head_keys",
-    "prune_inattentive",
-    "size_sorted_split",
+    "plan",
+    "prune_step",
+    "size_split",
     "threshold_schedule",
     "to_config",
     "to_spec",
     "top_r",
-    "with_trash_row",
 ]

@@ -1,17 +1,13 @@
 """ATM's merge step as a single compiled function (CPU, float32, inference).
 
-At small batches on a CPU the eager merge step is some seventy small ATen calls per block (keys
-normalised, similarities, pair weights, the class token's attention, the merge, the output
-order), each costing more in dispatch than in arithmetic: at batch 1 on 2 cores about a quarter
-of a dense ViT-Ti forward, which made merging slower than the model it shrinks. ``fused_step.cpp``
-does the same arithmetic in loops over one image's tokens, leaving only the similarity product to
-ATen's matmul, in about a quarter of the time. A batch runs its images in parallel, each as it
-would run alone, and comes out packed and sorted as the eager step leaves it.
+On a CPU the batched merge step's fifty-odd small ATen calls per block cost more in dispatch than
+in arithmetic at small batches, and its padded batches compute padding that a packed batch does
+not. ``fused_step.cpp`` does the same merges in loops over each image's tokens, the images in
+parallel, leaving only the similarity product to ATen's matmul, and keeps the real tokens
+packed; ``docs/speed.md`` has the measured margin that keeps it.
 
 The same forwards attend in it too: a packed batch's attention runs per image and head in
-parallel on each image's rows of the packed qkv (:func:`fused_packed_attention`), without the
-padded groups, gathers and scatters of :func:`atm_lightning.patch.attention.grouped_attention`;
-at batch 8 on 2 cores a merged ViT-Ti forward takes about 5% less time that way.
+parallel on each image's rows of the packed qkv (:func:`fused_packed_attention`).
 
 It is built from source with the machine's C++ compiler and ninja on first use (about 40 s;
 cached under ``$XDG_CACHE_HOME/atm_lightning`` or ``~/.cache/atm_lightning``, rebuilt when the
@@ -34,7 +30,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .merging import Merged
 from .policies import ATM, TokenMerger
 
 SOURCE = Path(__file__).with_name("fused_step.cpp")
@@ -55,16 +50,6 @@ def fusable(policy: TokenMerger) -> bool:
     """Whether the fused step implements ``policy``'s merge step: ATM's, with any of its options
     but ``batch_rule="min"`` (the fused step merges each image on its own)."""
     return type(policy) is ATM and policy.batch_rule == "exact"
-
-
-def check_fusable(policy: TokenMerger) -> None:
-    """Fail at patch time, naming the fix, for a policy the fused step does not implement."""
-    if not fusable(policy):
-        what = "batch_rule='min'" if type(policy) is ATM else type(policy).__name__
-        raise ValueError(
-            f"fused=True runs ATM's threshold merge step for each image on its own; {what} has no fused step "
-            f"(patch it with fused=False)"
-        )
 
 
 def kernel_name() -> str:
@@ -118,35 +103,6 @@ def load_kernel() -> ModuleType:
     )
 
 
-def fused_merge(
-    x: Tensor,
-    keys: Tensor,
-    query: Tensor | None,
-    size: Tensor | None,
-    scale: float,
-    num_protected: int,
-    policy: ATM,
-    layer: int,
-) -> Merged | None:
-    """ATM's merge step (``layer``, 0-indexed) for one image without padding; None when nothing merges.
-
-    ``x`` [1, N, C] tokens, ``keys`` [1, H, N, d] the block's per-head keys, ``query`` [1, H, 1, d]
-    the class token's query (read when ``policy.attention_power`` > 0), ``size`` [1, N] the
-    tokens' sizes (None: all 1). Output as :func:`.unpadded.merge_single_image` gives it:
-    ``[protected, unmerged sources, destinations]``, each in position order.
-    """
-    if size is not None and not size.is_contiguous():
-        size = size.contiguous()
-    if query is not None and query.stride(-1) != 1:
-        query = query.contiguous()
-    out = load_kernel().merge_step(
-        x if x.is_contiguous() else x.contiguous(), keys if keys.stride(-1) == 1 else keys.contiguous(), query, size,
-        scale, num_protected, policy.keys == "per_head", policy.split_kind(layer) == "size", policy.size_weighted,
-        policy.attention_power, policy.keep_norm, policy.prop_attn, policy.threshold(layer),
-    )  # fmt: skip
-    return Merged(out[0], out[1], None, out[2]) if out else None
-
-
 def fused_merge_batch(
     x: Tensor,
     count: Tensor,
@@ -156,14 +112,14 @@ def fused_merge_batch(
     num_protected: int,
     policy: ATM,
     layer: int,
-) -> Merged | None:
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """ATM's merge step (``layer``) for a batch whose images hold ``count`` [B] tokens each, packed
     one after the other in ``x`` ([T, C], or [B, N, C] when none is padded); None when no image merges.
 
     ``keys`` [B, H, W, d] per-head keys, ``attention`` [B, W] the class token's attention (read when
     ``policy.attention_power`` > 0), ``size`` [B, W] (None: all 1). Each image merges exactly as
-    :func:`fused_merge` merges it alone. The output is what :func:`.merging.merge_tokens` gives
-    with ``sort_images=True, pack=True``: images by descending token count, tokens packed.
+    :func:`atm_lightning.merge.step.match_step` merges it. Returns the tokens packed [T', C] in
+    input image order, their sizes [B, W'] (0 past each count) and the counts [B].
     """
     x = x.reshape(-1, x.shape[-1])
     size = None if size is None else size.contiguous()
@@ -173,7 +129,7 @@ def fused_merge_batch(
         attention, size, num_protected, policy.keys == "per_head", policy.split_kind(layer) == "size",
         policy.size_weighted, policy.attention_power, policy.keep_norm, policy.threshold(layer),
     )  # fmt: skip
-    return Merged(out[0], out[1], None, out[2], out[3]) if out else None
+    return (out[0], out[1], out[2]) if out else None
 
 
 def fused_packed_attention(

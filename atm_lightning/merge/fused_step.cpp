@@ -1,8 +1,7 @@
-// ATM's merge step as a single function, for one image or a packed batch: CPU, float32, inference.
+// ATM's merge step as a single function for a packed batch: CPU, float32, inference.
 //
-// The same arithmetic as the eager step (atm_lightning/merge/costs.py, matching.py, selection.py,
-// unpadded.py) in loops over the image's tokens, with the similarity product left to ATen's
-// matmul. Built on first use by atm_lightning/merge/fused.py; see its docstring for why. Also the
+// The same merges as the batched step (atm_lightning/merge/step.py) in loops over each image's
+// tokens, with the similarity product left to ATen's matmul. Built on first use by atm_lightning/merge/fused.py; see its docstring for why. Also the
 // attention of a packed batch, per image and head (packed_attention, at the end).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,33 +35,6 @@ ATM_HOT float dot(const float* a, const float* b, int64_t length) {
 }
 
 float row_norm(const float* row, int64_t length) { return std::sqrt(dot(row, row, length)); }
-
-// Head-averaged softmax attention of the class token (query [H, d]) to the n keys [H, n, d],
-// with log(size) added to the logits under proportional attention.
-std::vector<float> class_attention(const at::Tensor& query, const at::Tensor& keys, const std::vector<float>& size,
-                                   bool log_size, float scale) {
-  const int64_t heads = keys.size(0), n = keys.size(1), dim = keys.size(2);
-  const float* k = keys.data_ptr<float>();
-  const float* q = query.data_ptr<float>();
-  const int64_t kh = keys.stride(0), kn = keys.stride(1), qh = query.stride(0);
-  std::vector<float> attention(n, 0.0f), logits(n), scaled(dim), bias(n, 0.0f);
-  if (log_size)
-    for (int64_t j = 0; j < n; ++j) bias[j] = std::log(size[j]);
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t c = 0; c < dim; ++c) scaled[c] = q[h * qh + c] * scale;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      const float logit = dot(scaled.data(), k + h * kh + j * kn, dim);
-      logits[j] = log_size ? logit + bias[j] : logit;
-      top = std::max(top, logits[j]);
-    }
-    float total = 0.0f;
-    for (int64_t j = 0; j < n; ++j) total += (logits[j] = std::exp(logits[j] - top));
-    for (int64_t j = 0; j < n; ++j) attention[j] += logits[j] / total;
-  }
-  for (int64_t j = 0; j < n; ++j) attention[j] /= static_cast<float>(heads);
-  return attention;
-}
 
 // Where one image's keys are: [H, n, d] with rows of d contiguous floats.
 struct KeyView {
@@ -245,51 +217,9 @@ StepOptions step_options(int64_t num_protected, bool per_head, bool size_split, 
 
 }  // namespace
 
-// One image: x [1, n, C] contiguous; keys [1, H, n, d] (rows contiguous); query [1, H, 1, d]
-// (needed when attention_power > 0); size [1, n] (None before the first merge: all ones).
-// Returns the merged tokens [1, m, C], their sizes [1, m] and the count [1], ordered
-// [protected, unmerged sources, destinations] by position, or an empty list when nothing merges.
-std::vector<at::Tensor> merge_step(const at::Tensor& x_in, const at::Tensor& keys_in,
-                                   const std::optional<at::Tensor>& query_in, const std::optional<at::Tensor>& size_in,
-                                   double scale, int64_t num_protected, bool per_head, bool size_split,
-                                   bool size_weighted, double attention_power, bool keep_norm, bool prop_attn,
-                                   double theta) {
-  TORCH_CHECK(x_in.dim() == 3 && x_in.size(0) == 1 && x_in.is_contiguous() && x_in.scalar_type() == at::kFloat,
-              "x must be one image's contiguous float32 tokens [1, n, C]");
-  const at::Tensor x = x_in.select(0, 0), keys = keys_in.select(0, 0);
-  TORCH_CHECK(keys.dim() == 3 && keys.size(1) == x.size(0) && keys.stride(2) == 1 && keys.scalar_type() == at::kFloat,
-              "keys must be float32 [1, H, n, d] with contiguous rows");
-  const int64_t n = x.size(0), channels = x.size(1);
-  std::vector<float> size(n, 1.0f);
-  if (size_in.has_value()) {
-    TORCH_CHECK(size_in->numel() == n && size_in->is_contiguous() && size_in->scalar_type() == at::kFloat,
-                "size must be contiguous float32 [1, n]");
-    std::copy_n(size_in->data_ptr<float>(), n, size.begin());
-  }
-  std::vector<float> attention;
-  if (attention_power != 0.0) {
-    TORCH_CHECK(query_in.has_value() && query_in->dim() == 4 && query_in->stride(3) == 1 &&
-                    query_in->scalar_type() == at::kFloat,
-                "attention_power > 0 needs the class token's query, float32 [1, H, 1, d]");
-    const at::Tensor query = query_in->select(0, 0).select(1, 0);
-    attention = class_attention(query, keys, size, prop_attn && size_in.has_value(), static_cast<float>(scale));
-  }
-  const KeyView key_view{keys.data_ptr<float>(), keys.size(0), keys.size(2), keys.stride(0), keys.stride(1)};
-  const StepOptions options =
-      step_options(num_protected, per_head, size_split, size_weighted, attention_power, keep_norm, theta);
-  ImageStep step = merge_image(x.data_ptr<float>(), n, channels, size, key_view, attention, options);
-  if (!step.merged) return {};
-  const int64_t out_n = step.sizes.size();
-  at::Tensor out = at::empty({1, out_n, channels}, x.options());
-  at::Tensor out_size = at::empty({1, out_n}, x.options());
-  std::copy(step.tokens.begin(), step.tokens.end(), out.data_ptr<float>());
-  std::copy(step.sizes.begin(), step.sizes.end(), out_size.data_ptr<float>());
-  return {out, out_size, at::full({1}, out_n, x.options().dtype(at::kLong))};
-}
-
 // The images of a batch in an order that spreads their work evenly over the threads: ATen's
-// parallel_for hands each thread one contiguous range, and packed images come sorted by size, so
-// range p takes images p, p + P, p + 2P, ... of P threads instead of the p-th largest block.
+// parallel_for hands each thread one contiguous range, so range p takes images p, p + P, p + 2P,
+// ... of P threads instead of one block of neighbours that may all be large.
 std::vector<int64_t> interleaved(int64_t count) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   std::vector<int64_t> order;
@@ -299,13 +229,12 @@ std::vector<int64_t> interleaved(int64_t count) {
   return order;
 }
 
-// A batch of images, each run as merge_step runs one, in parallel over the images.
+// A batch of images, each merged on its own, in parallel over the images.
 // x [T, C]: image i's count[i] tokens one image after the other (packed, or padded without
 // padding); keys [B, H, W, d] (rows contiguous, W >= every count); attention [B, W], the class
 // token's attention (needed when attention_power > 0); size [B, W] (None: all ones).
-// Returns, as the eager step with packing does, the images sorted by descending token count
-// (stable): tokens packed [T', C], sizes [B, W'] (0 past each count), counts [B] and the input
-// image of each output row [B]; or an empty list when no image merges anything.
+// Returns the images in input order: tokens packed [T', C], sizes [B, W'] (0 past each count)
+// and counts [B]; or an empty list when no image merges anything.
 std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count_in, const at::Tensor& keys,
                                     const std::optional<at::Tensor>& attention_in,
                                     const std::optional<at::Tensor>& size_in, int64_t num_protected, bool per_head,
@@ -367,33 +296,26 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
   });
   if (std::none_of(steps.begin(), steps.end(), [](const ImageStep& s) { return s.merged; })) return {};
 
-  std::vector<int64_t> out_count(batch), image_order(batch);
-  for (int64_t i = 0; i < batch; ++i) out_count[i] = steps[i].merged ? static_cast<int64_t>(steps[i].sizes.size()) : counts[i];
-  std::iota(image_order.begin(), image_order.end(), 0);
-  std::stable_sort(image_order.begin(), image_order.end(),
-                   [&](int64_t i, int64_t j) { return out_count[i] > out_count[j]; });
-  const int64_t out_width = out_count[image_order[0]];
-  int64_t total = 0;
-  for (int64_t c : out_count) total += c;
+  std::vector<int64_t> out_count(batch), first_row(batch, 0);  // packed output row of each image's first token
+  int64_t out_width = 0, total = 0;
+  for (int64_t i = 0; i < batch; ++i) {
+    out_count[i] = steps[i].merged ? static_cast<int64_t>(steps[i].sizes.size()) : counts[i];
+    out_width = std::max(out_width, out_count[i]);
+    first_row[i] = total;
+    total += out_count[i];
+  }
   at::Tensor out = at::empty({total, channels}, x.options());
   at::Tensor out_size = at::zeros({batch, out_width}, x.options());
   at::Tensor out_counts = at::empty({batch}, count.options());
-  at::Tensor out_order = at::empty({batch}, count.options());
+  std::copy(out_count.begin(), out_count.end(), out_counts.data_ptr<int64_t>());
   float* op = out.data_ptr<float>();
   float* os = out_size.data_ptr<float>();
-  std::vector<int64_t> first_row(batch, 0);  // packed output row of each sorted image's first token
-  for (int64_t r = 0; r < batch; ++r) {
-    const int64_t i = image_order[r];
-    out_counts.data_ptr<int64_t>()[r] = out_count[i];
-    out_order.data_ptr<int64_t>()[r] = i;
-    if (r + 1 < batch) first_row[r + 1] = first_row[r] + out_count[i];
-  }
   // Copying the tokens out is a large share of the step: in parallel too.
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = image_order[r], m = out_count[i];
-      float* tokens = op + first_row[r] * channels;
-      float* sizes = os + r * out_width;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = out_count[i];
+      float* tokens = op + first_row[i] * channels;
+      float* sizes = os + i * out_width;
       if (steps[i].merged) {
         std::copy(steps[i].tokens.begin(), steps[i].tokens.end(), tokens);
         std::copy(steps[i].sizes.begin(), steps[i].sizes.end(), sizes);
@@ -406,7 +328,7 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
       }
     }
   });
-  return {out, out_size, out_counts, out_order};
+  return {out, out_size, out_counts};
 }
 
 // Attention of packed tokens, one (image, head) at a time in parallel: qkv [T, 3*H*d] holds image
@@ -469,7 +391,6 @@ std::vector<at::Tensor> packed_attention(const at::Tensor& qkv, const at::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("merge_step", &merge_step, "One image's ATM merge step (see atm_lightning/merge/fused.py)");
   m.def("merge_batch", &merge_batch, "ATM's merge step for a packed batch, in parallel over its images");
   m.def("packed_attention", &packed_attention, "Attention of packed ragged tokens, per image and head in parallel");
 }

@@ -1,139 +1,164 @@
-"""Bipartite matching between source tokens (set A) and destination tokens (set B).
+"""Bipartite matching for a whole batch at once: sources, destinations and how alike they are.
 
-Everything works on padded batches: image ``i`` holds its real tokens in the first ``n_i``
-positions and padding after them (padding has size 0). A split returns, per image, the positions
-of its A and B tokens plus masks saying which slots are real. Slots that are not real point at a
-*trash* position ``N`` (one past the last token), so scatters through them never touch a real
-token. Callers append that row to their tensors before indexing (:func:`with_trash_row`).
+Tokens are padded, ``[B, W, ...]``: image ``i`` holds its real tokens in its first ``count[i]``
+slots, in the order the last merge left them. A block's matching pairs each *source* (a row) with
+its most similar *destination* (a column) of the same image, as one batched product over every
+image. Which tokens are rows and which columns is the split:
+
+- alternating (ToMe's): sources at even positions past the protected tokens, destinations at odd
+  ones. The positions are the same for every image, so rows and columns are strided views;
+  padded slots are masked.
+- by size (ATM's final blocks): per image, the real unprotected tokens stable-sorted by size;
+  the smaller half ``ceil(m/2)`` are sources, the rest destinations. Values are gathered into
+  that sorted order once; the rows are the first ``ceil(M/2)`` sorted slots (``M`` the widest
+  image), the columns all sorted slots, masked to each image's own destinations.
+
+Every function runs the same few tensor ops whatever the batch size, with no host sync.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import Tensor
 
+NEG_INF = float("-inf")
+
 
 @dataclass(frozen=True)
 class Split:
-    """Positions of sources (A) and destinations (B) for each image of a batch."""
+    """Where one block's sources (rows) and destinations (columns) are."""
 
-    a_idx: Tensor  # [B, Na] long, positions in [0, N]; N is the trash slot
-    a_ok: Tensor  # [B, Na] bool, real source slots
-    b_idx: Tensor  # [B, Nb] long
-    b_ok: Tensor  # [B, Nb] bool
-    # The same positions as slices when they are one arithmetic run for every image (the
-    # alternating split): matching then reads A and B as views instead of gathering them.
-    a_slice: slice | None = None
-    b_slice: slice | None = None
-    all_real: bool = False  # every slot is real (no padding): masks can be skipped
+    row_pos: Tensor  # [B, Na] or [1, Na] long: position of each source row
+    col_pos: Tensor  # [B, Nb] or [1, Nb] long: position of each destination column
+    row_ok: Tensor | None  # [B, Na] bool: rows that are real sources; None: all are
+    col_mask: Tensor | None  # [B, 1, Nb]: 0 on real destinations, -inf elsewhere; None: all real
+    protected: int
+    order: Tensor | None = None  # size split: [B, W - protected] the body's slots (0 = first unprotected), sorted by size
+    is_source: Tensor | None = None  # size split: [B or 1, W - protected] which sorted slots are sources
+    row_slice: slice | None = None  # alternating split: rows and columns as strided views
+    col_slice: slice | None = None
+
+    def take(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """``values`` [B, W, ...] of every source row [B, Na, ...] and destination column [B, Nb, ...]."""
+        if self.order is None:
+            return values[:, self.row_slice], values[:, self.col_slice]
+        body = values[:, self.protected :]
+        index = self.order
+        if body.dim() == 3:
+            index = index[..., None].expand(-1, -1, body.shape[-1])
+        ordered = body.gather(1, index)
+        return ordered[:, : self.row_pos.shape[1]], ordered
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_pos.shape[1]
+
+
+def alternating_split(width: int, protected: int, device: torch.device, col_mask: Tensor | None = None) -> Split:
+    """ToMe's split of ``width`` slots; ``col_mask`` [B, 1, Nb] masks padded destination columns."""
+    row_slice, col_slice, row_pos, col_pos = _alternating(width, protected, device)
+    return Split(row_pos, col_pos, None, col_mask, protected, row_slice=row_slice, col_slice=col_slice)
+
+
+@cache
+def _alternating(width: int, protected: int, device: torch.device) -> tuple[slice, slice, Tensor, Tensor]:
+    """Made once per shape: the alternating split depends on the width alone."""
+    row_slice = slice(protected + protected % 2, width, 2)  # even positions past the protected
+    col_slice = slice(protected + (protected + 1) % 2, width, 2)  # odd ones
+    with torch.inference_mode(False):  # usable by forwards that record gradients, too
+        positions = torch.arange(width, device=device)
+        return row_slice, col_slice, positions[row_slice][None], positions[col_slice][None]
+
+
+def size_split(size: Tensor, free: Tensor | int, protected: int, neg: Tensor | None) -> Split:
+    """ATM's split by size: per image, its ``free`` unprotected tokens stable-sorted by size (ties
+    in position order); the first ``ceil(free/2)`` are sources, the rest destinations.
+
+    ``size`` [B, W]; ``free`` [B], or an int when every image holds all ``W`` slots; ``neg``
+    [B, W] 0 on real slots and -inf on padding (None without padding).
+    """
+    batch, width = size.shape
+    body = width - protected
+    key = size[:, protected:] if neg is None else size[:, protected:] - neg[:, protected:]  # padding: +inf, last
+    order = key.sort(dim=1, stable=True).indices
+    position = order + protected
+    num_rows = (body + 1) // 2
+    if isinstance(free, int):  # every image: the same split sizes
+        is_source, col_mask = _static_split(body, (free + 1) // 2, size.device, size.dtype)
+        return Split(position[:, :num_rows], position, None, col_mask, protected, order, is_source)
+    is_source = _arange(body, size.device) < (free + 1)[:, None] // 2
+    sorted_neg = 0.0 if neg is None else neg[:, protected:].gather(1, order)
+    col_mask = torch.where(is_source, NEG_INF, sorted_neg)[:, None]  # sources and padding: -inf
+    return Split(position[:, :num_rows], position, is_source[:, :num_rows], col_mask, protected, order, is_source)
+
+
+@cache
+def _arange(n: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device)
+
+
+@cache
+def _static_split(body: int, num_a: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Sources among the sorted slots, and the column mask, of images that all hold ``body`` tokens."""
+    with torch.inference_mode(False):
+        is_source = torch.arange(body, device=device)[None] < num_a
+        return is_source, torch.zeros(1, 1, body, device=device, dtype=dtype).masked_fill_(is_source[:, None], NEG_INF)
+
+
+def key_features(keys: Tensor, per_head: bool) -> tuple[Tensor, float]:
+    """Rows of unit length to match on, [B, W, D], and the factor that turns their dot products into
+    similarities. ``keys`` [B, H, W, d] per head: averaged over heads and normalised (ToMe, the
+    paper), or each head normalised (``per_head``: the mean of the heads' cosine similarities)."""
+    rows = keys.transpose(1, 2)  # [B, W, H, d]: a view of the attention's qkv
+    if not per_head:
+        rows = rows.sum(2, keepdim=True)  # the mean's direction
+    normed = rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return normed.flatten(2), 1.0 / normed.shape[2]
 
 
 @dataclass(frozen=True)
 class Matches:
-    """Each source's best destination and the cosine similarity to it."""
+    """Each source's best destination and how alike they are (minus ``offset``)."""
 
-    similarity: Tensor  # [B, Na] float, -inf for slots that are not real
-    scores: Tensor  # [B, Na, Nb] float, cosine similarity of every pair, -inf where B is not real
-
-    @property
-    def dst(self) -> Tensor:
-        """[B, Na] long: slot (into ``Split.b_idx``) of every source's best destination."""
-        if self.scores.shape[-1] == 0:
-            return torch.zeros(self.similarity.shape, device=self.scores.device, dtype=torch.long)
-        return self.scores.argmax(dim=-1)
-
-    def dst_of(self, image: Tensor, slot: Tensor) -> Tensor:
-        """``dst[image, slot]``, computed for those sources only.
-
-        Only the few sources that merge need their destination; ``max`` with indices over all
-        scores costs ten times ``amax`` on CPU. Ties go to the first slot either way.
-        """
-        if len(image) == 0 or self.scores.shape[-1] == 0:
-            return torch.zeros_like(image)
-        return self.scores[image, slot].argmax(dim=-1)
+    score: Tensor  # [B, Na] similarity of the best match, plus ``offset``; -inf (or NaN) where no column is real
+    dst: Tensor  # [B, Na] long: column of the best match (first on ties)
+    offset: float  # score = similarity + offset: compare with ``threshold + offset``
 
 
-def with_trash_row(t: Tensor) -> Tensor:
-    """Append one zero row along dim 1: the slot that non-real split entries point at."""
-    pad = t.new_zeros((t.shape[0], 1, *t.shape[2:]))
-    return torch.cat([t, pad], dim=1)
+def best_matches(
+    rows: Tensor,
+    cols: Tensor,
+    scale: float,
+    col_mask: Tensor | None,
+    weight: Tensor | None = None,
+) -> Matches:
+    """Each source row's most similar destination column.
 
-
-def alternating_split(valid: Tensor, num_protected: int) -> Split:
-    """ToMe's split: unprotected tokens at even positions are sources, odd ones destinations.
-
-    Positions are absolute, so with one class token (position 0, protected) this is exactly
-    ToMe's ``a, b = x[..., ::2, :], x[..., 1::2, :]`` with the class token removed from A.
+    ``rows`` [B, Na, D] and ``cols`` [B, Nb, D] unit features, ``scale`` turns their dot products
+    into similarities, ``col_mask`` [B, 1, Nb] (0 / -inf) removes columns that are not this image's
+    destinations. With ``weight`` [B, Na, Nb] (:mod:`.costs`), pairs compare by the effective
+    similarity ``1 - (1 - cos) * weight``, kept minus one (``offset`` -1).
     """
-    batch, n = valid.shape
-    positions = torch.arange(n, device=valid.device)
-    a_pos = positions[num_protected:][(positions[num_protected:] % 2) == 0]
-    b_pos = positions[num_protected:][(positions[num_protected:] % 2) == 1]
-    a_ok = valid[:, a_pos]
-    b_ok = valid[:, b_pos]
-    trash = torch.full((), n, device=valid.device, dtype=torch.long)
-    a_idx = torch.where(a_ok, a_pos.expand(batch, -1), trash)
-    b_idx = torch.where(b_ok, b_pos.expand(batch, -1), trash)
-    a_slice = slice(num_protected + num_protected % 2, n, 2)  # even positions past the protected
-    b_slice = slice(num_protected + (num_protected + 1) % 2, n, 2)  # odd ones
-    return Split(a_idx, a_ok, b_idx, b_ok, a_slice, b_slice)
+    cols_t = cols.transpose(1, 2)
+    if weight is None:
+        base = col_mask if col_mask is not None else _constant(0.0, rows)
+        score, dst = torch.baddbmm(base, rows, cols_t, alpha=scale).max(dim=-1)
+        return Matches(score, dst, 0.0)
+    below_one = torch.baddbmm(_constant(-1.0, rows), rows, cols_t, alpha=scale)  # cos - 1
+    base = col_mask if col_mask is not None else _constant(0.0, rows)
+    score, dst = torch.addcmul(base, below_one, weight).max(dim=-1)
+    return Matches(score, dst, -1.0)
 
 
-def size_sorted_split(size: Tensor, num_protected: int) -> Split:
-    """ATM's split for the final layers: the smaller half of tokens by size are the sources.
-
-    Per image, the ``M`` real unprotected tokens are stable-sorted by size (ties keep position
-    order); the first ``ceil(M/2)`` form A and the rest B. A large token can then only absorb
-    smaller ones, never another large token (the costly case of Theorem 1).
-    """
-    batch, n = size.shape
-    body = size[:, num_protected:]
-    real = body > 0
-    m = real.sum(dim=1)  # [B]
-    key = torch.where(real, body, torch.full_like(body, float("inf")))
-    order = torch.sort(key, dim=1, stable=True).indices + num_protected  # [B, n - P], padding last
-    n_body = n - num_protected
-    na_max = (n_body + 1) // 2
-    nb_max = n_body // 2
-    na = (m + 1) // 2  # [B]
-    nb = m // 2
-
-    slots_a = torch.arange(na_max, device=size.device).expand(batch, -1)
-    a_ok = slots_a < na[:, None]
-    a_idx = torch.where(a_ok, order[:, :na_max], n)
-
-    slots_b = torch.arange(nb_max, device=size.device).expand(batch, -1)
-    b_ok = slots_b < nb[:, None]
-    b_src = (na[:, None] + slots_b).clamp(max=n_body - 1) if n_body > 0 else slots_b
-    b_idx = torch.where(b_ok, order.gather(1, b_src), n) if n_body > 0 else slots_b
-    return Split(a_idx, a_ok, b_idx, b_ok)
+def _constant(value: float, like: Tensor) -> Tensor:
+    return _scalar(value, like.device, like.dtype)
 
 
-def best_matches(metric: Tensor, split: Split, normalized: bool = False) -> Matches:
-    """Cosine similarity of every source to every destination, and each source's best.
-
-    ``metric`` is [B, N, D] (a trash row N may be appended but is not needed: slots that are not
-    real are masked). It is L2-normalised here so callers can pass raw head-averaged keys, unless
-    ``normalized`` says its rows have unit length already (:func:`.costs.per_head_keys`).
-    """
-    if not normalized:
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    batch, rows, dim = metric.shape
-    if split.a_slice is not None and split.b_slice is not None:
-        a, b = metric[:, split.a_slice], metric[:, split.b_slice]
-    else:
-        flat = metric.reshape(-1, dim)
-        offset = torch.arange(batch, device=metric.device)[:, None] * rows
-        a = flat.index_select(0, (split.a_idx.clamp(max=rows - 1) + offset).view(-1)).view(batch, -1, dim)
-        b = flat.index_select(0, (split.b_idx.clamp(max=rows - 1) + offset).view(-1)).view(batch, -1, dim)
-    scores = torch.bmm(a, b.transpose(-1, -2))  # what ``@`` runs for [B, *, D] operands, in one op
-    if b.shape[1] == 0:
-        return Matches(torch.full(split.a_idx.shape, float("-inf"), device=metric.device, dtype=metric.dtype), scores)
-    if split.all_real:
-        return Matches(scores.amax(dim=-1), scores)
-    if not bool(split.b_ok.all()):
-        scores.masked_fill_(~split.b_ok[:, None, :], float("-inf"))
-    similarity = scores.amax(dim=-1).masked_fill_(~split.a_ok, float("-inf"))
-    return Matches(similarity, scores)
+@cache
+def _scalar(value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(value, device=device, dtype=dtype)

@@ -1,218 +1,142 @@
-"""Carry out a merge decision: size-weighted means, size sums, source tracking, compaction.
+"""Carry out a merge decision for a whole batch: where every token goes, and one product that moves them.
 
-After a merge each image keeps ``[protected tokens, unmerged sources, destinations]`` in that
-order (each group in position order), which is ToMe's layout; images that merged fewer pairs are
-padded at the end with size-0 tokens.
+A decision says, for each slot of each image, its *target*: the slot it merges into (its match,
+for a source that merges) or itself. From the targets follow the new sizes (sizes add up), which
+slots remain, and their order: ``[protected, unmerged sources, destinations]``, each group in
+position order (ToMe's layout), for every image that merged anything; an image that merged
+nothing keeps its order, exactly as if the step had been skipped for it alone.
+
+The tokens then move in one batched product with a ``[B, W', W]`` matrix holding each input's
+size in the row of its output slot: every output is the size-weighted sum of what it took in,
+divided by its new size, so a token always equals the mean of the patches it stands for. The
+number of operations does not depend on how many tokens merge or on the batch size; the one
+number the host needs, the new padded width, is read when images merge different counts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import cache
 
 import torch
 from torch import Tensor
 
-from .matching import Matches, Split
-
-# Group codes used to order tokens after a merge; dropped tokens sort last.
-_PROTECTED, _UNMERGED_SOURCE, _DESTINATION, _DROPPED = 0, 1, 2, 3
+_PROTECTED, _SOURCE, _DESTINATION = 0, 1, 2  # group order after a merge
 
 
 @dataclass(frozen=True)
-class Merged:
-    """Tokens after one merge step."""
+class Plan:
+    """Where each input slot goes, and what the merged batch holds, before it is narrowed."""
 
-    x: Tensor  # [B, N', C], or [T, C] packed (merge_tokens(pack=True))
-    size: Tensor  # [B, N'] float, 0 marks padding
-    source: Tensor | None  # [B, N', T0] float, which original patches each token holds
-    count: Tensor  # [B] long, real tokens per image
-    image_order: Tensor | None = None  # [B] long: output image i is input image image_order[i]
+    out_row: Tensor  # [B, W] long: output slot of every input slot (padding: past its image's tokens)
+    free: Tensor | int  # [B] tokens per image that may merge after it, or one int when every image holds as many
+    width: int | None  # W': the widest image after it, None until read from the device (:meth:`widest`)
 
-
-def _output_order(
-    size: Tensor, split: Split, selected: Tensor, num_protected: int
-) -> tuple[Tensor, Tensor]:
-    """Per image, the input positions of its output tokens in order, and its real-token count.
-
-    Returns ``order`` [B, keep] (positions in [0, N]; entries past an image's count are not real)
-    and ``count`` [B]. The order is ``[protected, unmerged sources, destinations]``; an image that
-    merges nothing keeps its own order, exactly as if the step had been skipped for it alone: this
-    is what makes results independent of batch-mates.
-    """
-    batch, n = size.shape
-    group = torch.full((batch, n + 1), _DROPPED, device=size.device, dtype=torch.long)
-    group[:, :num_protected] = _PROTECTED
-    group[:, :n][size == 0] = _DROPPED
-    merged_any = selected.any(dim=1, keepdim=True)
-    a_group = torch.where(split.a_ok & ~selected, _UNMERGED_SOURCE, _DROPPED)
-    b_group = torch.where(split.b_ok, torch.where(merged_any, _DESTINATION, _UNMERGED_SOURCE), _DROPPED)
-    group = group.scatter_reduce(1, split.a_idx, a_group, reduce="amin")
-    group = group.scatter_reduce(1, split.b_idx, b_group, reduce="amin")
-    group[:, n] = _DROPPED
-    count = (group < _DROPPED).sum(dim=1)
-    keep = int(count.max())
-    positions = torch.arange(n + 1, device=size.device)
-    order = (group * (n + 1) + positions).argsort(dim=1)[:, :keep]
-    return order, count
+    def widest(self) -> Tensor:
+        """The widest image's tokens that may merge, on the device: read it to learn the width."""
+        return self.free.amax()
 
 
-class _Pairs(NamedTuple):
-    """Every merged pair: its input image, source and destination positions, and source size."""
-
-    image: Tensor  # [P]
-    src_pos: Tensor  # [P]
-    dst_pos: Tensor  # [P]
-    src_size: Tensor  # [P]
-
-
-class _Layout(NamedTuple):
-    """Where each output token comes from: output row i holds input image ``in_image[i]``."""
-
-    order: Tensor  # [B, keep] input positions of the output slots, in [0, N]
-    position: Tensor  # [B, keep] the same, clamped to [0, N-1] (slots that are not real: anything)
-    real: Tensor  # [B, keep] bool: slots that hold a token
-    count: Tensor  # [B] real tokens per output row
-    in_image: Tensor  # [B] input image of each output row
-    out_image: Tensor  # [B] output row of each input image
-    image_order: Tensor | None  # in_image when images were reordered, else None
-
-
-def merge_tokens(
-    x: Tensor,
+def plan(
     size: Tensor,
-    source: Tensor | None,
-    split: Split,
-    matches: Matches,
-    selected: Tensor,
-    num_protected: int,
-    sort_images: bool = False,
-    pack: bool = False,
-    keep_norm: bool = False,
-) -> Merged:
-    """Merge each selected source into its matched destination.
+    target: Tensor,
+    group_key: Tensor,
+    free: Tensor | int,
+    protected: int,
+    merges: int | None,
+) -> Plan:
+    """The plan of a merge step, made on the device.
 
-    The destination becomes the size-weighted mean of itself and everything merged into it and
-    its size the sum, so a token always equals the mean of the patches it stands for.
-    Destinations that received nothing are copied unchanged (no ``x*s/s`` rounding).
-
-    The tokens are moved once (one row gather into the output); only the merged pairs are
-    touched again, so the step costs little more than a copy however many tokens merge.
-
-    ``x`` is padded [B, N, C], or packed [T, C]: each image's real tokens (``size > 0``, always a
-    prefix of its row of ``size``) one image after the other. ``pack=True`` returns ``Merged.x``
-    packed the same way. ``sort_images=True`` also reorders the images by descending token
-    count, so that images of similar length sit next to each other (see ``Merged.image_order``).
-    ``keep_norm=True`` rescales each merged token to the size-weighted mean length of its parts:
-    averaging tokens that point different ways shortens the result, which the mean alone does not undo.
+    ``size`` [B, W] (0 on padding), ``target`` [B, W] (each slot's own position, or its match's
+    for a source that merges), ``group_key`` [W] or [B, W] each slot's sort key in the merged
+    order (:func:`alternating_group_keys`, :func:`size_group_keys`), ``free`` the tokens per image
+    that may merge ([B], or an int when no image is padded), the first ``protected`` never do.
+    ``merges``: how many sources every image merges when the host knows it (one count for the
+    whole batch); otherwise the new width is on the device (:meth:`Plan.widest`).
     """
-    batch, n = size.shape
-    selected = selected & split.a_ok
-    image, slot = selected.nonzero().unbind(1)  # every merged pair: input image, source slot
-    src_pos = split.a_idx[image, slot]
-    pairs = _Pairs(image, src_pos, split.b_idx[image, matches.dst_of(image, slot)], size[image, src_pos])
-    new_size = size.index_put((pairs.image, pairs.dst_pos), pairs.src_size, accumulate=True)
-    layout = _output_layout(size, split, selected, num_protected, sort_images)
-    out_size = (new_size[layout.in_image] if sort_images else new_size).gather(1, layout.position) * layout.real
-    if x.dim() == 2:
-        in_start = _row_starts((size > 0).sum(dim=1))
+    batch, width = size.shape
+    new_size = torch.zeros_like(size).scatter_add_(1, target, size)
+    kept = new_size > 0  # padding had size 0; merged sources gave theirs away
+    if merges is not None:  # every image: the same count, no padding
+        new_free, new_width = free - merges, width - merges
+        key = group_key if merges > 0 else positions(width, size.device)
     else:
-        in_start = torch.arange(batch, device=x.device) * n
-    padded_start = torch.arange(batch, device=x.device) * layout.order.shape[1]
-    out_start = _row_starts(layout.count) if pack else padded_start
-    flat_x = x.reshape(-1, x.shape[-1])
-    out_x = _gather_tokens(flat_x, in_start, layout, pack)
-    out_source = None
-    if source is not None:
-        source = source.reshape(-1, source.shape[-1])
-        rows = (layout.in_image[:, None] * n + layout.position).view(-1)
-        out_source = _zero_padding(source.index_select(0, rows), layout.real).view(*layout.real.shape, -1)
-    if len(pairs.image) > 0:
-        out_slot = _slot_of_position(layout.order, out_start, n)
-        _average_destinations(out_x, flat_x, in_start, size, new_size, pairs, layout, out_slot, keep_norm)
-        if out_source is not None:  # source stays padded even when x is packed
-            pad_slot = _slot_of_position(layout.order, padded_start, n) if pack else out_slot
-            dst_pad = pad_slot[layout.out_image[pairs.image], pairs.dst_pos]
-            moved = source.index_select(0, pairs.image * n + pairs.src_pos)
-            out_source.view(-1, source.shape[-1]).index_add_(0, dst_pad, moved)
-    return Merged(out_x, out_size, out_source, layout.count, layout.image_order)
+        new_free, new_width = kept[:, protected:].sum(1), None
+        key = torch.where((new_free < free)[:, None], group_key, positions(width, size.device))
+    order = torch.where(kept, key, _BIG).argsort(dim=1)
+    return Plan(order.argsort(dim=1).gather(1, target), new_free, new_width)
 
 
-def _output_layout(size: Tensor, split: Split, selected: Tensor, num_protected: int, sort_images: bool) -> _Layout:
-    """Which input token fills each output slot, with the images optionally sorted by token count."""
-    batch, n = size.shape
-    order, count = _output_order(size, split, selected, num_protected)
-    in_image = torch.arange(batch, device=size.device)
-    image_order = None
-    if sort_images:
-        image_order = in_image = count.argsort(descending=True, stable=True)
-        order, count = order[in_image], count[in_image]
-    out_image = torch.empty_like(in_image).index_copy_(0, in_image, torch.arange(batch, device=size.device))
-    real = torch.arange(order.shape[1], device=size.device)[None, :] < count[:, None]
-    # Slots that are not real may hold the trash position N: point them at any real column (dropped).
-    return _Layout(order, order.clamp(max=n - 1), real, count, in_image, out_image, image_order)
+_BIG = 1 << 40  # past every group key: dropped slots sort last
 
 
-def _gather_tokens(flat_x: Tensor, in_start: Tensor, layout: _Layout, pack: bool) -> Tensor:
-    """The output tokens, moved in one row gather: packed [T', C], or padded [B, keep, C] with
-    zeros in the slots that are not real."""
-    # Input row of every output slot; slots that are not real point anywhere valid and are dropped.
-    rows = (in_start[layout.in_image, None] + layout.position).clamp(max=len(flat_x) - 1)
-    if pack:
-        return flat_x.index_select(0, rows[layout.real])
-    batch, keep = rows.shape
-    return _zero_padding(flat_x.index_select(0, rows.view(-1)), layout.real).view(batch, keep, -1)
+@cache
+def positions(width: int, device: torch.device) -> Tensor:
+    """[W] 0..W-1 (made once per width)."""
+    with torch.inference_mode(False):
+        return torch.arange(width, device=device)
 
 
-def _average_destinations(
-    out_x: Tensor,
-    flat_x: Tensor,
-    in_start: Tensor,
-    size: Tensor,
-    new_size: Tensor,
-    pairs: _Pairs,
-    layout: _Layout,
-    out_slot: Tensor,
-    keep_norm: bool,
-) -> None:
-    """Destinations that took in sources become the size-weighted mean of themselves and their
-    sources (rescaled to their parts' mean length with ``keep_norm``), in place in ``out_x``;
-    every other output token stays as it was copied."""
-    dim = flat_x.shape[-1]
-    dst_rows = out_slot[layout.out_image[pairs.image], pairs.dst_pos]
-    rec_image, rec_pos = (new_size != size).nonzero().unbind(1)
-    rec_rows = out_slot[layout.out_image[rec_image], rec_pos]
-    flat = out_x.view(-1, dim)
-    rank = torch.zeros(len(flat), device=flat.device, dtype=torch.long)
-    rank[rec_rows] = torch.arange(len(rec_rows), device=flat.device)
-    src_x = flat_x.index_select(0, in_start[pairs.image] + pairs.src_pos)
-    src_weight = pairs.src_size[:, None].to(flat.dtype)
-    rec_x, rec_weight = flat.index_select(0, rec_rows), size[rec_image, rec_pos, None].to(flat.dtype)
-    rec_size = new_size[rec_image, rec_pos, None].to(flat.dtype)
-    mean = (rec_x * rec_weight).index_add_(0, rank[dst_rows], src_x * src_weight) / rec_size
-    if keep_norm:
-        lengths = (rec_x.norm(dim=-1, keepdim=True) * rec_weight).index_add_(
-            0, rank[dst_rows], src_x.norm(dim=-1, keepdim=True) * src_weight
-        )
-        mean = mean * (lengths / rec_size / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    flat.index_copy_(0, rec_rows, mean)
+@cache
+def alternating_group_keys(width: int, protected: int, device: torch.device) -> Tensor:
+    """[W] sort keys of the merged order for the alternating split: ``group * W + position``."""
+    with torch.inference_mode(False):
+        position = torch.arange(width, device=device)
+        group = torch.where(position % 2 == 0, _SOURCE, _DESTINATION)  # the split's rows are the even positions
+        return torch.where(position < protected, _PROTECTED, group) * width + position
 
 
-def _slot_of_position(order: Tensor, starts: Tensor, n: int) -> Tensor:
-    """[B, N+1]: the flat output row of every input position (output row ``i`` begins at
-    ``starts[i]``); positions that are not real are never looked up."""
-    slots = starts[:, None] + torch.arange(order.shape[1], device=order.device)
-    return torch.zeros(order.shape[0], n + 1, device=order.device, dtype=torch.long).scatter_(1, order, slots)
+def size_group_keys(body: Tensor, is_source: Tensor, width: int) -> Tensor:
+    """[B, W] sort keys of the merged order for the size split: ``body`` [B, W - protected] the
+    unprotected positions sorted by size, ``is_source`` [B or 1, W - protected] which are sources."""
+    group = torch.where(is_source, _SOURCE * width, _DESTINATION * width)
+    slots = positions(width, body.device).expand(body.shape[0], -1)
+    return slots.scatter(1, body, body + group)
 
 
-def _row_starts(count: Tensor) -> Tensor:
-    """First packed row of each image when images hold ``count`` tokens one after the other."""
-    return count.cumsum(0) - count
+def move_matrix(plan: Plan, weight: Tensor, width: int) -> Tensor:
+    """[B, W', W]: row ``j`` of image ``b`` holds the ``weight`` [B, W] of every input that goes to
+    output slot ``j`` (padding weighs 0, and its slots lie past its image's tokens); ``width`` is
+    W'. Built by comparison, not by scattering into a wider matrix, so that the shape holds no view."""
+    rows = positions(width, weight.device)[None, :, None]
+    return (plan.out_row[:, None, :] == rows) * weight[:, None, :]
 
 
-def _zero_padding(rows: Tensor, real: Tensor) -> Tensor:
-    """``rows`` [B*keep, C] with the rows of padding slots (``~real`` [B, keep]) set to zero."""
-    return rows.index_fill_(0, (~real).view(-1).nonzero().squeeze(1), 0)
+def combine(x: Tensor, matrix: Tensor) -> Tensor:
+    """``[B, W', C]``: ``matrix`` (:func:`move_matrix`) applied to ``x`` [B, W, C] in one batched
+    product, outside autocast so that the tokens keep their precision."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.bmm(matrix, x)
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without an operation when it is of that type already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def mean_tokens(x: Tensor, matrix: Tensor, new_size: Tensor, keep_norm: bool = False) -> Tensor:
+    """The merged tokens: each the size-weighted mean of what it took in (``x`` [B, W, C],
+    ``matrix`` :func:`move_matrix` of the input sizes in ``x``'s type, ``new_size`` [B, W'] its row
+    sums). ``keep_norm`` rescales each to the size-weighted mean length of its parts: averaging
+    tokens that point different ways shortens the result, which the mean alone does not undo."""
+    new_size = as_dtype(new_size, x.dtype)[..., None]
+    with torch.autocast(x.device.type, enabled=False):
+        total = torch.bmm(matrix, x)
+        if not keep_norm:
+            return total / new_size.clamp_min(1)  # padding: 0 / 1
+        length = torch.bmm(matrix, x.norm(dim=-1, keepdim=True))  # sum of size * |x|
+        # total * (length / n) / (|total| / n) / n: the mean, at the mean length.
+        return total * (length / torch.addcmul(_tiny(x), total.norm(dim=-1, keepdim=True), new_size))
+
+
+def _tiny(like: Tensor) -> Tensor:
+    return _tiny_scalar(like.device, like.dtype)
+
+
+@cache
+def _tiny_scalar(device: torch.device, dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.tensor(torch.finfo(dtype).tiny, device=device, dtype=dtype)
 
 
 def merge_error(x_i: Tensor, x_j: Tensor, n_i: float, n_j: float) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@ There are two kinds, and the loop dispatches on the type:
 
 - a :class:`MatchingPolicy` (ToMe, ATM) splits each block's tokens into sources and destinations,
   lets every source find its most similar destination, then chooses which sources merge;
-- a :class:`PruningPolicy` (EViT) keeps the tokens the class token attends to most.
+- a :class:`PruningPolicy` (EViT, in :mod:`.pruning`) keeps the tokens the class token attends to most.
 
 :class:`NoMerge` is neither: the model runs as timm's, with token and FLOPs accounting.
 
@@ -24,9 +24,8 @@ from typing import Any, ClassVar, Literal
 
 from torch import Tensor
 
-from .costs import effective_matches, pair_weight
-from .matching import Matches
-from .pruning import check_keep_rate, keep_count
+from .costs import pair_weight
+from .matching import Split
 from .selection import MatchContext, above_threshold, batch_min, layer_threshold, threshold_schedule, top_r
 
 SplitKind = Literal["alternate", "size"]
@@ -137,16 +136,20 @@ class MatchingPolicy(TokenMerger):
 
     @property
     def keeps_norm(self) -> bool:
-        """Whether merged tokens keep the mean length of their parts (see ``merge_tokens``)."""
+        """Whether merged tokens keep the mean length of their parts (see :func:`.merging.mean_tokens`)."""
         return False
 
-    def score(self, context: MatchContext) -> Matches:
-        """The similarities selection and merging use; by default the cosine similarities as they are."""
-        return context.matches
+    def pair_weight(
+        self, split: Split, size: Tensor, attention: Tensor | None, num_unprotected: Tensor | int
+    ) -> Tensor | None:
+        """[B, Na, Nb] factor on each pair's dissimilarity (:mod:`.costs`); None: plain cosine."""
+        return None
 
     @abstractmethod
-    def select(self, context: MatchContext) -> Tensor:
-        """Mask [B, Na] of the sources that merge into their best match in this block."""
+    def select(self, context: MatchContext) -> tuple[Tensor, int | None]:
+        """Mask [B, Na] of the sources that merge into their best match in this block, and how many
+        every image merges when that is one count the host knows (None otherwise). Rows that are
+        not real sources may be chosen: their size is 0, so they move nothing."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,11 +164,12 @@ class PruningPolicy(TokenMerger):
     fuse_token: bool = True
 
     @abstractmethod
-    def keep(self, layer: int, num_unprotected: Tensor) -> Tensor | None:
-        """Tokens [B] each image keeps in block ``layer`` (0-indexed); None where it does not prune."""
+    def keep(self, layer: int, num_unprotected: int) -> int | None:
+        """Tokens each image keeps of its ``num_unprotected`` in block ``layer`` (0-indexed); None
+        where it does not prune."""
 
 
-def _check_integers(values: Sequence[Any], least: int) -> bool:
+def integers_at_least(values: Sequence[Any], least: int) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
 
 
@@ -184,7 +188,7 @@ class ToMe(MatchingPolicy):
         super().__post_init__()
         if isinstance(self.r, Sequence):
             object.__setattr__(self, "r", tuple(self.r))
-        if not _check_integers(self.r if isinstance(self.r, tuple) else [self.r], 0):
+        if not integers_at_least(self.r if isinstance(self.r, tuple) else [self.r], 0):
             raise ValueError(f"ToMe r must be a non-negative integer (or a list of them), got {self.r!r}")
 
     @property
@@ -204,14 +208,14 @@ class ToMe(MatchingPolicy):
     def merges_in(self, layer: int) -> bool:
         return self.r_at(layer) > 0
 
-    def select(self, context: MatchContext) -> Tensor:
+    def select(self, context: MatchContext) -> tuple[Tensor, int | None]:
         # ToMe's cap: at most half of the unprotected tokens merge in one block.
-        if context.split.all_real:  # every image holds all its slots: the same cap for all
-            split = context.split
-            limit = min((split.a_idx.shape[1] + split.b_idx.shape[1]) // 2, self.r_at(context.layer))
-        else:
-            limit = (context.num_unprotected // 2).clamp(max=self.r_at(context.layer))
-        return top_r(context.matches.similarity, limit)
+        unprotected = context.free
+        if isinstance(unprotected, int):  # every image holds all its slots: the same count for all
+            limit = min(unprotected // 2, self.r_at(context.layer), context.split.num_rows)
+            return top_r(context.matches.score, limit), limit
+        score = context.matches.score.masked_fill(~context.real_rows(), float("-inf"))
+        return top_r(score, (unprotected // 2).clamp(max=self.r_at(context.layer))), None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,7 +270,7 @@ class ATM(MatchingPolicy):
                 f"ATM alpha ({self.alpha}) must be >= theta_min ({self.theta_min}): alpha is the first "
                 f"block's threshold and theta_min the floor it decays to (theta_min >= 1 disables merging)"
             )
-        if not _check_integers([self.split_layer], 1):
+        if not integers_at_least([self.split_layer], 1):
             raise ValueError(f"ATM split_layer is a 1-indexed block number >= 1, got {self.split_layer!r}")
         if self.keys not in ("mean", "per_head"):
             raise ValueError(f"ATM keys must be 'mean' or 'per_head', got {self.keys!r}")
@@ -314,57 +318,16 @@ class ATM(MatchingPolicy):
     def keeps_norm(self) -> bool:
         return self.keep_norm
 
-    def score(self, context: MatchContext) -> Matches:
-        weight = pair_weight(
-            context.split,
-            context.size,
-            self.size_weighted,
-            context.class_attention,
-            self.attention_power,
-            context.num_unprotected,
-        )
-        return effective_matches(context.matches, context.split, weight)
+    def pair_weight(
+        self, split: Split, size: Tensor, attention: Tensor | None, num_unprotected: Tensor | int
+    ) -> Tensor | None:
+        return pair_weight(split, size, self.size_weighted, attention, self.attention_power, num_unprotected)
 
-    def select(self, context: MatchContext) -> Tensor:
-        similarity = context.matches.similarity
-        selected = above_threshold(similarity, self.threshold(context.layer))
-        return batch_min(selected, similarity) if self.batch_rule == "min" else selected
-
-
-@dataclass(frozen=True, kw_only=True)
-class EViT(PruningPolicy):
-    """EViT (Liang et al. 2022): in chosen blocks keep the most class-attended tokens, fuse the rest.
-
-    Args:
-        keep_rate: fraction of unprotected tokens kept in each pruning block, in (0, 1].
-        prune_layers: 1-indexed blocks that prune; default [4, 7, 10] as EViT does for 12-block DeiT.
-    """
-
-    name: ClassVar[str] = "evit"
-    keep_rate: float = 0.7
-    prune_layers: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_keep_rate(self.keep_rate)
-        layers = (4, 7, 10) if self.prune_layers is None else tuple(self.prune_layers)
-        if not _check_integers(layers, 1):
-            raise ValueError(f"EViT prune_layers are 1-indexed block numbers >= 1, got {self.prune_layers!r}")
-        object.__setattr__(self, "keep_rate", float(self.keep_rate))
-        object.__setattr__(self, "prune_layers", tuple(sorted(set(layers))))
-
-    @property
-    def merges(self) -> bool:
-        return self.keep_rate < 1.0 and bool(self.prune_layers)
-
-    def check(self, depth: int) -> None:
-        if self.prune_layers and self.prune_layers[-1] > depth:
-            raise ValueError(
-                f"EViT prune_layers {list(self.prune_layers)} go past the model's {depth} blocks; use 1..{depth}"
-            )
-
-    def merges_in(self, layer: int) -> bool:
-        return self.keep_rate < 1.0 and layer + 1 in self.prune_layers
-
-    def keep(self, layer: int, num_unprotected: Tensor) -> Tensor | None:
-        return keep_count(self.keep_rate, num_unprotected) if layer + 1 in self.prune_layers else None
+    def select(self, context: MatchContext) -> tuple[Tensor, int | None]:
+        matches = context.matches
+        selected = above_threshold(matches.score, self.threshold(context.layer) + matches.offset)
+        if self.batch_rule == "exact":
+            return selected, None
+        real = context.real_rows()
+        score = matches.score if real is None else matches.score.masked_fill(~real, float("-inf"))
+        return batch_min(selected if real is None else selected & real, score), None

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from .policies import ATM, EViT, NoMerge, TokenMerger, ToMe
+from .policies import ATM, NoMerge, TokenMerger, ToMe
+from .pruning import EViT
 
 MERGERS: dict[str, type[TokenMerger]] = {"none": NoMerge, "tome": ToMe, "atm": ATM, "evit": EViT}
 ALIASES = {"dense": "none"}

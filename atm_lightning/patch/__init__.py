@@ -1,9 +1,10 @@
 """timm integration: one call patches a timm ViT in place to merge tokens.
 
-``loop.py`` runs the blocks for any architecture over a ``state.TokenState``; ``adapters.py``
-says which models are supported and patches them; ``vit.py`` adapts timm's VisionTransformer and
-``eva.py`` timm's Eva (RoPE at merged positions: ``rope.py``); ``pooling.py`` pools merged tokens;
-``attention.py`` and ``ragged.py`` run packed ragged batches; ``stats.py`` reports the last forward.
+``loop.py`` runs the blocks for any architecture, with the merge steps of
+:mod:`atm_lightning.merge.step`; ``adapters.py`` says which models are supported and patches
+them; ``vit.py`` adapts timm's VisionTransformer and ``eva.py`` timm's Eva (RoPE at merged
+positions: ``rope.py``); ``pooling.py`` pools merged tokens; ``attention.py`` attends padded
+batches; ``kernel.py`` runs CPU forwards in the compiled kernel; ``stats.py`` reports the last forward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..merge import TokenMerger, make_merger
-from .loop import RAGGED_MODES, kernel_ready
+from .attention import ATTENTION_KERNELS
+from .kernel import kernel_ready
 from .rerun import running_dense
 from .stats import LayerRecord, MergeStats, MergeTrace, merge_stats
 from .adapters import MIXINS, apply, check_supported, remove
@@ -26,9 +28,9 @@ def patch(
     method: str | TokenMerger = "atm",
     *,
     record_merges: bool = False,
-    ragged: str = "packed",
     compile: bool | str = False,
-    fused: bool | str = False,
+    fused: bool | str = "auto",
+    attention: str = "sdpa",
     **settings,
 ) -> nn.Module:
     """Make ``model`` merge tokens at inference time; returns the same (still timm) model.
@@ -39,25 +41,20 @@ def patch(
         method: ``"atm"``, ``"tome"``, ``"evit"`` or ``"none"`` (dense, with token/FLOPs
             accounting), or a :class:`~atm_lightning.merge.TokenMerger` instance.
         record_merges: keep every block's merge decisions in :func:`merge_stats` (tests, debugging).
-        ragged: ``"packed"`` (default) skips most padding where images of a batch kept different
-            numbers of tokens (MLP on real tokens, attention grouped by length); ``"padded"``
-            computes it all (same results, for comparison).
-        compile: run each block's attention and MLP through ``torch.compile`` with dynamic token
-            counts; the data-dependent merge step stays eager. The first batches of each new
-            shape kind (one image or several, before and after the first merge) compile. A
-            string names the backend (e.g. ``"aot_eager"``); True is inductor.
-        fused: run ATM's merge step as one compiled C++ function on the CPU (float32,
-            inference; one image, or a packed batch with its images in parallel): the eager
-            step's many small ops cost more than the FLOPs merging saves at small batches. Built
-            with the machine's C++ compiler and ninja on first use (about 40 s, cached); the same
-            merges, tokens equal to float rounding. ATM with ``batch_rule="exact"`` only.
-            ``"auto"``: where it can (the first CPU inference forward builds it; where that
-            fails, the eager step runs, with one warning), and for that ATM only (other methods
-            and the ``min`` rule keep their eager step).
+        compile: run each block, its merge step included, through ``torch.compile`` with dynamic
+            token counts (one graph break per merging block, where the host reads the new width).
+            A string names the backend (e.g. ``"aot_eager"``); True is inductor.
+        fused: run ATM's merge step on the CPU in a compiled C++ kernel that keeps the real tokens
+            packed (float32 inference; the same merges, tokens equal to float rounding; built with
+            the machine's C++ compiler and ninja on first use, about 40 s, cached). ``"auto"`` (the
+            default): where it can (ATM's ``exact`` rule on a ViT without q/k norms, a CPU
+            inference forward; where it cannot be built the batched step runs after one
+            warning). Everything else runs the batched step, on any device.
+        attention: ``"sdpa"`` (default) or ``"flex"``: the kernel that attends padded batches.
         **settings: the method's settings, e.g. ``r=8`` or ``alpha=1.0, beta=0.02, theta_min=0.86``.
     """
     merger = make_merger(method, **settings)
-    return apply(model, merger, record_merges=record_merges, ragged=ragged, compile=compile, fused=fused)
+    return apply(model, merger, record_merges=record_merges, compile=compile, fused=fused, attention=attention)
 
 
 @contextmanager
@@ -85,7 +82,7 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 
 __all__ = [
-    "RAGGED_MODES",
+    "ATTENTION_KERNELS",
     "LayerRecord",
     "MergeStats",
     "MergeTrace",

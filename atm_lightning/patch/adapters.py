@@ -7,8 +7,11 @@ model's own class that runs its ``forward_features`` through :func:`.loop.run_bl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
+
+import torch
 
 from timm.layers import PatchEmbed
 from timm.models.eva import Eva
@@ -16,12 +19,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..flops import ViTCost
-from ..merge import MatchingPolicy, PruningPolicy, TokenMerger
-from ..merge.fused import check_fusable, fusable, is_fused_mode, load_kernel
+from ..merge import ATM, MatchingPolicy, PruningPolicy, TokenMerger
+from ..merge.fused import fusable, is_fused_mode, load_kernel
 from . import eva, vit
+from .attention import check_kernel
+from .compiled import backend_of, compiled_block
 from .errors import UnsupportedModelError
-from .compiled import CompiledVitBlocks, backend_of
-from .loop import RAGGED_MODES, BlockRunner, Merging
+from .loop import BlockRunner, Merging, run_block
 
 SUPPORTED = (
     "timm VisionTransformer (ViT, DeiT, distilled DeiT, DeiT-III, CLIP, DINOv2, registers, average or "
@@ -119,51 +123,66 @@ def apply(
     model: nn.Module,
     merger: TokenMerger,
     record_merges: bool = False,
-    ragged: str = "packed",
     compile: bool | str = False,
-    fused: bool | str = False,
+    fused: bool | str = "auto",
+    attention: str = "sdpa",
 ) -> nn.Module:
     """Patch ``model`` in place to merge tokens with ``merger``; re-patching replaces the merger.
 
-    ``ragged`` chooses how images with different token counts run: ``packed`` runs norms, linear
-    layers and the MLP on real tokens only and attention in groups of similar length, ``padded``
-    runs every layer on the padded batch (for comparison). Training always runs padded.
-    ``compile`` runs each block's attention and MLP residuals through ``torch.compile``
-    (:mod:`.compiled`; a string names its backend); the merge step stays eager. VisionTransformer only.
-    ``fused`` runs ATM's merge step on the CPU as one compiled function, for one image or a
-    packed batch (:mod:`atm_lightning.merge.fused`), built here on first use. ``"auto"`` does so
-    where it can: for ATM, built by the first forward that can use it (a CPU inference pass), and
-    where it cannot be built the eager step runs, with one warning that says why.
+    ``compile`` runs each block, merge step included, through ``torch.compile`` (:mod:`.compiled`;
+    a string names its backend). VisionTransformer only. ``fused`` runs ATM's merge step on the
+    CPU in the compiled C++ kernel (:mod:`.kernel`): ``"auto"`` where it can (ATM's exact rule,
+    a ViT without q/k norms, built by the first CPU inference forward; where it cannot be built
+    the batched step runs after one warning), True always (an error where it cannot), False never.
+    ``attention`` names the attention kernel of padded batches (:mod:`.attention`).
     """
-    if ragged not in RAGGED_MODES:
-        raise ValueError(f"ragged must be one of {RAGGED_MODES}, got {ragged!r}")
+    check_kernel(attention)
     patched = isinstance(model, MIXINS)
     adapter = None if patched else adapter_for(model)
     merger.check(len(model.blocks))
     _check_merger(model, merger)
-    if not is_fused_mode(fused):
-        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-    if fused is True:
-        check_fusable(merger)
-        load_kernel()
-    elif fused == "auto" and not fusable(merger):
-        fused = False  # nothing to fuse: the policy's own step runs
+    fused = _fused_setting(model, merger, fused, compile)
     backend = backend_of(compile) if compile else None  # None: eager
     if backend is not None and not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(f"compile=True supports timm VisionTransformer only, not {model_label(model)}")
-    if patched and getattr(model._merging.blocks, "backend", None) == backend:
+    if patched:
         blocks, cost = model._merging.blocks, model._merging.cost
     else:
-        if patched:
-            model._merging.blocks.remove_hooks()
-            cost = model._merging.cost
-        else:
-            cost = ViTCost.from_model(model)
-            model.__class__ = _merging_class(type(model), adapter.mixin)
-        family = next(a for cls, a in ADAPTERS.items() if isinstance(model, cls))
-        blocks = family.blocks(model) if backend is None else CompiledVitBlocks(backend)
-    model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, ragged, fused)
+        cost = ViTCost.from_model(model)
+        model.__class__ = _merging_class(type(model), adapter.mixin)
+        blocks = next(a for cls, a in ADAPTERS.items() if isinstance(model, cls)).blocks(model)
+    block = run_block if backend is None else compiled_block(backend)
+    model._merging = Merging(merger, blocks, cost, model.num_prefix_tokens, record_merges, fused, attention, block)
     return model
+
+
+def _fused_setting(model: nn.Module, merger: TokenMerger, fused: bool | str, compile: bool | str) -> bool | str:
+    """``fused`` as the forward uses it: False where the kernel cannot run this model and policy
+    (``"auto"``), an error naming the fix where it was asked for (True)."""
+    if not is_fused_mode(fused):
+        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+    problem = None
+    if not fusable(merger):
+        problem = "batch_rule='min'" if isinstance(merger, ATM) else f"{type(merger).__name__}"
+        problem = f"{problem} has no fused step (it runs ATM's exact rule)"
+    elif not isinstance(model, VisionTransformer) or any(
+        not isinstance(b.attn.q_norm, nn.Identity) or not isinstance(b.attn.k_norm, nn.Identity) for b in model.blocks
+    ):
+        problem = f"{model_label(model)} is not a ViT without q/k norms, which the kernel's attention needs"
+    elif compile:
+        problem = "compile=True compiles the batched step instead"
+    if fused is True:
+        if problem is not None:
+            raise ValueError(f"fused=True: {problem}; set fused to false or auto (--model.fused false)")
+        dtype = next(model.parameters()).dtype
+        if dtype != torch.float32:
+            warnings.warn(
+                f"fused=True runs on float32 CPU inference only; this model is {dtype}, so the batched step "
+                f"runs (same merges). Use model.float() for the fused step.",
+                stacklevel=3,
+            )
+        load_kernel()
+    return False if problem is not None else fused
 
 
 def remove(model: nn.Module) -> nn.Module:

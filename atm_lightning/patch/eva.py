@@ -6,10 +6,10 @@ the attention forwards to SDPA. Unlike it, padded blocks run timm's own attentio
 applies RoPE inside), and the keys ToMe and ATM match on are read by hooks on each
 ``attn.k_norm`` (before RoPE: keys compare content; positions are averaged, not matched).
 
-RoPE needs a position for every token. Each token carries the sum of the grid (row, col) of the
-patches it holds (``TokenState.coords``, added up by merges like sizes), so its position is the
-size-weighted mean of theirs, and its rotation is timm's rotary embedding at that continuous
-position (:mod:`.rope`). Until the first merge the model's own RoPE table is used, so an
+RoPE needs a position for every token. Each token carries the mean grid (row, col) of the
+patches it holds (``TokenState.positions``: merges average them, weighted by size, like the
+tokens themselves), and its rotation is timm's rotary embedding at that continuous position
+(:mod:`.rope`). Attention is always timm's own (SDPA), whatever the ``attention`` setting. Until the first merge the model's own RoPE table is used, so an
 unmerged forward is timm's bit for bit. Prefix tokens (class, registers) are never rotated.
 """
 
@@ -18,19 +18,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers.attention import AttentionRope
 from timm.models.eva import EvaAttention, EvaBlock
 from torch import Tensor, nn
 
-from ..merge import class_attention
-from .attention import grouped_attention, head_mean
+from ..merge import TokenState, class_attention
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
 from .model_api import MergingModel
 from .rope import grid_coords, rope_at, rope_problem, rotate
-from .state import TokenState
 from .vit import add_residual, check_pool
 
 EVA_POOLS = ("token", "avg", "", "map")
@@ -77,7 +74,7 @@ class EvaBlocks:
             self.hooks.append(block.attn.k_norm.register_forward_hook(tap.on_key))
         self.table: Tensor | None = None  # the model's RoPE table for this forward's grid
         self.grid: tuple[int, int] = (0, 0)
-        self._rope: tuple[Tensor, Tensor] | None = None  # (coords, their per-token rope) of the last state
+        self._rope: tuple[Tensor, Tensor] | None = None  # (positions, their per-token rope) of the last state
 
     def remove_hooks(self) -> None:
         for hook in self.hooks:
@@ -87,32 +84,28 @@ class EvaBlocks:
         """The RoPE table and patch grid of the forward about to run."""
         self.table, self.grid, self._rope = table, grid, None
 
-    def token_rope(self, state: TokenState) -> Tensor:
+    def token_rope(self, tokens: TokenState) -> Tensor:
         """[B, W, 2d] each token's rotation (identity on prefix tokens), recomputed after merges only."""
-        if self._rope is None or self._rope[0] is not state.coords:
-            rope = rope_at(self.rope_module, state.positions(), self.grid)
+        if self._rope is None or self._rope[0] is not tokens.positions:
+            rope = rope_at(self.rope_module, tokens.positions, self.grid)
             half = rope.shape[-1] // 2
             rope[:, : self.num_prefix, :half] = 0  # sin 0, cos 1: no rotation
             rope[:, : self.num_prefix, half:] = 1
-            self._rope = (state.coords, rope)
+            self._rope = (tokens.positions, rope)
         return self._rope[1]
 
     def attention_residual(
-        self, layer: int, block: EvaBlock, state: TokenState, bias: Tensor | None, needs: KeyNeeds
-    ) -> tuple[Tensor, BlockAttention]:
+        self, layer: int, block: EvaBlock, tokens: TokenState, bias: Tensor | None, needs: KeyNeeds, kernel: str
+    ) -> BlockAttention:
         tap, attn = self.taps[layer], block.attn
         rope = None
         if self.rope_module is not None:
-            rope = self.table if state.size is None else self.token_rope(state)
-        if state.layout is not None:
-            x, keys, cls = self._packed(block, state, bias, rope, needs)
-            tap.clear()
-            return x, BlockAttention(keys, None, attn.scale, cls)
+            rope = self.table if tokens.size is None else self.token_rope(tokens)
         timm_rope = rope if rope is None or rope.dim() == 2 else rope[:, None, self.num_prefix :]
-        update = attn(block.norm1(state.x), rope=timm_rope, attn_mask=bias)
+        update = attn(block.norm1(tokens.x), rope=timm_rope, attn_mask=bias)
         if block.gamma_1 is not None:
             update = block.gamma_1 * update
-        x = state.x + block.drop_path1(update)
+        x = tokens.x + block.drop_path1(update)
         query, keys = tap.take()
         cls = None
         if needs.class_attention:
@@ -121,43 +114,13 @@ class EvaBlocks:
                 full = rope if rope.dim() == 3 else self._expand_table(rope, keys)
                 rotated = rotate(keys, full[:, None], attn.rotate_half)
             cls = class_attention(query, rotated, attn.scale, bias)
-        return x, BlockAttention(keys, query, attn.scale, cls)
+        return BlockAttention(x, keys, cls)
 
     def _expand_table(self, table: Tensor, like: Tensor) -> Tensor:
         """The model's [N - prefix, 2d] table as [B, N, 2d] with identity rows for prefix tokens."""
         half = table.shape[-1] // 2
         identity = torch.cat([table.new_zeros(self.num_prefix, half), table.new_ones(self.num_prefix, half)], -1)
         return torch.cat([identity, table]).expand(like.shape[0], -1, -1)
-
-    def _packed(
-        self, block: EvaBlock, state: TokenState, bias: Tensor, rope: Tensor | None, needs: KeyNeeds
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``x + ls(attn(norm1(x)))`` for packed tokens [T, C], with the keys for matching
-        (before RoPE, as the hooks see them in padded runs) and the class token's attention."""
-        attn, x, layout = block.attn, state.x, state.layout
-        h = block.norm1(x)
-        heads, dim = attn.num_heads, attn.head_dim
-        q, k, v = project_qkv(attn, h).view(len(h), 3, heads, dim).unbind(1)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        batch, width = state.size.shape
-        keys = k.new_zeros(batch * width, heads if needs.per_head_keys else 1, dim)
-        keys[layout.real_rows] = k if needs.per_head_keys else head_mean(k, dim=1)[:, None]
-        keys = keys.view(batch, width, -1, dim).transpose(1, 2)
-        if rope is not None:
-            token_rope = rope.view(batch * width, -1)[layout.real_rows][:, None]  # [T, 1, 2d]
-            q, k = rotate(q, token_rope, attn.rotate_half), rotate(k, token_rope, attn.rotate_half)
-        qkv = torch.stack([q, k, v], dim=1).view(len(h), -1)
-        identity = nn.Identity()
-        mixed, _, cls = grouped_attention(
-            qkv, layout, bias, heads, attn.scale, identity, identity, False, needs.class_attention
-        )
-        mixed = attn.norm(mixed)
-        if attn.gate is not None:
-            mixed = mixed * attn.gate(h).sigmoid()
-        update = attn.proj_drop(attn.proj(mixed))
-        if block.gamma_1 is not None:
-            update = block.gamma_1 * update
-        return add_residual(x, update), keys, cls
 
     def mlp_residual(self, block: EvaBlock, x: Tensor) -> Tensor:
         update = block.mlp(block.norm2(x))
@@ -167,19 +130,6 @@ class EvaBlocks:
 
     def prefix_block(self, layer: int, block: EvaBlock, x: Tensor, bias: Tensor | None, prefix: int) -> Tensor:
         raise UnsupportedModelError("last_block_prefix_only is not supported on Eva models")  # refused at patch
-
-
-def project_qkv(attn: nn.Module, h: Tensor) -> Tensor:
-    """[T, 3*H*d] queries, keys and values of tokens ``h`` [T, C], computed as the attention does
-    (fused with Eva's q/v biases and zero k bias, fused with a bias, or three projections)."""
-    if attn.qkv is None:
-        return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
-    if getattr(attn, "q_bias", None) is None:
-        return attn.qkv(h)
-    bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    if attn.qkv_bias_separate:
-        return attn.qkv(h) + bias
-    return F.linear(h, weight=attn.qkv.weight, bias=bias)
 
 
 class EvaMergingMixin(MergingModel):
@@ -199,11 +149,11 @@ class EvaMergingMixin(MergingModel):
         grid = tuple(x.shape[1:3]) if self.dynamic_img_size else tuple(self.patch_embed.grid_size)
         x, table = self._pos_embed(x)
         x = self.norm_pre(x)
-        coords = None
+        positions = None
         if self.rope is not None:
-            coords = grid_coords(x.shape[0], grid, self.num_prefix_tokens, x.device)
+            positions = grid_coords(x.shape[0], grid, self.num_prefix_tokens, x.device)
         self._merging.blocks.begin(table, grid)
-        x = run_blocks(self._merging, self.blocks, x, self.training, coords)
+        x = run_blocks(self._merging, self.blocks, x, self.training, positions)
         return self.norm(x)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:

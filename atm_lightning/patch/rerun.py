@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from ..merge import NoMerge
-from .loop import Merging, Resume
+from .loop import Merging
+from .stats import Resume
 
 
 @contextmanager
@@ -61,7 +62,8 @@ class RerunForward:
 def forward_with_rerun(merging: Merging, training: bool, forward: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     """``forward(images)`` merged, then unmerged again for the images whose prediction is uncertain.
 
-    Only at inference: training needs every image's merged output.
+    Only at inference: training needs every image's merged output. One host read decides it: how
+    many images rerun, and from which block.
     """
     logits = forward(images)
     margin = merging.policy.rerun_margin
@@ -72,14 +74,35 @@ def forward_with_rerun(merging: Merging, training: bool, forward: Callable[[Tens
             f"rerun_margin needs class logits [B, classes] from the model, got {type(logits).__name__} "
             f"{tuple(getattr(logits, 'shape', ()))}; set rerun_margin 0 for feature extractors"
         )
-    trace, resume, merging.resume = merging.last, merging.resume, None
-    if resume is None:  # nothing merged: these are the dense logits
-        merging.last = replace(trace, rerun=torch.zeros(len(logits), dtype=torch.bool, device=logits.device))
-        return logits
+    trace, starts, merging.resume = merging.last, merging.resume or [], None
     uncertain = top2_gap(logits) < margin
-    if bool(uncertain.any()):
-        with running_dense(merging, prefix_only=True, start=resume.images(uncertain)):
-            dense = forward(images[uncertain])
-        logits = logits.index_put((uncertain,), dense.to(logits.dtype))
+    if not starts:  # no merge step ran: these are the dense logits
+        merging.last = replace(trace, rerun=torch.zeros_like(uncertain))
+        return logits
+    # The number of uncertain images and the block to start from, read in one transfer.
+    stride = len(starts) + 1
+    count, first = divmod(int(uncertain.sum() * stride + _unmerged_steps(trace.counts, starts)), stride)
+    if first == len(starts):  # no step merged anything: these are the dense logits
+        merging.last = replace(trace, rerun=torch.zeros_like(uncertain))
+        return logits
+    if count:
+        rows = (~uncertain).argsort(stable=True)[:count]  # the uncertain images, in order
+        start = starts[first]
+        with running_dense(merging, prefix_only=True, start=Resume(start.layer, start.tokens.images(rows))):
+            dense = forward(images[:count])  # not read: the blocks start from the kept tokens
+        logits = logits.index_copy(0, rows, dense if dense.dtype == logits.dtype else dense.to(logits.dtype))
     merging.last = replace(trace, rerun=uncertain)
     return logits
+
+
+def _unmerged_steps(counts: tuple, starts: list[Resume]) -> Tensor | int:
+    """How many of the steps at ``starts`` (the first merge steps of the forward, in order) merged
+    nothing in any image: the index of the first that did, ``len(starts)`` if none. Counts only
+    fall, so a step merged nothing exactly when every image still holds all its tokens after it."""
+    full = counts[starts[0].layer]
+    after = [counts[start.layer + 1] for start in starts]
+    on_host = sum(1 for count in after if not isinstance(count, Tensor) and count == full)
+    on_device = [count for count in after if isinstance(count, Tensor)]
+    if not on_device:
+        return on_host
+    return (torch.stack(on_device).amin(dim=1) == full).sum() + on_host

@@ -1,86 +1,124 @@
-"""What a patched model records about its last forward pass, and what it reports from that."""
+"""What a patched model records about its last forward pass, and what it reports from that.
+
+A forward records as little as it can: the token count of every block (a reference to a tensor
+it has anyway, or one int when no image is padded), which blocks ran a merge step and how wide
+their keys were, and the states an unmerged rerun may start from. Token tables, FLOPs and the
+rerun's starting block are worked out from those afterwards, when asked for.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..flops import to_gflops
-from .state import TokenState
+from ..flops import ViTCost, to_gflops
+from ..merge import LayerRecord, MatchingPolicy, TokenMerger, TokenState
+
+
+class StepInfo(NamedTuple):
+    """A merge step's matching work, counted from the tokens that entered its block."""
+
+    layer: int
+    kind: str  # "alternate" or "size" (matching), "prune" (class attention only)
+    width: int  # width of the compared keys
+    class_attention: bool  # the step also read the class token's attention
 
 
 @dataclass(frozen=True)
-class LayerRecord:
-    """What one block's merge step decided, kept only with ``record_merges=True`` (tests, debugging)."""
+class Resume:
+    """Where an unmerged rerun may pick up: the batch's tokens after block ``layer``'s attention,
+    before its merge step. Up to the first block that merged anything, every block ran as the
+    unmerged model, so a rerun starts there with that block's MLP instead of the patch embedding."""
 
-    layer: int  # 0-indexed block
-    split: str
-    threshold: float | None
-    similarity: Tensor  # [B, Na] best-match similarity per source slot (-inf: not real)
-    selected: Tensor  # [B, Na] bool
-    a_size: Tensor  # [B, Na] sizes of the source slots (0: not real)
-    b_size: Tensor  # [B, Nb] sizes of the destination slots (0: not real)
-    dst_size: Tensor  # [B, Na] size of each source's matched destination
-
-    def reordered(self, order: Callable[[Tensor], Tensor]) -> LayerRecord:
-        """The record with ``order`` applied to every per-image tensor."""
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: order(v) for k, v in tensors.items() if isinstance(v, Tensor)})
+    layer: int
+    tokens: TokenState  # unmerged: padded [B, N, C], input order
 
 
 @dataclass(frozen=True)
 class MergeTrace:
-    """Record of the last forward pass of a patched model, images in input order."""
+    """Record of the last forward pass of a patched model."""
 
-    tokens: Tensor  # [B, depth+1] long: tokens entering each block, then after the last
-    size: Tensor | None  # [B, N] final token sizes (None: nothing merged)
-    source: Tensor | None  # [B, N, T0] final token sources (with trace_source)
-    matching_macs: Tensor  # [B] cost of similarity computations
+    counts: tuple[Tensor | int, ...]  # tokens that may merge entering each block, then after the last: [B] or one int
+    batch: int
+    protected: int  # tokens never merged, on top of ``counts``
+    size: Tensor | None  # [B, W] final token sizes (None: nothing merged)
+    source: Tensor | None  # [B, W, T0] final token sources (with trace_source)
+    steps: tuple[StepInfo, ...] = ()
     layers: list[LayerRecord] = field(default_factory=list)
     sources: list[Tensor] = field(default_factory=list)  # source after each block (trace_source)
     rerun: Tensor | None = None  # [B] bool: ran again unmerged (rerun_margin); None: nothing was
     prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
-    resume_layer: int | None = None  # block whose merge step first merged (a rerun resumes there); None: none did
     input_tokens: int = 0  # tokens entering the first block (what the dense model runs on), even for an empty batch
     fused: bool = False  # the merge steps ran the compiled kernel (patch's ``fused``)
+    device: torch.device | None = None
+
+    @cached_property
+    def tokens(self) -> Tensor:
+        """[B, depth+1] long: tokens entering each block, then after the last."""
+        columns = [c if isinstance(c, Tensor) else torch.full((self.batch,), c, dtype=torch.long, device=self.device)
+                   for c in self.counts]  # fmt: skip
+        return torch.stack(columns, dim=1) + self.protected
+
+    @cached_property
+    def resume_layer(self) -> int | None:
+        """The first block whose merge step merged anything (a rerun resumes there); None: none did."""
+        tokens = self.tokens
+        for info in self.steps:
+            if bool((tokens[:, info.layer + 1] < tokens[:, info.layer]).any()):
+                return info.layer
+        return None
 
 
 class TraceRecorder:
-    """Collects a :class:`MergeTrace` while the block loop runs, putting images back in input order."""
+    """Collects a :class:`MergeTrace` while the block loop runs."""
 
-    def __init__(self, state: TokenState, first: int = 0) -> None:
-        """``first`` > 0: the run starts inside that block (a rerun), with ``state``'s tokens
-        having entered every block before."""
-        self.tokens = [state.count] * (first + 1)
-        self.input_tokens = state.x.shape[1]  # a starting state is always padded: [B, N, C]
-        self.fused = False  # set by the block loop when its merge steps run the compiled kernel
-        self.resume_layer: int | None = None
-        self.matching = torch.zeros(state.count.shape, device=state.count.device, dtype=torch.float64)
+    def __init__(self, tokens: TokenState, first: int, fused: bool, keep_resume: bool, cost: ViTCost) -> None:
+        """``first`` > 0: the run starts inside that block (a rerun), with ``tokens`` having entered
+        every block before. ``keep_resume``: keep where an unmerged rerun could start."""
+        self.attn_width, self.head_dim = cost.attn_width, cost.head_dim
+        self.counts: list[Tensor | int] = [tokens.free] * (first + 1)
+        self.batch, self.protected = tokens.batch, tokens.protected
+        self.input_tokens = tokens.width  # a starting state is never packed: [B, N, C]
+        self.fused = fused
+        self.steps: list[StepInfo] = []
         self.layers: list[LayerRecord] = []
         self.sources: list[Tensor] = []
+        self.resume: list[Resume] | None = [] if keep_resume else None
+        self.device = tokens.x.device
 
-    def merge_step(self, state: TokenState, matching_macs: Tensor, record: LayerRecord | None) -> None:
-        """A merge step's cost and decisions, per image of ``state`` (the state it started from)."""
-        self.matching += state.in_input_order(matching_macs)
+    def step(self, layer: int, policy: TokenMerger, tokens: TokenState, record: LayerRecord | None) -> None:
+        """Block ``layer``'s merge step, on ``tokens`` (after its attention): its work, its
+        decisions, and a rerun's start while nothing merged yet (known for sure once a step left
+        the batch narrower)."""
+        if self.resume is not None and tokens.width == self.input_tokens and tokens.real_rows is None:
+            self.resume.append(Resume(layer, tokens))
+        if isinstance(policy, MatchingPolicy):
+            width = self.attn_width if policy.key_form == "per_head" else self.head_dim
+            self.steps.append(StepInfo(layer, policy.split_kind(layer), width, policy.needs_class_attention))
+        else:
+            self.steps.append(StepInfo(layer, "prune", 0, True))
         if record is not None:
-            self.layers.append(record.reordered(state.in_input_order))
+            self.layers.append(record)
 
-    def block_done(self, state: TokenState) -> None:
-        self.tokens.append(state.in_input_order(state.count))
-        if state.source is not None:
-            self.sources.append(state.in_input_order(state.source))
+    def block_done(self, tokens: TokenState) -> None:
+        self.counts.append(tokens.free)
+        if tokens.source is not None:
+            self.sources.append(tokens.source)
 
-    def finish(self, state: TokenState, prefix_only: int = 0) -> MergeTrace:
-        size, source = state.in_input_order(state.size), state.in_input_order(state.source)
-        tokens = torch.stack(self.tokens, dim=1)
-        return MergeTrace(
-            tokens, size, source, self.matching, self.layers, self.sources, prefix_only=prefix_only,
-            resume_layer=self.resume_layer, input_tokens=self.input_tokens, fused=self.fused,
-        )
+    def finish(self, tokens: TokenState, prefix_only: int = 0) -> tuple[MergeTrace, list[Resume] | None]:
+        """The trace of the run, and where a rerun could start (None: it keeps none)."""
+        if prefix_only:  # the last block computed only the prefix tokens
+            self.counts.append(prefix_only - self.protected)
+        trace = MergeTrace(
+            tuple(self.counts), self.batch, self.protected, tokens.size, tokens.source, tuple(self.steps), self.layers,
+            self.sources, prefix_only=prefix_only, input_tokens=self.input_tokens, fused=self.fused,
+            device=self.device,
+        )  # fmt: skip
+        return trace, self.resume
 
 
 @dataclass(frozen=True)
@@ -97,7 +135,7 @@ class MergeStats:
     sources: list[Tensor]  # [B, N_l, T0] after each block (trace_source=True only)
     rerun: Tensor | None = None  # [B] bool: images run again unmerged, counted in gflops (rerun_margin)
     gflops_rerun: float = 0.0  # what an image's unmerged rerun adds to its gflops (0: nothing merged, no rerun)
-    fused: bool = False  # the merge steps ran the compiled kernel (patch's ``fused``), not the eager step
+    fused: bool = False  # the merge steps ran the compiled kernel (patch's ``fused``), not the batched step
     prefix_only: int = 0  # > 0: the last block computed only this many prefix tokens
 
     @property
@@ -112,6 +150,29 @@ class MergeStats:
         return 1.0 - self.gflops / self.gflops_dense
 
 
+def matching_macs(cost: ViTCost, trace: MergeTrace, protected: int) -> Tensor:
+    """[B] multiply-adds of every merge step's matching (similarities, and the class token's
+    attention where a step read it), from the tokens that entered each step's block."""
+    tokens = trace.tokens.double()
+    total = torch.zeros(trace.batch, dtype=torch.float64, device=tokens.device)
+    for info in trace.steps:
+        n = tokens[:, info.layer]
+        if info.kind != "prune":
+            num_a = _num_sources(info.kind, n, protected)
+            total += cost.matching_macs(num_a, n - protected - num_a, info.width)
+        if info.class_attention:
+            total += cost.class_attention_macs(n)
+    return total
+
+
+def _num_sources(kind: str, n: Tensor, protected: int) -> Tensor:
+    """How many of ``n`` tokens the split makes sources (as :mod:`atm_lightning.merge.matching`)."""
+    if kind == "size":
+        return torch.div(n - protected + 1, 2, rounding_mode="floor")
+    first = protected + protected % 2  # even positions past the protected
+    return torch.div(n - first + 1, 2, rounding_mode="floor").clamp_min(0)
+
+
 def merge_stats(model: nn.Module) -> MergeStats:
     """Statistics of the last forward of a model patched with :func:`atm_lightning.patch`."""
     merging = getattr(model, "_merging", None)
@@ -123,7 +184,7 @@ def merge_stats(model: nn.Module) -> MergeStats:
     cost = merging.cost
     dense_macs = cost.dense_macs(trace.input_tokens)
     rerun_macs = 0.0  # nothing merged: the output is the dense one already
-    if trace.resume_layer is not None:  # a rerun resumes where the batch first merged, with the same last block
+    if trace.resume_layer is not None:  # a rerun resumes where the batch first merged
         rerun_macs = cost.resumed_macs(trace.input_tokens, trace.resume_layer, trace.prefix_only)
     macs = cost.image_macs(trace.tokens, trace.prefix_only)
     if trace.rerun is not None:
@@ -132,7 +193,7 @@ def merge_stats(model: nn.Module) -> MergeStats:
         tokens=trace.tokens,
         gflops=to_gflops(macs),
         gflops_dense=to_gflops(dense_macs),
-        gflops_matching=to_gflops(trace.matching_macs),
+        gflops_matching=to_gflops(matching_macs(cost, trace, merging.num_protected)),
         size=trace.size,
         source=trace.source,
         layers=trace.layers,
@@ -142,3 +203,8 @@ def merge_stats(model: nn.Module) -> MergeStats:
         fused=trace.fused,
         prefix_only=trace.prefix_only,
     )
+
+
+def with_rerun(trace: MergeTrace, rerun: Tensor) -> MergeTrace:
+    """The trace with the images that ran again unmerged marked."""
+    return replace(trace, rerun=rerun)

@@ -6,10 +6,9 @@ its MLP. Blocks and attention modules are timm's own and untouched; the block lo
 submodules (norm, qkv, q/k norms, norm, gate, proj, layer scale, drop-path) in the order timm's
 fused ``Attention`` does, so that it also has the per-head keys ToMe and ATM match on and the
 class token's query EViT needs, without forward hooks (which cost a visible share of a
-single-image forward). Proportional attention is an additive mask to
-``scaled_dot_product_attention``, as timm passes ``attn_mask``. Packed ragged batches run the
-same pieces around :func:`.attention.grouped_attention`, so that only that call sees padding, or,
-where the forward merges in the compiled kernel, around its packed attention (no padding at all).
+single-image forward). Proportional attention and padding are one additive mask to the
+attention (:mod:`.attention`), as timm passes ``attn_mask``. Where the forward merges in the
+compiled CPU kernel, packed tokens run the same pieces around the kernel's attention.
 """
 
 from __future__ import annotations
@@ -21,34 +20,31 @@ from timm.layers.attention_pool import AttentionPoolLatent
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from ..merge import class_attention
+from ..merge import TokenState, class_attention
 from ..merge.fused import fused_packed_attention
-from .attention import grouped_attention
+from .attention import attend
 from .errors import UnsupportedModelError
 from .loop import BlockAttention, KeyNeeds, Merging, run_blocks
 from .pooling import pool_merged
 from .model_api import MergingModel
-from .ragged import RaggedLayout
-from .state import TokenState
 
 SUPPORTED_POOLS = ("token", "avg", "")
 
 
 class VitBlocks:
-    """Runs timm ``Block``s for the block loop, padded or packed."""
+    """Runs timm ``Block``s for the block loop: padded tokens, or packed ones in the kernel's forwards."""
 
     def remove_hooks(self) -> None:
         """Nothing to remove: the attention returns the keys itself."""
 
     def attention_residual(
-        self, layer: int, block: Block, state: TokenState, bias: Tensor | None, needs: KeyNeeds
-    ) -> tuple[Tensor, BlockAttention]:
-        if state.layout is None:
-            x, query, keys = padded_attention_residual(block, state.x, bias)
-            cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
-            return x, BlockAttention(keys, query, block.attn.scale, cls)
-        x, keys, cls = packed_attention_residual(block, state.x, state.count, bias, state.layout, needs)
-        return x, BlockAttention(keys, None, block.attn.scale, cls)
+        self, layer: int, block: Block, tokens: TokenState, bias: Tensor | None, needs: KeyNeeds, kernel: str
+    ) -> BlockAttention:
+        if tokens.real_rows is not None:
+            return packed_attention_residual(block, tokens, bias, needs)
+        x, query, keys = padded_attention_residual(block, tokens.x, bias, kernel)
+        cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
+        return BlockAttention(x, keys, cls)
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return add_residual(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
@@ -57,7 +53,9 @@ class VitBlocks:
         return prefix_block(block, x, bias, prefix)
 
 
-def padded_attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def padded_attention_residual(
+    block: Block, x: Tensor, bias: Tensor | None, kernel: str = "sdpa"
+) -> tuple[Tensor, Tensor, Tensor]:
     """``x + attn(norm1(x))`` for padded tokens [B, N, C], as timm's fused Attention computes it
     (the same ops and arguments, so unmerged blocks give timm's output bit for bit; timm's
     unfused fallback, ``TIMM_FUSED_ATTN=0``, rounds differently), with the class token's query
@@ -68,8 +66,7 @@ def padded_attention_residual(block: Block, x: Tensor, bias: Tensor | None) -> t
     qkv = attn.qkv(h).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = attend(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0, kernel)
     out = attn.norm(out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim))
     if getattr(attn, "gate", None) is not None:
         out = out * attn.gate(h).sigmoid()
@@ -100,34 +97,21 @@ def prefix_block(block: Block, x: Tensor, bias: Tensor | None, prefix: int) -> T
     return tokens + block.ls2(block.mlp(block.norm2(tokens)))
 
 
-def packed_attention_residual(
-    block: Block, x: Tensor, count: Tensor, bias: Tensor, layout: RaggedLayout, needs: KeyNeeds
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``x + attn(norm1(x))`` for packed tokens ``x`` [T, C] of images holding ``count`` [B]
-    tokens each (inference: no drop-path).
-
-    Runs the pieces of timm's ``Attention`` (qkv, q/k norms, norm, gate, proj) around the
-    attention of the packed tokens with the block's additive mask, which is what timm's fused
-    path computes: in the compiled kernel when the forward merges there and the block has no
-    q/k norms, else grouped. Also returns the keys for matching and, if ``needs`` asks, the
-    class token's attention.
-    """
+def packed_attention_residual(block: Block, tokens: TokenState, bias: Tensor, needs: KeyNeeds) -> BlockAttention:
+    """``x + attn(norm1(x))`` for the packed tokens of the kernel's forwards (inference), attended
+    in the kernel, with the keys it matches on and, if asked, the class token's attention."""
     attn = block.attn
+    if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+        raise UnsupportedModelError("the fused merge step needs attention without q/k norms: patch with fused=False")
+    x, count = tokens.x, tokens.counts()
     h = block.norm1(x)
-    qkv = attn.qkv(h)
-    if needs.compiled and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
-        mixed, keys, cls = fused_packed_attention(
-            qkv, count, bias, attn.num_heads, attn.scale, needs.per_head_keys, needs.class_attention
-        )
-    else:
-        mixed, keys, cls = grouped_attention(
-            qkv, layout, bias, attn.num_heads, attn.scale, attn.q_norm, attn.k_norm,
-            needs.per_head_keys, needs.class_attention,
-        )
+    mixed, keys, cls = fused_packed_attention(
+        attn.qkv(h), count, bias, attn.num_heads, attn.scale, needs.per_head, needs.class_attention
+    )
     mixed = attn.norm(mixed)
     if getattr(attn, "gate", None) is not None:
         mixed = mixed * attn.gate(h).sigmoid()
-    return add_residual(x, block.ls1(attn.proj_drop(attn.proj(mixed)))), keys, cls
+    return BlockAttention(add_residual(x, block.ls1(attn.proj_drop(attn.proj(mixed)))), keys, cls)
 
 
 def add_residual(x: Tensor, update: Tensor) -> Tensor:
