@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import timm
 from torch import Tensor, nn
 
+from .user_errors import CommandError
 from .weights import check_finite, first_line, is_safetensors, lightning_state_dict, read_state_dict
 
 _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -165,7 +166,7 @@ def _from_timm(model_name: str, num_classes: int | None, kwargs: dict[str, Any])
     try:
         return timm.create_model(model_name, pretrained=True, **classes, **kwargs)
     except (OSError, RuntimeError) as err:
-        raise RuntimeError(
+        raise CommandError(
             f"could not fetch pretrained weights for {model_name} ({type(err).__name__}); offline or "
             f"without a hub cache, pass --model.weights with a local .safetensors/.pth file"
         ) from err
