@@ -27,7 +27,9 @@ class ATMTrainer(CalibrationTrainer):
         output: str | None = None,
         overwrite: bool = False,
     ) -> Any:
-        """Predict every image once and write a row per image (see :mod:`atm_lightning.prediction`).
+        """Predict every image of data.predict_split once and write a row per image: its top-5
+        classes and probabilities, the unmerged model's top-1 beside them (with model.fidelity),
+        the tokens it ended with, its GFLOPs and whether it ran again unmerged.
 
         Args:
             output: the file to write, ``.csv`` or ``.jsonl``; default: ``predictions.csv`` in the
