@@ -44,7 +44,8 @@ class ATMTrainer(CalibrationTrainer):
         writer = PredictionWriter(output, overwrite=overwrite)
         self.callbacks.append(writer)
         try:
-            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only)
+            loading = {} if weights_only is None else {"weights_only": weights_only}  # Lightning >= 2.5 has it
+            return super().predict(model, dataloaders, datamodule, return_predictions, ckpt_path, **loading)
         finally:
             self.callbacks.remove(writer)
 
