@@ -24,7 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from .patch import MergeStats
-from .runs import unused_path
+from .runs import check_new_file, unused_path
 from .user_errors import CommandError
 
 FORMATS = (".csv", ".jsonl")
@@ -105,14 +105,14 @@ class PredictionWriter(Callback):
     Args:
         output: ``.csv`` or ``.jsonl`` file; None: ``predictions.csv`` in the run's log folder
             (a free name where that folder is not the run's own).
-        overwrite: replace ``output`` if it exists.
+        overwrite: replace ``output`` if it exists (otherwise an existing file is an error, here).
     """
 
     def __init__(self, output: str | Path | None = None, overwrite: bool = False) -> None:
         self.output = None if output is None else Path(output)
-        if self.output is not None:
+        if self.output is not None:  # before any image is read
             check_output_name(self.output)
-        self.overwrite = overwrite
+            check_new_file(self.output, overwrite, example=DEFAULT_NAME)
         self.rows: list[dict[str, Any]] = []
         self.path: Path | None = None
         self.paths: list[Path] = []  # of the predicted dataset, by position

@@ -3,14 +3,12 @@ writes one row per image."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .calibration import CalibrationTrainer
-from .prediction import DEFAULT_NAME, PredictionWriter, check_output_name
-from .runs import check_new_file
+from .prediction import PredictionWriter
 
 
 class ATMTrainer(CalibrationTrainer):
@@ -37,10 +35,6 @@ class ATMTrainer(CalibrationTrainer):
                 free name).
             overwrite: replace ``output`` if it exists (otherwise an existing file is an error).
         """
-        if output is not None:
-            check_output_name(Path(output))
-            if self.is_global_zero:
-                check_new_file(Path(output), overwrite, example=DEFAULT_NAME)
         writer = PredictionWriter(output, overwrite=overwrite)
         self.callbacks.append(writer)
         try:
