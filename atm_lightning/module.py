@@ -17,7 +17,7 @@ from .metrics import EvalMetrics
 from .models import create_model
 from .patch import build_fused_step, merge_stats, patch, unmerged
 from .prediction import batch_record
-from .training import build_mixup, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
+from .training import build_mixup, check_recipe, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
 
 
 class TokenMergingModule(LightningModule):
@@ -88,11 +88,7 @@ class TokenMergingModule(LightningModule):
         fidelity: bool = True,
     ) -> None:
         super().__init__()
-        if warmup_steps and warmup_epochs:
-            raise ValueError(
-                f"give the warm-up in steps or in epochs, not both (warmup_steps={warmup_steps}, "
-                f"warmup_epochs={warmup_epochs}); set the other to 0"
-            )
+        check_recipe(lr, weight_decay, label_smoothing, warmup_steps, warmup_epochs)
         self.save_hyperparameters()
         self.merger = merger
         model = create_model(model_name, pretrained, weights, num_classes, model_kwargs, new_head=new_head)

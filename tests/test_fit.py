@@ -207,6 +207,20 @@ def test_warmup_in_steps_and_epochs_is_refused() -> None:
         module(warmup_steps=5, warmup_epochs=1.0)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": -1.0}, r"--model.lr must be > 0, got -1.0"),  # stopped in torch's AdamW with a traceback
+        ({"label_smoothing": 2.0}, r"--model.label_smoothing must be in \[0, 1\), got 2.0"),  # trained on it
+        ({"weight_decay": -0.1}, r"--model.weight_decay must be >= 0"),
+        ({"warmup_steps": -1}, r"the warm-up must be >= 0"),
+    ],
+)
+def test_recipe_settings_out_of_range_are_refused(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        module(**setting)
+
+
 # --- EMA, checkpoints and resume -----------------------------------------------------------------
 
 
