@@ -9,43 +9,46 @@ operating point and writes ``metrics.json`` next to the TensorBoard events; ``fi
 from __future__ import annotations
 
 import importlib
-import re
-import shutil
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 from jsonargparse import ArgumentError, lazy_instance
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from . import callbacks  # noqa: F401 - lets --trainer.callbacks+=MergeStatsCallback resolve short names
-from .calibration import Calibration, CalibrationTrainer
+from .calibration import Calibration
 from .data import ImageNetDataModule
 from .data.imagenet import default_num_workers
-from .failures import failure_summary, rank_label
-from .merge import MERGERS
+from .failures import failure_summary
 from .merger_switch import merger_switch, own_defaults
 from .models import check_input_size
 from .module import TokenMergingModule
+from .parse_errors import explain_parse_error
+from .quiet import silence_lightning_tips
 from .results import format_table, result_row, write_metrics
+from .runs import METHOD_IN_NAME, DiscardUnusedRunFolder, SaveConfigAside, new_run_folder, run_name
 from .threads import set_threads
+from .trainer import ATMTrainer, check_accelerator, fit_precision
+from .user_errors import CommandError, one_line_errors, take_debug_flag
+from .weights import check_resume_checkpoint
 
 EVAL_SUBCOMMANDS = ("validate", "test")
+# Subcommands that run a given model as it is (a checkpoint's saved settings would replace it).
+INFERENCE_SUBCOMMANDS = (*EVAL_SUBCOMMANDS, "predict")
 # Subcommands whose numbers come from the model's predictions, so a random new head is refused.
-PREDICTING_SUBCOMMANDS = (*EVAL_SUBCOMMANDS, "calibrate")
+PREDICTING_SUBCOMMANDS = (*INFERENCE_SUBCOMMANDS, "calibrate")
 # Commands with their own parsers: `atm compare ...` runs <module>.cli(rest of the arguments).
 TOOLS = {"compare": "atm_lightning.evaluation.compare", "benchmark": "atm_lightning.evaluation.benchmark"}
 TOOLS_HELP = (
     "Also: `atm compare --help` (dense, ToMe, ATM and checkpoints on the same images: table, CSV, "
-    "plot) and `atm benchmark --help` (img/s next to the FLOPs ratio, on real images)."
+    "plot) and `atm benchmark --help` (img/s next to the FLOPs ratio, on real images). A mistake "
+    "in the settings, files or images ends as one `error:` line; --debug (or ATM_DEBUG=1) shows its traceback."
 )
-# How run names (config names such as vit_t_atm, deit_t_tome_ft) spell each merger class.
-METHOD_IN_NAME = {"ATM": "atm", "ToMe": "tome", "EViT": "evit", "NoMerge": "dense"}
 
 
 class ATMCLI(LightningCLI):
@@ -59,11 +62,13 @@ class ATMCLI(LightningCLI):
 
     def __init__(self, raise_parse_errors: bool = False, **kwargs: Any) -> None:
         self.raise_parse_errors = raise_parse_errors
+        silence_lightning_tips()
         defaults = {
             "model_class": TokenMergingModule,
             "datamodule_class": ImageNetDataModule,
-            "trainer_class": CalibrationTrainer,
+            "trainer_class": ATMTrainer,
             "seed_everything_default": 0,
+            "save_config_callback": SaveConfigAside,
             "save_config_kwargs": {"overwrite": True},
             # Parse errors come back as exceptions, so parse_arguments can add what would fix them.
             "parser_kwargs": {
@@ -79,7 +84,7 @@ class ATMCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """Lightning's subcommands plus ``calibrate`` (see :class:`CalibrationTrainer`); its
+        """Lightning's subcommands plus ``calibrate`` (see :class:`.ATMTrainer`); its
         ``base_config`` is this CLI's parsed config, not an option."""
         return {**LightningCLI.subcommands(), "calibrate": {"model", "datamodule", "base_config"}}
 
@@ -96,12 +101,15 @@ class ATMCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            self._parse_error(parser, explain_parse_error(str(err)))
+            argv = sys.argv[1:] if args is None else args
+            self._parse_error(parser, explain_parse_error(str(err), [str(a) for a in argv or []]))
         subcommand = self.config.get("subcommand")
+        if subcommand == "fit" and self.config.fit.get("ckpt_path"):
+            check_resume_checkpoint(self.config.fit.ckpt_path)  # LightningCLI reads it next
         argv = sys.argv[1:] if args is None else args
         if subcommand and isinstance(argv, list):
             self._start_switched_merger_from_its_defaults(parser, argv, subcommand)
-        if subcommand in EVAL_SUBCOMMANDS and self.config[subcommand].get("ckpt_path"):
+        if subcommand in INFERENCE_SUBCOMMANDS and self.config[subcommand].get("ckpt_path"):
             # LightningCLI would re-parse the checkpoint's saved hyperparameters on top of the
             # command line, silently replacing the merge settings being evaluated.
             self._parse_error(
@@ -147,9 +155,14 @@ class ATMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Name the run by the method that runs: a config's run name with another method in it
-        (``vit_t_atm`` with ``--model.merger ToMe``) gets that method instead (``vit_t_tome``)."""
+        (``vit_t_atm`` with ``--model.merger ToMe``) gets that method instead (``vit_t_tome``).
+        ``fit`` without a ``--trainer.precision`` gets the one chosen for its device."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        check_accelerator(config.trainer.get("accelerator"))
+        if subcommand == "fit" and config.trainer.get("precision") is None:
+            config.trainer.precision = fit_precision(config.trainer.get("accelerator"))
+            rank_zero_info(f"precision {config.trainer.precision} (for this device; set --trainer.precision to choose)")
         merger = config.model.get("merger")
         method = METHOD_IN_NAME.get(str(getattr(merger, "class_path", "")).rsplit(".", 1)[-1])
         loggers = config.trainer.get("logger")
@@ -194,6 +207,9 @@ class ATMCLI(LightningCLI):
     def before_test(self) -> None:
         self._before_run()
 
+    def before_predict(self) -> None:
+        self._before_run()
+
     def before_calibrate(self) -> None:
         self._before_run(workers_idle=True)
 
@@ -213,13 +229,13 @@ class ATMCLI(LightningCLI):
         """Check that every image was evaluated exactly once, then write and print the row (rank 0)."""
         results = self.model.results.get(stage)
         if results is None:
-            raise RuntimeError(
+            raise CommandError(
                 f"no {stage} results reached the main process; strategies that run ranks in child "
                 f"processes (ddp_spawn, ddp_fork) do not return module state: use --trainer.strategy ddp"
             )
         dataset = self.datamodule.val_dataset if stage == "val" else self.datamodule.test_dataset
         if results["num_images"] != len(dataset):
-            raise RuntimeError(
+            raise CommandError(
                 f"evaluated {results['num_images']} images but the {stage} set has {len(dataset)}; "
                 f"a sampler padded or dropped images, or limit_{stage}_batches or fast_dev_run is set. "
                 f"Numbers from this run are not comparable"
@@ -244,9 +260,8 @@ class ATMCLI(LightningCLI):
         )
         row |= getattr(self, "threads", {})  # set before the run by _set_threads
         row["merge_step"] = merge_step_kind(self.model)
-        path = write_metrics(row, log_dir)
-        print(format_table(row))
-        print(f"wrote {path}")
+        print(format_table(row))  # before writing: a result that cannot be written is still shown
+        print(f"wrote {write_metrics(row, log_dir)}")
 
 
 def merge_step_kind(module: TokenMergingModule) -> str:
@@ -255,69 +270,6 @@ def merge_step_kind(module: TokenMergingModule) -> str:
     if not module.merger.merges:
         return "none"
     return "+".join(kind for kind in ("fused", "eager") if module.merge_steps[kind]) or "none"
-
-
-def run_name(name: str, method: str) -> str:
-    """``name`` with its one method word (atm, tome, evit, dense; any case) replaced by ``method``."""
-    words = name.split("_")
-    named = [i for i, word in enumerate(words) if word.lower() in METHOD_IN_NAME.values()]
-    if len(named) != 1 or words[named[0]].lower() == method:
-        return name
-    words[named[0]] = method
-    return "_".join(words)
-
-
-def new_run_folder(trainer: Trainer) -> Path | None:
-    """The outermost folder of the run's log directory that does not exist yet (it will be this
-    run's), or None when there is none or this process is not the first rank."""
-    if not trainer.loggers or trainer.log_dir is None or rank_label() not in (None, "0"):
-        return None
-    folder = Path(trainer.log_dir).absolute()
-    if folder.exists():
-        return None
-    while not folder.parent.exists():
-        folder = folder.parent
-    return folder
-
-
-class DiscardUnusedRunFolder(Callback):
-    """Remove the run's new log folder when the run fails before any batch ends.
-
-    Lightning creates ``version_N`` before the data is even set up; without this, a mistake in
-    the data or the settings would leave an empty folder and push the next run to ``version_N+1``.
-    """
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self.batches = 0
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.batches += 1
-
-    def on_validation_batch_end(self, *args: Any) -> None:
-        self.batches += 1
-
-    def on_test_batch_end(self, *args: Any) -> None:
-        self.batches += 1
-
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self.folder is not None and self.batches == 0 and trainer.is_global_zero:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def explain_parse_error(message: str) -> str:
-    """jsonargparse's message, plus the merger names when ``--model.merger`` named no class."""
-    if message.startswith('Parser key "model.merger"') and "Expected a dot import path" in message:
-        names = ", ".join(MERGERS[key].__name__ for key in ("atm", "tome", "evit", "none"))
-        message += (
-            f"\n--model.merger takes one of {names} (case matters), e.g. --model.merger ToMe "
-            f"--model.merger.r 8, or a class path such as atm_lightning.merge.ATM"
-        )
-    key = re.match(r'Parser key "([^"]+)"', message)
-    if key and "Expected a <class 'list'>" in message:
-        option = "--" + key.group(1)
-        message += f"\n{option} takes a list in brackets, e.g. {option} '[10, 11]', or one value at a time: {option}+ 10"
-    return message
 
 
 def run_in_process(args: list[str]) -> ATMCLI:
@@ -333,15 +285,20 @@ def run_in_process(args: list[str]) -> ATMCLI:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``atm`` console script; ``args`` lets tests drive it in-process.
 
-    Under DDP, a failing rank's error is repeated at the very end of the output (see
-    :mod:`atm_lightning.failures`), below the peers' "connection closed" tracebacks.
+    A mistake in the settings, files or images ends as one ``error:`` line (see
+    :mod:`atm_lightning.user_errors`). Under DDP, a failing rank's error is repeated at the very
+    end of the output (see :mod:`atm_lightning.failures`), below the peers' "connection closed"
+    tracebacks.
     """
-    given = sys.argv[1:] if args is None else args
-    if given and given[0] in TOOLS:
-        importlib.import_module(TOOLS[given[0]]).cli(given[1:])
-        return
-    with failure_summary():
-        ATMCLI(args=args)
+    if args is None:  # DDP ranks re-run sys.argv: --debug leaves it (ATM_DEBUG carries it on)
+        sys.argv[1:] = take_debug_flag(sys.argv[1:])
+    given = sys.argv[1:] if args is None else take_debug_flag(list(args))
+    with one_line_errors():
+        if given and given[0] in TOOLS:
+            importlib.import_module(TOOLS[given[0]]).cli(given[1:])
+            return
+        with failure_summary():
+            ATMCLI(args=None if args is None else given)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ class Float64Sum(Metric):
 
 
 class EvalMetrics(nn.Module):
-    """Epoch accumulators of one evaluation stage (validate or test)."""
+    """Epoch accumulators of one evaluation stage (validate or test); ``fidelity``: every batch
+    comes with the unmerged model's outputs to compare with."""
 
-    def __init__(self, num_classes: int, depth: int) -> None:
+    def __init__(self, num_classes: int, depth: int, fidelity: bool = True) -> None:
         super().__init__()
         self.accuracy = MetricCollection(
             {
@@ -51,18 +52,18 @@ class EvalMetrics(nn.Module):
                 for k in (1, 5)
             }
         )
-        names = ("num_images", "loss", "gflops", "gflops_matching", "flops_reduction", "rerun", "seconds", *FIDELITY_SUMS)
-        self.sums = MetricCollection({name: Float64Sum() for name in names})
+        names = ("num_images", "loss", "gflops", "gflops_matching", "flops_reduction", "rerun", "seconds")
+        self.sums = MetricCollection({name: Float64Sum() for name in names + (FIDELITY_SUMS if fidelity else ())})
         self.tokens = Float64Sum((depth + 1,))
         self.gflops_dense = math.nan
-        self.compared = True  # every batch had its unmerged outputs to compare with
+        self.fidelity = fidelity
         self.predictions: list[Tensor] = []  # top-1 classes of this process's images, in order
         self.targets: list[Tensor] = []
 
     def update(
         self, logits: Tensor, targets: Tensor, seconds: float, stats: Any, dense_logits: Tensor | None
     ) -> None:
-        """One batch; ``dense_logits`` are the unmerged model's on the same images (None: not run)."""
+        """One batch; ``dense_logits`` are the unmerged model's on the same images (needed with ``fidelity``)."""
         self.accuracy.update(logits, targets)
         self.predictions.append(logits.argmax(-1).cpu())
         self.targets.append(targets.cpu())
@@ -78,9 +79,9 @@ class EvalMetrics(nn.Module):
             "rerun": torch.tensor(0) if stats.rerun is None else stats.rerun.sum(),
             "seconds": torch.tensor(seconds),
         }
-        if dense_logits is None:
-            self.compared = False
-        else:
+        if self.fidelity:
+            if dense_logits is None:
+                raise ValueError("EvalMetrics(fidelity=True) needs the unmerged model's logits of every batch")
             sums |= compare_batch(logits, dense_logits, targets)
         for name, value in sums.items():
             self.sums[name].update(value)
@@ -91,17 +92,16 @@ class EvalMetrics(nn.Module):
         """Collect (and, under DDP, sync) the epoch into plain Python numbers, then reset.
 
         Also returns this process's predictions and labels (not synced: under DDP each rank has
-        its share). Fidelity fields are None when some batch was not compared with dense.
+        its share). Fidelity fields are None without ``fidelity``.
         """
         accuracy = self.accuracy.compute()
         sums = {name: float(value) for name, value in self.sums.compute().items()}
         tokens = self.tokens.compute()
         predictions, targets = _cat(self.predictions), _cat(self.targets)
-        compared = self.compared
         self.accuracy.reset()
         self.sums.reset()
         self.tokens.reset()
-        self.predictions, self.targets, self.compared = [], [], True
+        self.predictions, self.targets = [], []
         images = sums["num_images"]
         gflops = sums["gflops"] / images
         results = {
@@ -117,7 +117,7 @@ class EvalMetrics(nn.Module):
             "tokens_per_layer": (tokens / images).tolist(),
             "img_per_s": images / sums["seconds"] if sums["seconds"] > 0 else math.nan,
         }
-        fidelity = summary(sums, int(images)) if compared else dict.fromkeys(FIDELITY_FIELDS)
+        fidelity = summary(sums, int(images)) if self.fidelity else dict.fromkeys(FIDELITY_FIELDS)
         return results | fidelity, predictions, targets
 
 

@@ -7,16 +7,15 @@ saved hyperparameters silently override the merge settings given on the command 
 from __future__ import annotations
 
 import difflib
-import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import timm
-import torch
 from torch import Tensor, nn
 
-from .merge import MERGERS
+from .user_errors import CommandError
+from .weights import check_finite, first_line, is_safetensors, lightning_state_dict, read_state_dict
 
 _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
 
@@ -69,18 +68,22 @@ def _from_file(
     """The model with the file's weights, classifier included, exactly as they are."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path} (check --model.weights)")
-    state = _lightning_state_dict(path)
+    state = lightning_state_dict(path)
     if state is not None:
+        check_finite(state, path)
         classes = _classes_to_load(_head_classes(state), num_classes, new_head, f"the weights in {path}")
         model = timm.create_model(model_name, num_classes=classes, **kwargs)
         _check_shapes(model, state, path, model_name)
         _load_into(model, state, path)
         return model
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
+    check_finite(state, path)
     classes = _classes_to_load(_head_classes(state), num_classes, new_head, f"the weights in {path}")
     # timm resets the head when num_classes differs from the *config's* class count, so tell it
-    # the file's: a 10-class file then loads its head into a 10-class model, strictly.
-    overlay = {"file": str(path), "num_classes": classes}
+    # the file's: a 10-class file then loads its head into a 10-class model, strictly. timm reads
+    # a file by its suffix, so safetensors under another name come as the tensors already read.
+    source = {"file": str(path)} if path.suffix == ".safetensors" or not is_safetensors(path) else {"state_dict": state}
+    overlay = {**source, "num_classes": classes}
     try:
         return timm.create_model(
             model_name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=classes, **kwargs
@@ -89,7 +92,7 @@ def _from_file(
         if "size mismatch" in str(err) or "Missing key(s)" in str(err):
             model = timm.create_model(model_name, num_classes=classes, **kwargs)  # what the settings build
             raise ValueError(_mismatch_message(state, path, model_name, model)) from None
-        raise ValueError(f"the weights in {path} do not load into {model_name}: {_first_line(err)}") from err
+        raise ValueError(f"the weights in {path} do not load into {model_name}: {first_line(err)}") from err
 
 
 def _head_classes(state: dict[str, Tensor]) -> int | None:
@@ -163,99 +166,10 @@ def _from_timm(model_name: str, num_classes: int | None, kwargs: dict[str, Any])
     try:
         return timm.create_model(model_name, pretrained=True, **classes, **kwargs)
     except (OSError, RuntimeError) as err:
-        raise RuntimeError(
+        raise CommandError(
             f"could not fetch pretrained weights for {model_name} ({type(err).__name__}); offline or "
             f"without a hub cache, pass --model.weights with a local .safetensors/.pth file"
         ) from err
-
-
-def allow_merger_unpickling() -> None:
-    """Let ``torch.load(weights_only=True)`` rebuild our merge policies (plain settings only).
-
-    A checkpoint keeps the merger among its hyperparameters, and both this module and Lightning
-    (``load_from_checkpoint``, resuming ``fit``) read checkpoints with ``weights_only=True``.
-    Registered once, globally: a scoped ``safe_globals`` block would drop them again on exit.
-    """
-    torch.serialization.add_safe_globals(list(MERGERS.values()))
-
-
-allow_merger_unpickling()
-
-
-def _load(path: Path) -> object:
-    """``torch.load`` restricted to tensors, plain data and this project's merger classes."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
-            raise _unreadable(path, "a PyTorch checkpoint (.pth/.pt/.ckpt)", err) from err
-        raise ValueError(
-            f"{path} holds Python objects that torch.load(weights_only=True) will not create "
-            f"({_reason(err)}); save a plain state dict (torch.save(model.state_dict(), ...)) or a "
-            f".safetensors file and pass that as --model.weights"
-        ) from err
-    except (RuntimeError, OSError, EOFError) as err:
-        raise _unreadable(path, "a PyTorch checkpoint (.pth/.pt/.ckpt)", err) from err
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a weights file, unwrapped from ``model``/``state_dict`` keys."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as err:
-            raise _unreadable(path, "a safetensors file", err) from err
-    data = _load(path)
-    for key in ("state_dict", "model"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-    if not isinstance(data, dict) or not any(isinstance(v, Tensor) for v in data.values()):
-        keys = sorted(map(str, data))[:5] if isinstance(data, dict) else type(data).__name__
-        raise ValueError(
-            f"{path} holds no state dict of tensors (found {keys}); pass a file saved with "
-            f"torch.save(model.state_dict(), ...), a .safetensors file or an `atm fit` checkpoint"
-        )
-    return data
-
-
-def _unreadable(path: Path, kind: str, err: BaseException) -> ValueError:
-    reason = _reason(err)
-    cause = f"{type(err).__name__}: {reason}" if reason else type(err).__name__
-    return ValueError(
-        f"cannot read {path} as {kind} ({cause}); the file is damaged, truncated or of another "
-        f"format: download or export it again, or fix --model.weights"
-    )
-
-
-def _reason(err: BaseException) -> str:
-    """The informative line of a library error (torch's unpickler puts it after a preamble)."""
-    text = str(err).strip()
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1].strip()
-    return _first_line(text)
-
-
-def _first_line(err: BaseException | str) -> str:
-    return (str(err).strip().splitlines() or [""])[0]
-
-
-def _lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
-    """The timm state dict inside a checkpoint of this project's module, or None for other files."""
-    if path.suffix == ".safetensors":
-        return None
-    data = _load(path)
-    if not (isinstance(data, dict) and "pytorch-lightning_version" in data):
-        return None
-    state = data.get("state_dict", {})
-    if not state or not all(k.startswith("model.") for k in state):
-        raise ValueError(
-            f"{path} is a Lightning checkpoint but not of atm_lightning's TokenMergingModule "
-            f"(its state_dict keys are not all under 'model.')"
-        )
-    return {k.removeprefix("model."): v for k, v in state.items()}
 
 
 def _check_shapes(model: nn.Module, state: dict[str, Tensor], path: Path, model_name: str) -> None:
@@ -270,7 +184,7 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"the weights in {path} do not load into the model: {_first_line(err)}") from err
+        raise ValueError(f"the weights in {path} do not load into the model: {first_line(err)}") from err
 
 
 class _Arch(NamedTuple):

@@ -16,7 +16,8 @@ from .merge import NoMerge, TokenMerger
 from .metrics import EvalMetrics
 from .models import create_model
 from .patch import build_fused_step, merge_stats, patch, unmerged
-from .training import build_mixup, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
+from .prediction import batch_record
+from .training import build_mixup, check_recipe, param_groups, scaled_lr, set_drop_path, train_criterion, warmup_cosine
 
 
 class TokenMergingModule(LightningModule):
@@ -87,11 +88,7 @@ class TokenMergingModule(LightningModule):
         fidelity: bool = True,
     ) -> None:
         super().__init__()
-        if warmup_steps and warmup_epochs:
-            raise ValueError(
-                f"give the warm-up in steps or in epochs, not both (warmup_steps={warmup_steps}, "
-                f"warmup_epochs={warmup_epochs}); set the other to 0"
-            )
+        check_recipe(lr, weight_decay, label_smoothing, warmup_steps, warmup_epochs)
         self.save_hyperparameters()
         self.merger = merger
         model = create_model(model_name, pretrained, weights, num_classes, model_kwargs, new_head=new_head)
@@ -100,8 +97,8 @@ class TokenMergingModule(LightningModule):
         self.mixup = build_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
         self.criterion = train_criterion(self.mixup, label_smoothing)
         depth = len(self.model.blocks)
-        self.val_metrics = EvalMetrics(num_classes, depth)
-        self.test_metrics = EvalMetrics(num_classes, depth)
+        self.val_metrics = EvalMetrics(num_classes, depth, fidelity)
+        self.test_metrics = EvalMetrics(num_classes, depth, fidelity)
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.results: dict[str, dict[str, Any]] = {}
         self.predictions: dict[str, Tensor] = {}
@@ -148,6 +145,9 @@ class TokenMergingModule(LightningModule):
     def on_test_start(self) -> None:
         self._settle_fused_step()
 
+    def on_predict_start(self) -> None:
+        self._settle_fused_step()
+
     def _settle_fused_step(self) -> None:
         """With ``fused=auto`` on a CPU, build the fused merge step before the first timed batch
         (a first build takes about a minute, which img/s must not count)."""
@@ -171,7 +171,32 @@ class TokenMergingModule(LightningModule):
         seconds = time.perf_counter() - start
         stats = merge_stats(self.model)
         self.merge_steps["fused" if stats.fused else "eager"] += 1
-        metrics.update(logits, targets, seconds, stats, self._dense_logits(images, logits))
+        dense = self._dense_logits(images, logits)
+        self._check_finite(logits, dense)
+        metrics.update(logits, targets, seconds, stats, dense)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> dict[str, Tensor | None]:
+        """One batch's per-image predictions, tokens and GFLOPs (see :mod:`atm_lightning.prediction`)."""
+        images, labels, index = batch
+        logits = self.model(images)
+        stats = merge_stats(self.model)  # of this forward, before the unmerged one
+        dense = self._dense_logits(images, logits)
+        self._check_finite(logits, dense)
+        return batch_record(logits, dense, stats, labels, index)
+
+    def _check_finite(self, logits: Tensor, dense_logits: Tensor | None) -> None:
+        """Refuse outputs holding NaN or inf: every number computed from them would be wrong, and
+        agreement with an equally broken unmerged pass would look perfect."""
+        for name, values in (("merged", logits), ("unmerged", dense_logits)):
+            if values is None:
+                continue
+            bad = int((~torch.isfinite(values)).any(-1).sum())
+            if bad:
+                raise ValueError(
+                    f"the model's {name} outputs hold NaN or inf for {bad} of {len(values)} images; check "
+                    f"the weights (--model.weights {self.hparams.weights}) and, under --trainer.precision "
+                    f"16-mixed, try 32-true or bf16-mixed"
+                )
 
     def _dense_logits(self, images: Tensor, logits: Tensor) -> Tensor | None:
         """The unmerged model's logits for ``images``, for the fidelity report (None: not asked)."""

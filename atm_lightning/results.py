@@ -12,6 +12,7 @@ from typing import Any
 
 from .merge import TokenMerger
 from .metrics import FIDELITY_FIELDS
+from .runs import unused_path
 
 METRICS_FILE = "metrics.json"
 
@@ -60,8 +61,9 @@ def result_row(
 
 
 def write_metrics(row: dict[str, Any], directory: str | Path) -> Path:
-    """Write ``row`` as ``<directory>/metrics.json`` and return the path."""
-    path = Path(directory) / METRICS_FILE
+    """Write ``row`` as ``<directory>/metrics.json`` (``metrics_N.json`` where an earlier run's
+    is there: a run without a logger writes into the working directory) and return the path."""
+    path = unused_path(Path(directory) / METRICS_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=2) + "\n")
     return path

@@ -15,6 +15,24 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 
+def check_recipe(lr: float, weight_decay: float, label_smoothing: float, warmup_steps: int, warmup_epochs: float) -> None:
+    """Refuse recipe settings outside their range before any step (a negative lr stopped in
+    torch's optimizer, a label smoothing of 2 trained on nonsense targets)."""
+    if not lr > 0:
+        raise ValueError(f"--model.lr must be > 0, got {lr}")
+    if weight_decay < 0:
+        raise ValueError(f"--model.weight_decay must be >= 0, got {weight_decay}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"--model.label_smoothing must be in [0, 1), got {label_smoothing}")
+    if warmup_steps < 0 or warmup_epochs < 0:
+        raise ValueError(f"the warm-up must be >= 0, got warmup_steps={warmup_steps}, warmup_epochs={warmup_epochs}")
+    if warmup_steps and warmup_epochs:
+        raise ValueError(
+            f"give the warm-up in steps or in epochs, not both (warmup_steps={warmup_steps}, "
+            f"warmup_epochs={warmup_epochs}); set the other to 0"
+        )
+
+
 def scaled_lr(base_lr: float, global_batch: int, base_batch: int) -> float:
     """DeiT's linear scaling rule: ``base_lr * global_batch / base_batch``.
 

@@ -1,4 +1,6 @@
-"""Shared fixtures. HF_HUB_OFFLINE is set before anything imports timm or huggingface_hub."""
+"""Shared fixtures. HF_HUB_OFFLINE is set before anything imports timm or huggingface_hub;
+ATM_DEBUG makes the ``atm`` entry point raise a user's mistake as the exception it is, for tests
+to match (tests of the one-line report unset it)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_FUSED_ATTN", "1")
+os.environ["ATM_DEBUG"] = "1"
 
 from collections.abc import Callable
 from pathlib import Path

@@ -103,13 +103,17 @@ def test_table_rows_and_ratios_match_merge_stats(
     tmp_path: Path, shapes_folder: Path, small_vit: Callable[[], nn.Module], capsys: pytest.CaptureFixture
 ) -> None:
     output = tmp_path / "bench.json"
+    output.write_text("an earlier benchmark\n")
     argv = [
         "--model", MODEL, "--random-init", "--data-root", str(shapes_folder), "--num-images", "4",
         "--batch-sizes", "2", "4", "--runs", "2", "--warmup", "1", "--threads", "1",
         "--methods", "tome:r=13", ATM_SPEC,
         "--output", str(output), "--malloc", "default",  # keep: would change this test process's allocator
     ]  # fmt: skip
-    rows = benchmark.cli(argv)
+    with pytest.raises(FileExistsError, match=rf"{output} already exists; pass --overwrite"):
+        benchmark.cli(argv)  # was replaced silently
+    assert output.read_text() == "an earlier benchmark\n"
+    rows = benchmark.cli([*argv, "--overwrite"])
     printed = capsys.readouterr().out
 
     # dense is added first; one row per method and batch size, in that order

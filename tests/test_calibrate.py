@@ -26,6 +26,7 @@ from atm_lightning.calibration.search import (
 )
 from atm_lightning.calibration import calibrate
 from atm_lightning.calibration.run import draw_samples
+from atm_lightning.calibration import command as calibration_command
 from atm_lightning.calibration import run as calibration_run
 from atm_lightning.cli import main
 from atm_lightning.data import ImageNetDataModule
@@ -149,6 +150,29 @@ def test_unreachable_target_names_the_reductions_seen(tmp_path, monkeypatch, mir
     assert "--max_evals" not in str(error.value) and "--tolerance" not in str(error.value)
 
 
+def test_a_folder_as_output_is_refused_before_the_search(tmp_path, monkeypatch, mirrored_root, weights) -> None:
+    # Was: the whole search, then a raw IsADirectoryError, the chosen thresholds never shown.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    args = ["--output", "out", "--overwrite", "true"]
+    with pytest.raises(IsADirectoryError, match=r"--output out is a folder; give a file name, e.g. --output out/calibrated.yaml"):
+        run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, mirrored_root), *args)
+
+
+def test_the_chosen_point_is_shown_before_the_file_is_written(tmp_path, monkeypatch, capsys, mirrored_root, weights) -> None:
+    def disk_full(*args, **kwargs) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(calibration_command, "write_calibrated_config", disk_full)
+    args = ["--target_reduction", "0.3", "--tolerance", "0.05", "--num_images", "6", "--split_layers", "[5]",
+            "--alpha_drops", "[0.0]", "--rerun_fraction", "0", "--output", "my_atm.yaml"]  # fmt: skip
+    with pytest.raises(OSError, match="No space left"):
+        run("calibrate", "--config", str(CONFIGS / "vit_t_dense.yaml"), *common(weights, mirrored_root), *args)
+    out = capsys.readouterr().out
+    assert re.search(r"chosen: .*\nmerger: \{'class_path': 'atm_lightning.merge.ATM', 'init_args': \{'alpha': ", out)
+
+
 def calibration(target: float, levels_and_reductions: list[tuple[float, float]]) -> Calibration:
     shape = Shape(split_layer=11, decay_layer=10, alpha_drop=0.0)
     points = [Point(shape.merger(x, ATM()), r, 0.1, 0.9, None) for x, r in levels_and_reductions]
@@ -255,6 +279,13 @@ def test_calibrate_is_a_function_that_gives_the_model_its_merger_back(mirrored_r
 
     def fail(*args, **kwargs):
         raise RuntimeError("search failed")
+
+    bars = []
+    scorer = calibration_run.ProgressScorer
+    monkeypatch.setattr(calibration_run, "ProgressScorer", lambda *args: bars.append(scorer(*args)) or bars[-1])
+    result = calibrate(module, datamodule, samples, shapes, target=0.3, tolerance=0.03, progress=True)
+    # The bar counts the points evaluated, with no total: a bound of shapes x max_evals (16) ended at 4.
+    assert bars[0].bar.n == len(result.points) and bars[0].bar.total is None
 
     monkeypatch.setattr(calibration_run, "search", fail)
     with pytest.raises(RuntimeError, match="search failed"):

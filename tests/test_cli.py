@@ -335,6 +335,44 @@ def test_images_of_another_size_are_refused_before_the_run(tmp_path, monkeypatch
         run(*eval_args("vit_t_dense.yaml", weights, data_root, "--data.img_size", "64"))
 
 
+def test_runs_without_a_logger_never_replace_an_earlier_result(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    # Was: every run without a logger rewrote ./metrics.json (and ./config.yaml, the user's own too).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("# the user's own config\n")
+    args = eval_args("vit_t_dense.yaml", weights, data_root, "--trainer.logger", "false", "--data.limit", "3")
+    run(*args)
+    run(*args, "--data.limit", "2")
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 3
+    assert json.loads((tmp_path / "metrics_1.json").read_text())["num_images"] == 2
+    assert (tmp_path / "config.yaml").read_text() == "# the user's own config\n"
+    assert yaml.safe_load((tmp_path / "config_2.yaml").read_text())["data"]["limit"] == 2
+    out = capsys.readouterr().out
+    assert out.index("num_images        2") < out.index(f"wrote {tmp_path / 'metrics_1.json'}")  # shown, then written
+
+
+def test_an_option_of_another_merger_names_it_and_the_switch(tmp_path, monkeypatch, capsys, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        run(*eval_args("vit_t_atm.yaml", weights, data_root, "--model.merger.r", "8"))
+    err = capsys.readouterr().err
+    assert "Option 'r' is not accepted" in err
+    assert "r is an option of ToMe, not of ATM (the merger this command line runs); to switch, pass " \
+        "--model.merger ToMe --model.merger.r 8" in err
+    with pytest.raises(SystemExit):
+        run(*eval_args("vit_t_tome.yaml", weights, data_root, "--model.merger.init_args.keep_rate=0.7"))
+    assert "keep_rate is an option of EViT, not of ToMe" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_to_resume_from_is_named(tmp_path, monkeypatch, data_root, weights) -> None:
+    monkeypatch.chdir(tmp_path)  # was: "PytorchStreamReader failed", naming neither file nor option
+    truncated = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    fit = ["fit", *eval_args("vit_t_tome.yaml", weights, data_root)[1:], "--ckpt_path", str(truncated)]
+    with pytest.raises(ValueError, match=rf"cannot resume from --ckpt_path {truncated} .* drop --ckpt_path"):
+        run(*fit)
+
+
 def test_fast_dev_run_writes_metrics_where_a_run_without_logger_does(tmp_path, monkeypatch, data_root, weights) -> None:
     monkeypatch.chdir(tmp_path)
     run(*eval_args("vit_t_dense.yaml", weights, data_root, "--trainer.fast_dev_run", "true", "--data.batch_size", "8"))

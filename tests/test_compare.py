@@ -10,9 +10,12 @@ from unittest import mock
 
 import pytest
 import torch
+import yaml
 
 from atm_lightning.cli import main as atm_main
 from atm_lightning.evaluation import compare, plot
+from atm_lightning.evaluation.row_configs import check_row_config
+from atm_lightning.evaluation.tables import Row, pareto_front
 from atm_lightning.merge import ATM, EViT, ToMe
 from tests.helpers import CONFIGS
 
@@ -119,7 +122,7 @@ def test_sweep_fills_in_the_sweeps_not_given() -> None:
 
 def test_pareto_front() -> None:
     points = [(1.25, 80.0), (0.9, 80.0), (0.9, 79.0), (0.7, 75.0), (1.0, 81.0)]
-    assert compare.pareto_front(points) == {1, 3, 4}
+    assert pareto_front(points) == {1, 3, 4}
 
 
 @pytest.mark.parametrize(
@@ -131,10 +134,9 @@ def test_pareto_front() -> None:
         (["--checkpoint", "ft=/no/such.ckpt"], r"ft: /no/such.ckpt does not exist"),
     ],
 )
-def test_bad_options_name_the_fix(argv, message, capsys) -> None:
-    with pytest.raises(SystemExit):
-        compare.cli(["--config", str(CONFIGS / "vit_t_dense.yaml"), "--no-plot", *argv])
-    assert re.search(message, capsys.readouterr().err)
+def test_bad_options_name_the_fix(argv, message, tmp_path) -> None:
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        compare.cli(["--config", str(CONFIGS / "vit_t_dense.yaml"), "--no-plot", "--output", str(tmp_path), *argv])
 
 
 @pytest.mark.parametrize(
@@ -144,13 +146,43 @@ def test_bad_options_name_the_fix(argv, message, capsys) -> None:
         (["--config", str(CONFIGS / "vit_t_dense.yaml"), "--data.batch_size", "abc"], r"data.batch_size"),
     ],
 )
-def test_atm_option_errors_come_as_one_short_error(argv, message, capsys, tmp_path) -> None:
-    # The cause used to follow 67 lines of `atm validate` usage.
-    with pytest.raises(SystemExit):
-        compare.cli([*argv, "--data.root", str(tmp_path), "--no-plot", "--output", str(tmp_path)])
+def test_atm_option_errors_come_as_one_short_error(argv, message, capsys, tmp_path, monkeypatch) -> None:
+    # The cause used to follow 67 lines of `atm validate` usage, then a traceback.
+    monkeypatch.delenv("ATM_DEBUG")
+    with pytest.raises(SystemExit) as exit_info:
+        atm_main(["compare", *argv, "--data.root", str(tmp_path), "--no-plot", "--output", str(tmp_path)])
     err = capsys.readouterr().err
-    assert re.search(message, err.split("error:", 1)[1])
-    assert len(err.splitlines()) <= 8 and "--data.crop_scale" not in err
+    assert exit_info.value.code == 1 and err.startswith("error: ")
+    assert re.search(message, err) and "Traceback" not in err
+    assert len(err.splitlines()) <= 4 and "--data.crop_scale" not in err
+
+
+def test_a_second_compare_into_the_same_folder_is_refused_before_any_run(compared, data_root, weights) -> None:
+    _, out = compared
+    before = {p: p.stat().st_mtime_ns for p in out.glob("compare.*")}
+    args = [*shared(weights, data_root), "--tome_r", "8", "--output", str(out), "--no-plot"]
+    with pytest.raises(FileExistsError, match=r"holds compare.md, compare.csv, compare.png of an earlier compare; pass --overwrite"):
+        compare.cli(args)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("compare.*")} == before
+    assert len(list(out.glob("runs/*/version_*"))) == 5  # nothing ran
+
+
+def test_a_row_config_for_another_model_is_refused(data_root, weights, tmp_path) -> None:
+    # Was: a row labelled deit_t_atm that ran ViT-Ti at ViT-Ti's crop, without a word.
+    args = ["--config", str(CONFIGS / "vit_t.yaml"), "--atm", str(CONFIGS / "deit_t_atm.yaml"), "--no-plot"]
+    message = r"deit_t_atm.yaml is made for .*: model deit_tiny_patch16_224 \(every row: vit_tiny_patch16_224\), crop_pct 0.875 \(every row: 0.9\)"
+    with pytest.raises(ValueError, match=message):
+        compare.cli([*args, "--data.root", str(data_root), "--output", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+    # Another crop is refused, unless every row gets the same one.
+    row = yaml.safe_load((CONFIGS / "vit_t_atm_40.yaml").read_text())
+    row["data"]["crop_pct"] = 1.0
+    (tmp_path / "crop1.yaml").write_text(yaml.safe_dump(row))
+    base = str(CONFIGS / "vit_t.yaml")
+    with pytest.raises(ValueError, match=r"crop_pct 1.0 \(every row: 0.9\)"):
+        check_row_config(str(tmp_path / "crop1.yaml"), base, [])
+    check_row_config(str(tmp_path / "crop1.yaml"), base, ["--data.crop_pct", "1.0"])
+    check_row_config(str(CONFIGS / "vit_t_atm_40.yaml") + ":fused=false", base, ["--model.weights", "W"])
 
 
 def csv_rows(
@@ -160,7 +192,7 @@ def csv_rows(
     from atm_lightning.evaluation.options import write_csv
 
     made = [
-        compare.Row(m, f, p, g, 100 * (1 - g / 2), t, 99.0, 95.0, t - 80.0, -1.0, 1.0, True, 0.01, 5.0, images, batch, False, metrics)
+        Row(m, f, p, g, 100 * (1 - g / 2), t, 99.0, 95.0, t - 80.0, -1.0, 1.0, True, 0.01, 5.0, images, batch, False, metrics)
         for m, f, p, g, t in rows
     ]
     write_csv(made, path)
@@ -182,28 +214,33 @@ def test_merge_combines_runs_on_the_same_images(tmp_path) -> None:
     assert len(written) == 6 and (tmp_path / "out" / "compare.md").is_file()
 
 
-def test_merge_refuses_runs_on_other_images(tmp_path, capsys) -> None:
+def test_merge_refuses_runs_on_other_images_naming_each_file(tmp_path) -> None:
     first = csv_rows(tmp_path / "a.csv", [("dense", "dense", "-", 2.0, 80.0)])
-    other = csv_rows(tmp_path / "b.csv", [("dense", "dense", "-", 2.0, 81.0)])
-    with pytest.raises(SystemExit):
-        compare.cli(["--merge", str(first), str(other), "--no-plot"])
-    assert "measured on the same images" in capsys.readouterr().err
+    other = csv_rows(tmp_path / "b.csv", [("dense", "dense", "-", 2.0, 81.0)], images=12)
+    out = ["--no-plot", "--output", str(tmp_path / "out")]
+    message = rf"same images .* but {first}: 10 images, dense top-1 80.00%; {other}: 12 images, dense top-1 81.00%"
+    with pytest.raises(ValueError, match=message):
+        compare.cli(["--merge", str(first), str(other), *out])
+    fewer = csv_rows(tmp_path / "c.csv", [("ToMe r=8", "ToMe", "r=8", 1.5, 79.0)], images=8)
+    with pytest.raises(ValueError, match=rf"{first}: 10 images, dense top-1 80.00%; also ToMe r=8 in {fewer} \(8 images\)"):
+        compare.cli(["--merge", str(first), str(fewer), *out])
+    with pytest.raises(ValueError, match=r"--merge needs a dense row"):
+        compare.cli(["--merge", str(fewer), *out])
 
 
-def test_merge_refuses_runs_made_another_way(tmp_path, capsys) -> None:
+def test_merge_refuses_runs_made_another_way(tmp_path) -> None:
     dense = [("dense", "dense", "-", 2.0, 80.0)]
+    out = ["--no-plot", "--output", str(tmp_path / "out")]
     first = csv_rows(tmp_path / "a.csv", [*dense, ("ToMe r=8", "ToMe", "r=8", 1.5, 79.0)])
     at_batch_1 = csv_rows(tmp_path / "b.csv", [*dense, ("atm_30", "ATM", "-", 1.4, 79.5)], batch=1)
-    with pytest.raises(SystemExit):
-        compare.cli(["--merge", str(first), str(at_batch_1), "--no-plot"])
-    assert "differ in batch_size 1 (dense), 4 (ToMe r=8)" in capsys.readouterr().err  # the later dense row
+    with pytest.raises(ValueError, match=re.escape("differ in batch_size 1 (dense), 4 (ToMe r=8)")):  # the later dense row
+        compare.cli(["--merge", str(first), str(at_batch_1), *out])
     for name, interpolation in (("bicubic", "bicubic"), ("bilinear", "bilinear")):
         (tmp_path / f"{name}.json").write_text(json.dumps({"model": "m", "interpolation": interpolation}))
     bicubic = csv_rows(tmp_path / "c.csv", dense, metrics=str(tmp_path / "bicubic.json"))
     bilinear = csv_rows(tmp_path / "d.csv", [("atm_30", "ATM", "-", 1.4, 79.5)], metrics=str(tmp_path / "bilinear.json"))
-    with pytest.raises(SystemExit):
-        compare.cli(["--merge", str(bicubic), str(bilinear), "--no-plot"])
-    assert 'differ in interpolation "bicubic" (dense), "bilinear" (atm_30)' in capsys.readouterr().err
+    with pytest.raises(ValueError, match=re.escape('differ in interpolation "bicubic" (dense), "bilinear" (atm_30)')):
+        compare.cli(["--merge", str(bicubic), str(bilinear), *out])
 
 
 def test_params_show_a_batch_rule_other_than_exact() -> None:

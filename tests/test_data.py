@@ -23,6 +23,7 @@ from torchvision.transforms import CenterCrop, Resize
 
 from atm_lightning.data import BatchAlignedDistributedSampler, ImageNetDataModule
 from atm_lightning.data import transforms
+from atm_lightning.data.images import open_rgb
 from atm_lightning.data.imagenet import default_num_workers
 from atm_lightning.data.transforms import resolve_eval_config, train_transform
 from tests.fakedata import IMAGENET_WNIDS, make_flat_val, make_image_folder
@@ -309,6 +310,53 @@ def test_bad_arguments_fail_at_construction(tmp_path: Path) -> None:
         datamodule(tmp_path, model_name="deit_tinyy_patch16_224")
     with pytest.raises(ValueError, match="Known pretrained tags"):
         datamodule(tmp_path, model_name="deit_tiny_patch16_224.no_such_tag")
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # crop_pct 0 became timm's default 0.9; 2 resized to 112 px and padded black; -0.5 crashed in torchvision
+        ({"crop_pct": 0.0}, r"--data.crop_pct is the share .* in \(0, 1\] .*got 0.0"),
+        ({"crop_pct": 2.0}, r"--data.crop_pct .* got 2.0"),
+        ({"crop_pct": -0.5}, r"--data.crop_pct .* got -0.5"),
+        ({"interpolation": "bicubik"}, r"--data.interpolation must be one of bicubic, bilinear"),
+        ({"std": (0.5, 0.0, 0.5)}, r"--data.std values divide the pixels, so they must be > 0"),
+        ({"img_size": 0}, r"--data.img_size must be >= 1"),
+        ({"hflip": 1.5}, r"--data.hflip is a probability, in \[0, 1\]"),
+        ({"re_prob": -0.1}, r"--data.re_prob is a probability"),
+        ({"crop_scale": (0.9, 0.5)}, r"--data.crop_scale must be \[low, high\] with 0 < low <= high <= 1"),
+    ],
+)
+def test_settings_out_of_range_are_refused_at_construction(tmp_path: Path, setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        datamodule(tmp_path, model_name="vit_tiny_patch16_224", **setting)
+
+
+def test_a_crop_of_all_the_image_is_allowed(tmp_path: Path) -> None:
+    assert datamodule(tmp_path, crop_pct=1.0).data_config["crop_pct"] == 1.0
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_images_are_read_at_their_own_bit_depth(tmp_path: Path, bits: int) -> None:
+    # A 16-bit grey PNG was read as all white: Pillow's convert("RGB") clips its values at 255.
+    ramp = np.linspace(0, 2**bits - 1, 64 * 64).reshape(64, 64).astype(np.uint16 if bits == 16 else np.uint8)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    assert Image.open(tmp_path / "ramp.png").mode == ("I;16" if bits == 16 else "L")
+    rgb = np.asarray(open_rgb(tmp_path / "ramp.png"))
+    want = np.round(ramp.astype(np.float64) * 255 / (2**bits - 1)).astype(np.uint8)
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+    assert all(np.array_equal(rgb[..., channel], want) for channel in range(3))
+
+
+def test_images_without_a_known_range_are_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.full((8, 8), 0.25, np.float32)).save(tmp_path / "unit.tif")
+    assert np.asarray(open_rgb(tmp_path / "unit.tif"))[0, 0, 0] == 64  # floats in [0, 1]: scaled by 255
+    Image.fromarray(np.full((8, 8), 3.0, np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"float.tif holds floating-point pixels from 3 to 3, not in \[0, 1\]"):
+        open_rgb(tmp_path / "float.tif")
+    Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "int32.tif")
+    with pytest.raises(ValueError, match=r"int32.tif holds 32-bit integer pixels"):
+        open_rgb(tmp_path / "int32.tif")
 
 
 def test_missing_root_and_split(tmp_path: Path) -> None:

@@ -103,7 +103,6 @@ def test_atm_validate_ddp_subprocess_matches_one_device(tmp_path: Path, data_roo
             ],
             cwd=workdir,
             check=True,
-            timeout=300,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},
             stdout=subprocess.DEVNULL,
             stderr=sys.stderr,
@@ -138,7 +137,7 @@ def test_a_rank_failure_is_named_at_the_end_of_the_output(tmp_path: Path) -> Non
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.enable_progress_bar", "false",
         ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-2:]

@@ -29,6 +29,7 @@ from atm_lightning.data import ImageNetDataModule
 from atm_lightning.merge import EViT
 from atm_lightning.models import create_model
 from atm_lightning.module import TokenMergingModule
+from atm_lightning.trainer import check_accelerator, fit_precision
 from atm_lightning.training import param_groups, scaled_lr, set_drop_path, warmup_cosine
 from tests.helpers import CONFIGS
 
@@ -206,6 +207,20 @@ def test_warmup_in_steps_and_epochs_is_refused() -> None:
         module(warmup_steps=5, warmup_epochs=1.0)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": -1.0}, r"--model.lr must be > 0, got -1.0"),  # stopped in torch's AdamW with a traceback
+        ({"label_smoothing": 2.0}, r"--model.label_smoothing must be in \[0, 1\), got 2.0"),  # trained on it
+        ({"weight_decay": -0.1}, r"--model.weight_decay must be >= 0"),
+        ({"warmup_steps": -1}, r"the warm-up must be >= 0"),
+    ],
+)
+def test_recipe_settings_out_of_range_are_refused(setting: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        module(**setting)
+
+
 # --- EMA, checkpoints and resume -----------------------------------------------------------------
 
 
@@ -358,7 +373,35 @@ def test_ft_configs_train_with_the_deit_recipe(config: str, capsys) -> None:
     assert model["merger"]["init_args"]["prop_attn"] is False
     assert (model["mixup_alpha"], model["cutmix_alpha"], model["label_smoothing"]) == (0.8, 1.0, 0.1)
     assert model["lr_base_batch"] == 512 and model["drop_path_rate"] == 0.1
-    assert printed["trainer"]["precision"] == "bf16-mixed"
+    trainer_settings = printed["trainer"]
+    assert (trainer_settings["accelerator"], trainer_settings["devices"], trainer_settings["strategy"]) == ("auto",) * 3
+    assert trainer_settings["precision"] is None  # chosen for the device (fit_precision)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the configs take every GPU")
+def test_ft_config_runs_on_a_machine_without_a_gpu(train_root: Path, tmp_path: Path, monkeypatch) -> None:
+    # Was: "No supported gpu backend found!"; the CPU overrides were only in the docs.
+    monkeypatch.chdir(tmp_path)
+    small = ("--model.model_kwargs", '{"depth": 2}', "--data.batch_size", "2", "--data.num_workers", "0")
+    fitted = cli("fit", "--config", str(CONFIGS / "vit_t_tome_ft.yaml"), "--model.pretrained", "false",
+                 "--model.num_classes", "3", "--data.root", str(train_root), *small, "--trainer.max_steps", "1",
+                 "--trainer.enable_progress_bar", "false")  # fmt: skip
+    trainer = fitted.trainer
+    assert trainer.global_step == 1 and trainer.world_size == 1
+    assert type(trainer.accelerator).__name__ == "CPUAccelerator" and trainer.precision == "32-true"
+
+
+def test_fit_precision_follows_the_device(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fit_precision("auto") == fit_precision("cpu") == "32-true"
+    with pytest.raises(ValueError, match=r"--trainer.accelerator gpu, but torch finds no GPU .* --trainer.accelerator auto"):
+        check_accelerator("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, precision in ((True, "bf16-mixed"), (False, "16-mixed")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert fit_precision("auto") == fit_precision("gpu") == precision
+    assert fit_precision("cpu") == "32-true"
+    check_accelerator("gpu")
 
 
 def test_fit_a_new_head_on_1000_class_weights(train_root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from atm_lightning import ATM
 from atm_lightning.models import create_model
 from atm_lightning.module import TokenMergingModule
+from atm_lightning.weights import check_resume_checkpoint
 
 NAME = "vit_tiny_patch16_224"
 
@@ -111,6 +112,52 @@ def test_damaged_weights_files_name_the_path_and_the_flag(
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match=rf"cannot read {path} as {kind}.*damaged.*--model.weights"):
         create_model(NAME, weights=str(path))
+
+
+@pytest.mark.parametrize("name", ["renamed.pth", "renamed.bin"])
+def test_safetensors_under_another_name_load_as_safetensors(tmp_path: Path, reference: torch.nn.Module, name: str) -> None:
+    # Was a bare `KeyError: 53` from torch's unpickler.
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    assert_same_weights(create_model(NAME, weights=str(path)), reference)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth", "ckpt"])
+def test_weights_holding_nan_are_refused(tmp_path: Path, reference: torch.nn.Module, fmt: str) -> None:
+    # Were evaluated: loss nan, yet "lossless: true" and 100% agreement with the equally broken dense pass.
+    state = {k: v.clone().contiguous() for k, v in reference.state_dict().items()}
+    state["blocks.3.mlp.fc1.weight"][0, 0] = float("nan")
+    path = tmp_path / f"nan.{fmt}"
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    elif fmt == "pth":
+        torch.save(state, path)
+    else:
+        checkpoint = {"pytorch-lightning_version": "2.6.6", "state_dict": {f"model.{k}": v for k, v in state.items()}}
+        torch.save(checkpoint, path)
+    message = rf"the weights in {path} hold NaN or inf in 1 tensor\(s\) \(first: blocks.3.mlp.fc1.weight\)"
+    with pytest.raises(ValueError, match=message):
+        create_model(NAME, weights=str(path))
+
+
+def test_a_checkpoint_to_resume_from_is_checked_before_lightning_reads_it(tmp_path: Path, reference) -> None:
+    checkpoint = {"pytorch-lightning_version": "2.6.6", "state_dict": {}, "epoch": 3}
+    good = tmp_path / "last.ckpt"
+    torch.save(checkpoint, good)
+    check_resume_checkpoint(good)
+    check_resume_checkpoint("last")  # Lightning's own names are Lightning's to resolve
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ValueError, match=rf"cannot resume from --ckpt_path {truncated} \(RuntimeError: .*\); the file is damaged"):
+        check_resume_checkpoint(truncated)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+    with pytest.raises(ValueError, match=rf"--ckpt_path {weights} holds weights only; .* pass --model.weights {weights}"):
+        check_resume_checkpoint(weights)
+    plain = tmp_path / "plain.pth"
+    torch.save(reference.state_dict(), plain)
+    with pytest.raises(ValueError, match=r"is not a checkpoint of `atm fit` \(no Lightning state\); .* --model.weights"):
+        check_resume_checkpoint(plain)
 
 
 def test_files_that_hold_no_state_dict_say_so(tmp_path: Path) -> None:

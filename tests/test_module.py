@@ -115,7 +115,7 @@ def test_val_and_test_keep_separate_results(data_root: Path) -> None:
     assert val["top1_dense"] == val["top1"]
 
 
-def test_fidelity_can_be_turned_off(data_root: Path) -> None:
+def test_fidelity_can_be_turned_off(data_root: Path, recwarn: pytest.WarningsRecorder) -> None:
     module = TokenMergingModule(NAME, num_classes=3, merger=ToMe(r=8), fidelity=False)
     calls = []
     module.model.register_forward_hook(lambda *_: calls.append(1))
@@ -124,6 +124,19 @@ def test_fidelity_can_be_turned_off(data_root: Path) -> None:
     assert len(calls) == 3  # 8 images in batches of 3: one forward each, no dense reference
     assert all(results[key] is None for key in ("agreement", "kl", "top1_change", "top1_change_ci95", "lossless"))
     assert "not measured" in format_table({"agreement": results["agreement"]})
+    # torchmetrics warned that the fidelity sums were computed before any update
+    assert not [w for w in recwarn if "before the ``update``" in str(w.message)]
+
+
+@pytest.mark.parametrize("merger", [NoMerge(), ToMe(r=8)])
+def test_outputs_holding_nan_are_an_error(data_root: Path, merger) -> None:
+    # Was: exit 0, loss nan and kl nan, yet lossless true and agreement 100%.
+    module = TokenMergingModule(NAME, num_classes=3, merger=merger)
+    with torch.no_grad():
+        module.model.head.bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"merged outputs hold NaN or inf for 8 of 8 images; check the weights"):
+        trainer().validate(module, datamodule=datamodule(data_root, batch_size=8))
+    assert "val" not in module.results
 
 
 def test_dense_module_is_the_timm_model() -> None:
@@ -160,7 +173,7 @@ def test_training_step_learns_and_schedules_lr(data_root: Path, tmp_path: Path) 
 
 
 def eval_metrics(per_image_gflops: list[list[float]], dense: float) -> dict:
-    metrics = EvalMetrics(num_classes=4, depth=2)
+    metrics = EvalMetrics(num_classes=4, depth=2, fidelity=False)
     for gflops in per_image_gflops:
         b = len(gflops)
         stats = SimpleNamespace(

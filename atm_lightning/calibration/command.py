@@ -17,6 +17,8 @@ from lightning.pytorch import Trainer
 from ..data import ImageNetDataModule
 from ..merge import ATM, to_config
 from ..module import TokenMergingModule
+from ..runs import check_new_file
+from ..user_errors import CommandError
 from .run import calibrate, check_calibrate_args, default_rerun_fraction, draw_samples, starting_merger
 from .search import Calibration, candidate_shapes, unreached_message
 
@@ -87,18 +89,19 @@ class CalibrationTrainer(Trainer):
             use_labels=use_labels, rerun_fraction=rerun_fraction, device=self.strategy.root_device, progress=self.progress_bar_callback is not None,
         )  # fmt: skip
         if result.best is None:
-            raise RuntimeError(unreached_message(result))
+            raise CommandError(unreached_message(result))
         seconds = time.perf_counter() - started
+        # Shown before writing: a search that cannot be written is still not lost.
+        print(f"chosen: {result.best.describe()}\nmerger: {to_config(result.best.merger)}")
         comment = header(result, f"{datamodule.root / datamodule.train_split} (seed {seed})", seconds)
         write_calibrated_config(Path(output), comment, base_config or minimal_config(model, datamodule), result.best.merger)
-        print(f"chosen: {result.best.describe()}\nwrote {output} ({seconds:.0f} s)")
+        print(f"wrote {output} ({seconds:.0f} s)")
         return result
 
 
 def check_output(output: Path, overwrite: bool, world_size: int) -> None:
     """Fail before any image is read when the result could not be written or would be wrong."""
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite true to replace it, or choose another --output")
+    check_new_file(output, overwrite, example="calibrated.yaml")
     if world_size > 1:
         raise ValueError("calibrate runs on one device; set --trainer.devices 1")
 

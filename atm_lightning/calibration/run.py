@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -88,8 +87,11 @@ def calibrate(
         warning = seen_images_warning(cal.dense_top1(), rerun_fraction)
         if warning:
             print(warning, file=sys.stderr)
-        score = progress_scorer(module.model, cal, use_labels, rerun_fraction, len(shapes) * max_evals, progress)
-        result = search(score, shapes, base, target, tolerance, max_evals, use_labels)
+        score = ProgressScorer(module.model, cal, use_labels, rerun_fraction, progress)
+        try:
+            result = search(score, shapes, base, target, tolerance, max_evals, use_labels)
+        finally:
+            score.bar.close()
     finally:
         module.restore_merging()
     dense_top1 = cal.dense_top1() if use_labels else None
@@ -226,16 +228,17 @@ def evaluate(model: nn.Module, cal: CalibrationSet, merger: ATM, use_labels: boo
     )
 
 
-def progress_scorer(
-    model: nn.Module, cal: CalibrationSet, use_labels: bool, rerun_fraction: float, most: int, progress: bool
-) -> Callable[[ATM], Point]:
-    """:func:`evaluate` that advances a bar (of at most ``most`` points) and prints each point."""
-    bar = tqdm(total=most, desc="calibrate", disable=not progress, leave=False)
+class ProgressScorer:
+    """:func:`evaluate` that prints each point and counts them on a bar. The bar has no total:
+    the search stops a shape as soon as it reaches the target, so how many points it takes is
+    not known in advance (a bound of shapes x max_evals ended at a quarter)."""
 
-    def score(merger: ATM) -> Point:
-        point = evaluate(model, cal, merger, use_labels, rerun_fraction)
-        bar.update()
+    def __init__(self, model: nn.Module, cal: CalibrationSet, use_labels: bool, rerun_fraction: float, progress: bool):
+        self.model, self.cal, self.use_labels, self.rerun_fraction = model, cal, use_labels, rerun_fraction
+        self.bar = tqdm(desc="calibrate", unit=" schedules", disable=not progress, leave=False)
+
+    def __call__(self, merger: ATM) -> Point:
+        point = evaluate(self.model, self.cal, merger, self.use_labels, self.rerun_fraction)
+        self.bar.update()
         tqdm.write(point.describe())
         return point
-
-    return score

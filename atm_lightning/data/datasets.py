@@ -21,19 +21,27 @@ Sample = tuple[Path, int]
 
 
 class ImageListDataset(Dataset):
-    """Images from an explicit `(path, label)` list, opened lazily as RGB and transformed."""
+    """Images from an explicit `(path, label)` list, opened lazily as RGB and transformed;
+    ``indexed`` items also carry their position in the list (to write predictions per file)."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Tensor] | None = None):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], Tensor] | None = None,
+        indexed: bool = False,
+    ):
         self.samples = list(samples)
         self.transform = transform
+        self.indexed = indexed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor | Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple:
         path, label = self.samples[index]
         image = open_rgb(path)
-        return (self.transform(image) if self.transform is not None else image), label
+        item = (self.transform(image) if self.transform is not None else image), label
+        return (*item, index) if self.indexed else item
 
     @property
     def targets(self) -> list[int]:

@@ -23,6 +23,7 @@ from .datasets import (
     folder_samples,
     read_class_names,
 )
+from .images import image_paths
 from .samplers import BatchAlignedDistributedSampler
 from .transforms import eval_transform, resolve_eval_config, train_transform
 
@@ -49,6 +50,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         train_split: Subfolder of `root` used for training (needed only by `fit`).
         val_split: Subfolder of `root` used for validation.
         test_split: Subfolder of `root` used for testing; defaults to `val_split`.
+        predict_split: Subfolder of `root` that `atm predict` reads; defaults to `val_split`. Class
+            folders (or `label_file`) give each row its label; a folder of images without class
+            folders is read unlabelled, searched recursively (`--data.root PHOTOS
+            --data.predict_split .` for a folder of photos).
         label_file: Lines `<file name> <class index>` (the ILSVRC val ground truth in timm's class
             order); when given, the val and test splits are read as flat folders of these files.
         class_names: Text file with one class folder name per line, in class-index order; overrides
@@ -81,6 +86,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
+        predict_split: str | None = None,
         label_file: str | None = None,
         class_names: str | None = None,
         crop_pct: float | None = None,
@@ -98,6 +104,7 @@ class ImageNetDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         check_sizes(batch_size=batch_size, limit=limit, num_classes=num_classes, num_workers=num_workers)
+        check_augmentation(re_prob=re_prob, color_jitter=color_jitter, hflip=hflip, crop_scale=crop_scale)
         self.root = Path(root)
         self.model_name = model_name
         self.num_classes = num_classes
@@ -106,6 +113,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.train_split = train_split
         self.val_split = val_split
         self.test_split = test_split or val_split
+        self.predict_split = predict_split or val_split
         self.label_file = label_file
         self.class_names = class_names
         self.limit = limit
@@ -123,6 +131,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.train_dataset: ImageListDataset | None = None
         self.val_dataset: ImageListDataset | None = None
         self.test_dataset: ImageListDataset | None = None
+        self.predict_dataset: ImageListDataset | None = None
 
     @property
     def workers(self) -> int:
@@ -149,6 +158,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         if stage in ("test", None) and self.test_dataset is None:
             same = self.test_split == self.val_split and self.val_dataset is not None
             self.test_dataset = self.val_dataset if same else self._eval_dataset(self.test_split)
+        if stage == "predict" and self.predict_dataset is None:
+            self.predict_dataset = ImageListDataset(
+                self._predict_samples()[: self.limit], eval_transform(self.data_config, hflip=self.eval_hflip), indexed=True
+            )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -166,6 +179,9 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self._require(self.test_dataset, "test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader(self._require(self.predict_dataset, "predict"))
 
     def _eval_loader(self, dataset: ImageListDataset) -> DataLoader:
         sampler = None
@@ -206,6 +222,15 @@ class ImageNetDataModule(pl.LightningDataModule):
         dataset = ImageListDataset(samples, eval_transform(self.data_config))
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.workers)
 
+    def _predict_samples(self) -> list[Sample]:
+        """The predict split labelled as evaluation labels it where it can, else unlabelled images."""
+        if self.label_file is not None and self.predict_split == self.val_split:
+            return flat_samples(find_split(self.root, self.predict_split, flat=True), self.label_file, self.num_classes)
+        folder = find_split(self.root, self.predict_split, flat=True)
+        if class_folders(folder):
+            return self.labelled_images(self.predict_split, labels_needed=False)
+        return [(path, UNKNOWN_LABEL) for path in image_paths([folder])]
+
     def _eval_dataset(self, split: str) -> ImageListDataset:
         if self.label_file is not None:
             samples = flat_samples(find_split(self.root, split, flat=True), self.label_file, self.num_classes)
@@ -230,6 +255,18 @@ def check_sizes(batch_size: int, limit: int | None, num_classes: int, num_worker
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if num_workers is not None and num_workers < 0:
         raise ValueError(f"num_workers must be >= 0 (or None for the default), got {num_workers}")
+
+
+def check_augmentation(re_prob: float, color_jitter: float, hflip: float, crop_scale: tuple[float, float]) -> None:
+    """Refuse training augmentation settings outside their range, naming the option."""
+    for name, value in (("re_prob", re_prob), ("hflip", hflip)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--data.{name} is a probability, in [0, 1]; got {value}")
+    if color_jitter < 0:
+        raise ValueError(f"--data.color_jitter must be >= 0, got {color_jitter}")
+    low, high = crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"--data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(crop_scale)}")
 
 
 def default_num_workers(devices: int = 1) -> int:

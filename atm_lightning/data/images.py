@@ -23,12 +23,40 @@ def is_image(path: Path) -> bool:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """The image as RGB; a file that cannot be decoded is a ValueError naming it."""
+    """The image as 8-bit RGB, its pixel values scaled from their own bit depth; a file that
+    cannot be decoded, or whose values have no known range, is a ValueError naming it."""
     try:
         with Image.open(path) as file:
-            return file.convert("RGB")
+            return to_rgb(file, path)
     except OSError as err:
         raise ValueError(f"cannot read image {path} ({err}); replace or delete the file") from None
+
+
+def to_rgb(image: Image.Image, path: Path | str = "image") -> Image.Image:
+    """8-bit RGB from any mode Pillow reads. Pillow's own ``convert("RGB")`` clips 16-bit and
+    32-bit values at 255 (a 16-bit grey PNG came out all white), so those are scaled first:
+    16-bit by 255/65535; 32-bit integers only from PNG (16-bit grey in older Pillow); floats when
+    they lie in [0, 1]. Other integer or float images have no range to scale from: an error."""
+    mode = image.mode
+    if mode.startswith("I;16") or (mode == "I" and image.format == "PNG"):
+        image = image.convert("I").point(lambda value: value * (255 / 65535) + 0.5).convert("L")
+    elif mode == "F":
+        low, high = image.getextrema()
+        if not (0.0 <= low and high <= 1.0):
+            raise ValueError(
+                f"{path} holds floating-point pixels from {low:g} to {high:g}, not in [0, 1], so their "
+                f"brightness is unknown; save it as an 8- or 16-bit image"
+            )
+        image = image.point(lambda value: value * 255 + 0.5).convert("L")
+    elif mode == "I":
+        raise ValueError(
+            f"{path} holds 32-bit integer pixels, whose brightness range is unknown; save it as an "
+            f"8- or 16-bit image"
+        )
+    try:
+        return image.convert("RGB")
+    except ValueError as err:
+        raise ValueError(f"cannot convert {path} (mode {mode}) to RGB ({err}); save it as an RGB image") from None
 
 
 def image_paths(inputs: Sequence[Path]) -> list[Path]:

@@ -22,6 +22,30 @@ def check_model_name(model_name: str) -> None:
     raise ValueError(f"unknown timm model {model_name!r}{hint}")
 
 
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+
+
+def check_preprocessing(
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    std: tuple[float, ...] | None = None,
+    img_size: int | None = None,
+) -> None:
+    """Refuse eval preprocessing that would run and silently give other images: timm reads a
+    crop_pct of 0 as its default and a crop_pct above 1 shrinks the image and pads it black."""
+    if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+        raise ValueError(
+            f"--data.crop_pct is the share of the resized image kept by the centre crop, in (0, 1] "
+            f"(e.g. 0.875 or 0.9; 1.0 keeps it all); got {crop_pct}"
+        )
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--data.interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
+    if std is not None and not all(value > 0 for value in std):
+        raise ValueError(f"--data.std values divide the pixels, so they must be > 0; got {list(std)}")
+    if img_size is not None and img_size < 1:
+        raise ValueError(f"--data.img_size must be >= 1, got {img_size}")
+
+
 def resolve_eval_config(
     model_name: str,
     crop_pct: float | None = None,
@@ -36,6 +60,7 @@ def resolve_eval_config(
     record exactly how images were prepared (DeiT's timm config says crop_pct 0.9, its paper used 0.875).
     """
     check_model_name(model_name)
+    check_preprocessing(crop_pct=crop_pct, interpolation=interpolation, std=std, img_size=img_size)
     try:
         pretrained = timm.models.get_pretrained_cfg(model_name)
     except RuntimeError as err:

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ..threads import set_threads
 from ..data.imagenet import default_num_workers
+from ..runs import check_new_file
+from ..threads import set_threads
 from ..data.images import check_not_noise, evenly_spaced, image_paths, load_images
 from .memory import MALLOC_MODES, keep_freed_memory, memory_note
-from .options import METHOD_HELP, HelpFormatter, add_model_args, load_model, parse_method, run_cli, weights_label, write_csv
+from .options import METHOD_HELP, HelpFormatter, add_model_args, load_model, parse_method, weights_label, write_csv
 from .end_to_end import end_to_end
 from .timing import Row, benchmark, with_dense
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time whole evaluation passes as atm validate runs them (decoding in DataLoader workers, forward, "
         "merge statistics) with its default workers and threads, instead of forwards on cached images (CPU only)")
     add("--output", type=Path, metavar="FILE", help="also write the rows to a .csv or .json file")
+    add("--overwrite", action="store_true", help="replace --output if it exists")
     return parser  # fmt: skip
 
 
@@ -104,8 +106,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--runs and --threads must be >= 1 and --warmup >= 0")
     if args.end_to_end and args.device != "cpu":
         raise ValueError("--end-to-end times the CPU evaluation loop; use --device cpu")
-    if args.output is not None and args.output.suffix not in (".csv", ".json"):
-        raise ValueError(f"--output {args.output} must end in .csv or .json")
+    if args.output is not None:
+        if args.output.suffix not in (".csv", ".json"):
+            raise ValueError(f"--output {args.output} must end in .csv or .json")
+        check_new_file(args.output, args.overwrite, example="benchmark.csv", flag="--overwrite")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,5 +190,6 @@ def write_rows(rows: list[Row], path: Path, settings: dict) -> None:
 
 
 def cli(argv: list[str] | None = None) -> list[Row]:
-    """``atm benchmark ARGS``."""
-    return run_cli(build_parser(), main, argv)
+    """``atm benchmark ARGS`` (``atm`` reports a mistake found after parsing in one line, see
+    :mod:`atm_lightning.user_errors`)."""
+    return main(build_parser().parse_args(argv))

@@ -22,10 +22,9 @@ Example (ViT-Ti weights, 200 images of an ImageNet folder):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,17 @@ from ..cli import run_in_process
 from ..fidelity import top1_change
 from ..merge import EViT, NoMerge, TokenMerger, ToMe, to_config
 from ..results import METRICS_FILE
+from ..runs import check_writable_folder
 from .options import METHOD_HELP, HelpFormatter, parse_method, write_csv
 from .plot import plot, require_matplotlib
+from .row_configs import check_row_config
+from .tables import Row, markdown_table, merge_tables, pareto_front
 
 SWEEP_TOME_R = (2, 4, 6, 8, 10, 12, 13, 14, 16)
 SWEEP_EVIT_KEEP = (0.9, 0.8, 0.7, 0.6, 0.5)
 PASSTHROUGH_PREFIXES = ("--model.", "--data.", "--trainer.", "--seed_everything")
 OWN_SETTINGS = ("--model.merger", "--trainer.logger")
+RESULT_FILES = ("compare.md", "compare.csv", "compare.png")
 
 
 @dataclass(frozen=True)
@@ -52,30 +55,6 @@ class Run:
     family: str  # dense, ToMe, EViT, ATM (each also "+ rerun") or checkpoint: one colour each in the plot
     merger: TokenMerger
     weights: str | None = None
-
-
-@dataclass(frozen=True)
-class Row:
-    """One evaluated method, as it appears in the table and the CSV."""
-
-    method: str
-    family: str
-    params: str
-    gflops: float
-    reduction_pct: float
-    top1: float
-    top5: float
-    agreement_pct: float | None  # top-1 class unchanged from the dense row
-    top1_change: float | None  # points, against the dense row on the same images
-    ci_low: float | None  # 95% paired-bootstrap interval of top1_change
-    ci_high: float | None
-    lossless: bool | None  # the interval contains 0
-    kl: float | None  # mean KL(unmerged || merged), nats per image
-    img_per_s: float
-    num_images: int
-    batch_size: int
-    pareto: bool
-    metrics: str  # the run's metrics.json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "count and dense top-1) into one table, CSV and plot; rows of the later files replace same-named ones",
     )
     parser.add_argument("--output", type=Path, default=Path("runs/compare"), help="folder for the results")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the compare.md/csv/png of an earlier compare in --output"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     return parser
 
@@ -126,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, passthrough: list[str]) -> list[Row]:
     if not args.no_plot:
         require_matplotlib()
+    check_output(args.output, args.overwrite)
     if args.merge:
         if passthrough:
             raise ValueError(f"--merge evaluates nothing; drop {' '.join(passthrough)}")
@@ -134,18 +117,33 @@ def main(args: argparse.Namespace, passthrough: list[str]) -> list[Row]:
         if args.config is None or not Path(args.config).is_file():
             raise FileNotFoundError(f"--config {args.config} does not exist; pass an `atm validate` config")
         check_passthrough(passthrough)
+        for spec in args.atm:
+            check_row_config(spec, args.config, passthrough)
         runs = plan(args)
         results = [evaluate(run, args.config, passthrough, args.output) for run in runs]
         rows = to_rows(runs, results)
-    args.output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
+    print(table)  # before writing: a table that cannot be written is still shown
+    args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "compare.md").write_text(table + "\n")
     write_csv(rows, args.output / "compare.csv")
     if not args.no_plot:
         plot(rows, args.output / "compare.png")
-    print(table)
     print(f"\nwrote {args.output}/compare.md, compare.csv" + ("" if args.no_plot else ", compare.png"))
     return rows
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Before any run: the results of an earlier compare in ``output`` stay unless asked."""
+    if output.exists() and not output.is_dir():
+        raise NotADirectoryError(f"--output {output} is a file; compare writes a folder, e.g. --output runs/compare")
+    earlier = [name for name in RESULT_FILES if (output / name).exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{output} already holds {', '.join(earlier)} of an earlier compare; pass --overwrite to "
+            f"replace them, or choose another --output"
+        )
+    check_writable_folder(output)
 
 
 def check_passthrough(options: list[str]) -> None:
@@ -272,112 +270,8 @@ def describe(run: Run) -> str:
     return text + (f" ({Path(run.weights).name})" if run.weights else "")
 
 
-def merge_tables(paths: list[Path]) -> list[Row]:
-    """The rows of several compare.csv files on the same images, dense first, Pareto front redone.
-
-    A later file's row replaces an earlier one of the same label (rows labelled by their family
-    alone, as inline methods are, also by their params). Files whose image count or dense top-1
-    differ were not measured on the same images: an error.
-    """
-    rows: dict[tuple[str, str], Row] = {}
-    references = set()  # each file's dense row: its image count and top-1
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"--merge {path} does not exist; pass compare.csv files of earlier runs")
-        with path.open(newline="") as file:
-            for record in csv.DictReader(file):
-                row = row_from_csv(record)
-                rows[(row.method, row.params if row.method == row.family else "")] = row
-                if row.family == "dense":
-                    references.add((row.num_images, round(row.top1, 6)))
-    dense = [r for r in rows.values() if r.family == "dense"]
-    others = [r for r in rows.values() if r.family != "dense"]
-    counts = {r.num_images for r in others} | {n for n, _ in references}
-    if len(references) != 1 or len(counts) != 1:
-        raise ValueError("--merge needs files measured on the same images: each with its dense row, same count and top-1")
-    merged = [dense[0], *others]
-    check_made_alike(merged)
-    front = pareto_front([(r.gflops, r.top1) for r in merged])
-    return [replace(r, pareto=i in front) for i, r in enumerate(merged)]
-
-
-# What each row's metrics.json records of how it ran that must be one value in a merged table
-# (the weights for dense rows only: a fine-tuned checkpoint row has its own).
-MADE_ALIKE = ("model", "img_size", "crop_pct", "interpolation", "hflip")
-
-
-def check_made_alike(rows: list[Row]) -> None:
-    """Refuse rows that ran with another batch size or preprocessing: their throughput, or their
-    top-1 on the same images, would not compare. Rows whose metrics.json is gone are checked on
-    their batch size alone."""
-    seen: dict[str, dict[Any, str]] = {}
-    for row in rows:
-        settings: dict[str, Any] = {"batch_size": row.batch_size}
-        metrics = Path(row.metrics)
-        if metrics.is_file():
-            recorded = json.loads(metrics.read_text())
-            keys = (*MADE_ALIKE, "weights") if row.family == "dense" else MADE_ALIKE
-            settings |= {key: recorded.get(key) for key in keys}
-        for key, value in settings.items():
-            seen.setdefault(key, {}).setdefault(json.dumps(value), row.method)
-    differ = {key: values for key, values in seen.items() if len(values) > 1}
-    if differ:
-        detail = "; ".join(
-            f"{key} " + ", ".join(f"{value} ({method})" for value, method in values.items())
-            for key, values in differ.items()
-        )
-        raise ValueError(f"--merge needs runs made alike, but they differ in {detail}; rerun the odd ones alike")
-
-
-def row_from_csv(record: dict[str, str]) -> Row:
-    """A :class:`Row` from its CSV line (empty cells: not measured)."""
-    values: dict[str, Any] = {}
-    for name, kind in ((f.name, f.type) for f in fields(Row)):
-        text = record[name]
-        if "bool" in kind:
-            values[name] = None if text == "" else text == "True"
-        elif "float" in kind:
-            values[name] = None if text == "" else float(text)
-        elif "int" in kind:
-            values[name] = int(text)
-        else:
-            values[name] = text
-    return Row(**values)
-
-
-def pareto_front(points: list[tuple[float, float]]) -> set[int]:
-    """Indices of (gflops, top1) points that no other point beats on both (fewer FLOPs, more top-1)."""
-    return {
-        i
-        for i, (g, t) in enumerate(points)
-        if not any(g2 <= g and t2 >= t and (g2, t2) != (g, t) for g2, t2 in points)
-    }
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        f"{rows[0].num_images} images, batch size {rows[0].batch_size}; top-1 change against dense with its 95% "
-        "paired-bootstrap interval; KL to the unmerged model (nats); * = on the Pareto front (top-1 vs GFLOPs)",
-        "",
-        "| method | params | GFLOPs | reduction | top-1 | change [95% CI] | agreement | KL | top-5 | img/s | |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        agreement = "n/a" if r.agreement_pct is None else f"{r.agreement_pct:.1f}%"
-        change = "n/a" if r.top1_change is None else f"{r.top1_change:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]"
-        kl = "n/a" if r.kl is None else f"{r.kl:.4f}"
-        lines.append(
-            f"| {r.method} | {r.params} | {r.gflops:.4g} | {r.reduction_pct:.1f}% | {r.top1:.2f} | {change} | "
-            f"{agreement} | {kl} | {r.top5:.2f} | {r.img_per_s:.1f} | {'*' if r.pareto else ''} |"
-        )
-    return "\n".join(lines)
-
-
 def cli(argv: list[str] | None = None) -> list[Row]:
-    """``atm compare ARGS``: compare's own options; the rest go to every ``atm validate`` run."""
-    parser = build_parser()
-    args, passthrough = parser.parse_known_args(argv)
-    try:
-        return main(args, passthrough)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    """``atm compare ARGS``: compare's own options; the rest go to every ``atm validate`` run.
+    (``atm`` reports a mistake found after parsing in one line, see :mod:`atm_lightning.user_errors`.)"""
+    args, passthrough = build_parser().parse_known_args(argv)
+    return main(args, passthrough)
