@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from .lora import fold_state_dict
 from .merge import MERGERS
 
 _WIDTH_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
@@ -243,7 +244,8 @@ def _first_line(err: BaseException | str) -> str:
 
 
 def _lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
-    """The timm state dict inside a checkpoint of this project's module, or None for other files."""
+    """The timm state dict inside a checkpoint of this project's module, or None for other files;
+    low-rank adapters of a distillation run folded into their weights (see :mod:`.lora`)."""
     if path.suffix == ".safetensors":
         return None
     data = _load(path)
@@ -255,7 +257,7 @@ def _lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
             f"{path} is a Lightning checkpoint but not of atm_lightning's TokenMergingModule "
             f"(its state_dict keys are not all under 'model.')"
         )
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    return fold_state_dict({k.removeprefix("model."): v for k, v in state.items()})
 
 
 def _check_shapes(model: nn.Module, state: dict[str, Tensor], path: Path, model_name: str) -> None:
