@@ -39,6 +39,7 @@ from atm_lightning import ToMe, merge_stats, patch
 from atm_lightning.cli import run_in_process
 from atm_lightning.merge import to_config
 from atm_lightning.models import create_model
+from atm_lightning.threads import available_cpus
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = {"as_is": [], "mirrored": ["--data.eval_hflip", "true"], "crop1": ["--data.crop_pct", "1.0"]}
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.01, help="a saving that moved more than this recalibrates")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads of each run (default: atm's)")
+    parser.add_argument("--threads", type=int, default=available_cpus(),
+                        help="torch threads of each run (default: every core; training is compute-bound)")
     opts = parser.parse_args(argv)
     opts.out.mkdir(parents=True, exist_ok=True)
     split = opts.out / "split"
