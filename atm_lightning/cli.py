@@ -92,6 +92,8 @@ class ATMCLI(LightningCLI):
         # The model name picks the eval preprocessing and the head size the labels: one source each.
         parser.link_arguments("model.model_name", "data.model_name", apply_on="parse")
         parser.link_arguments("model.num_classes", "data.num_classes", apply_on="parse")
+        # Distillation learns from the dense model's outputs: its training images need no labels.
+        parser.link_arguments("model.distill", "data.train_labels", compute_fn=lambda distill: distill is None, apply_on="parse")
         parser.add_argument(
             "--threads", type=int | None, default=None,
             help="torch intra-op threads of each process; default: the cores the DataLoader workers leave (at least 1)",

@@ -12,6 +12,16 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
+from .delta import apply_delta, weights_sha256
+from .distill import (
+    BaseWeights,
+    Distillation,
+    check_distillation,
+    distillation_step,
+    export_delta,
+    prepare_student,
+    seed_step,
+)
 from .merge import NoMerge, TokenMerger
 from .metrics import EvalMetrics
 from .models import create_model
@@ -63,6 +73,12 @@ class TokenMergingModule(LightningModule):
         fidelity: also run the unmerged model on every evaluation batch and report how far merging
             moves its predictions (agreement, KL, top-1 change with a 95% paired-bootstrap
             interval; see ``fidelity.py``). Costs one dense forward per batch, left out of img/s.
+            The reference is the base model: without ``delta`` and what ``distill`` trains.
+        delta: a delta file written by ``atm fit`` with ``distill``, applied on top of the base
+            weights (``weights`` or ``pretrained``); refused for other base weights (see ``delta.py``).
+        distill: ``fit`` trains the merged model to give the unmerged base model's outputs
+            (label-free self-distillation; settings in :class:`~atm_lightning.distill.Distillation`)
+            and writes what changed as a delta file at the end.
     """
 
     def __init__(
@@ -86,12 +102,23 @@ class TokenMergingModule(LightningModule):
         compile: bool = False,
         fused: bool | Literal["auto"] = "auto",
         fidelity: bool = True,
+        delta: str | None = None,
+        distill: Distillation | None = None,
     ) -> None:
         super().__init__()
         check_recipe(lr, weight_decay, label_smoothing, warmup_steps, warmup_epochs)
         self.save_hyperparameters()
         self.merger = merger
+        self.distill = distill
+        if distill is not None:
+            check_distillation(merger, new_head)
         model = create_model(model_name, pretrained, weights, num_classes, model_kwargs, new_head=new_head)
+        self.base_sha256 = weights_sha256(model.state_dict()) if delta or distill else None
+        base = apply_delta(model, delta, weights or f"timm's pretrained {model_name}") if delta else {}
+        if distill is not None:
+            state = model.state_dict()
+            base = {name: base.get(name, state[name]) for name in [*base, *prepare_student(model, distill)]}
+        self.base_weights = BaseWeights(base)
         model = set_drop_path(model, drop_path_rate)
         self.model = patch(model, merger, compile=compile, fused=fused)
         self.mixup = build_mixup(mixup_alpha, cutmix_alpha, label_smoothing, num_classes)
@@ -113,7 +140,17 @@ class TokenMergingModule(LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.distill is not None:
+            seed_step(self.trainer.global_step, batch_idx, self.trainer.global_rank)
+
+    def on_fit_end(self) -> None:
+        if self.distill is not None:
+            export_delta(self, self.trainer)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if self.distill is not None:
+            return distillation_step(self, batch)
         images, targets = batch
         if self.mixup is None:
             logits = self.model(images)
@@ -202,10 +239,10 @@ class TokenMergingModule(LightningModule):
         """The unmerged model's logits for ``images``, for the fidelity report (None: not asked)."""
         if not self.hparams.fidelity:
             return None
-        if not self.merger.merges:
+        if not self.merger.merges and not self.base_weights.names:
             return logits  # the model already ran dense
         with unmerged(self.model):
-            return self.model(images)
+            return self.base_weights(self.model, images)
 
     def _eval_epoch_end(self, stage: str, metrics: EvalMetrics) -> None:
         results, predictions, targets = metrics.compute()

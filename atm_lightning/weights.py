@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .lora import fold_state_dict
 from .merge import MERGERS
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header, in bytes
@@ -82,7 +83,8 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
-    """The timm state dict inside a checkpoint of this project's module, or None for other files."""
+    """The timm state dict inside a checkpoint of this project's module, or None for other files;
+    low-rank adapters of a distillation run folded into their weights (see :mod:`.lora`)."""
     if path.suffix == ".safetensors" or is_safetensors(path):
         return None
     data = load_checkpoint(path)
@@ -94,7 +96,7 @@ def lightning_state_dict(path: Path) -> dict[str, Tensor] | None:
             f"{path} is a Lightning checkpoint but not of atm_lightning's TokenMergingModule "
             f"(its state_dict keys are not all under 'model.')"
         )
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    return fold_state_dict({k.removeprefix("model."): v for k, v in state.items()})
 
 
 def check_finite(state: dict[str, Tensor], path: Path) -> None:

@@ -25,6 +25,7 @@ from atm_lightning.data import BatchAlignedDistributedSampler, ImageNetDataModul
 from atm_lightning.data import transforms
 from atm_lightning.data.images import open_rgb
 from atm_lightning.data.imagenet import default_num_workers
+from atm_lightning.data.reproducible import EpochSampler
 from atm_lightning.data.transforms import resolve_eval_config, train_transform
 from tests.fakedata import IMAGENET_WNIDS, make_flat_val, make_image_folder
 
@@ -219,12 +220,32 @@ def test_validate_needs_no_train_split_and_fit_builds_augmented_train(tmp_path: 
     assert first_transform(dm.train_dataset, RandAugment) is not None
     assert first_transform(dm.train_dataset, RandomErasing).probability == 0.25
     loader = dm.train_dataloader()
-    assert loader.drop_last and isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    assert loader.drop_last and isinstance(loader.sampler, EpochSampler) and loader.sampler.shuffle
     assert [len(labels) for _, labels in loader] == [3, 3]
 
     dm.setup("test")
     assert dm.test_dataset is dm.val_dataset  # test_split defaults to val_split
     assert [labels.tolist() for _, labels in dm.test_dataloader()] == [[0, 0, 1], [1]]
+
+
+def test_training_batches_depend_on_the_seed_and_epoch_alone(tmp_path: Path, monkeypatch) -> None:
+    """A resumed run must see the images, in the order and the augmented views, an uninterrupted
+    one saw: whatever else drew from the random generators before."""
+    make_image_folder(tmp_path / "train", ["a", "b"], per_class=3)
+    make_image_folder(tmp_path / "val", ["a", "b"], per_class=1)
+    dm = datamodule(tmp_path, num_classes=2, batch_size=2, img_size=32)
+    dm.setup("fit")
+
+    def epoch(number: int, seed: int = 0) -> torch.Tensor:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(number)
+        return torch.cat([images for images, _ in loader])
+
+    first = epoch(1)
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # other draws in between
+    assert torch.equal(epoch(1), first)
+    assert not torch.equal(epoch(2), first) and not torch.equal(epoch(1, seed=1), first)
 
 
 # --- exact multi-device evaluation -----------------------------------------------------------------------

@@ -146,6 +146,14 @@ def folder_samples(split_dir: Path, classes: dict[str, int]) -> list[Sample]:
     return samples
 
 
+def unlabelled_samples(folder: Path) -> list[Sample]:
+    """``(path, UNKNOWN_LABEL)`` for the images directly in ``folder`` when it has no class folders
+    (a flat folder of unlabelled images), sorted; empty otherwise."""
+    if not folder.is_dir() or class_folders(folder):
+        return []
+    return [(path, UNKNOWN_LABEL) for path in sorted(p for p in folder.iterdir() if is_image(p))]
+
+
 def flat_samples(split_dir: Path, label_file: str | Path, num_classes: int) -> list[Sample]:
     """`(path, label)` from a flat folder and lines `<file name> <class index>`, sorted by file name.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from .datasets import (
     flat_samples,
     folder_samples,
     read_class_names,
+    unlabelled_samples,
 )
 from .images import image_paths
+from .reproducible import EpochSampler, SeededViews
 from .samplers import BatchAlignedDistributedSampler
 from .transforms import eval_transform, resolve_eval_config, train_transform
 
@@ -74,6 +77,14 @@ class ImageNetDataModule(pl.LightningDataModule):
             centred objects such as digits need a narrow one, e.g. [0.8, 1.0].
         eval_hflip: evaluate mirrored copies of the val/test images (with ``crop_pct``, the
             transformed copies on which a calibrated setting should still hold).
+        train_labels: the training images need labels (``fit``). False (``atm fit`` sets it with
+            ``--model.distill``, which learns from the dense model's outputs): the train split
+            may also be class folders that cannot be numbered, or a flat folder of images; such
+            images get the label -1 (unknown).
+
+    Training batches depend only on the seed (``seed_everything``) and the epoch: each epoch's
+    order and each image's augmentation are seeded (:mod:`.reproducible`), so a run resumed from
+    a checkpoint sees the images an uninterrupted one would.
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         hflip: float = 0.5,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         eval_hflip: bool = False,
+        train_labels: bool = True,
     ):
         super().__init__()
         check_sizes(batch_size=batch_size, limit=limit, num_classes=num_classes, num_workers=num_workers)
@@ -118,6 +130,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.class_names = class_names
         self.limit = limit
         self.eval_hflip = eval_hflip
+        self.train_labels = train_labels
         self.augment = {
             "auto_augment": auto_augment,
             "re_prob": re_prob,
@@ -151,7 +164,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         """Build only the splits the stage reads, so `validate` works without a train folder."""
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = ImageListDataset(
-                self.labelled_images(self.train_split), train_transform(self.data_config, **self.augment)
+                self.labelled_images(self.train_split, self.train_labels),
+                train_transform(self.data_config, **self.augment),
             )
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self._eval_dataset(self.val_split)
@@ -164,10 +178,13 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        dataset = self._require(self.train_dataset, "fit")
+        ranks, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # what seed_everything set, as Lightning's own sampler reads it
         return DataLoader(
-            self._require(self.train_dataset, "fit"),
+            SeededViews(dataset, seed),
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=EpochSampler(dataset, num_replicas=ranks, rank=rank, shuffle=True, seed=seed),
             drop_last=True,
             num_workers=self.workers,
             persistent_workers=self.workers > 0,
@@ -203,7 +220,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         """``(path, label)`` of every image of a class-folder split of ``root``, labelled as the
         eval splits are (e.g. training images for calibration). ``labels_needed=False``: where the
         folders cannot be numbered (fewer than the classes, no ``class_names``), every image gets
-        ``UNKNOWN_LABEL`` instead of an error, for work that reads the images alone."""
+        ``UNKNOWN_LABEL`` instead of an error, for work that reads the images alone; so does every
+        image of a split that is a flat folder of images."""
+        if not labels_needed and (flat := unlabelled_samples(self.root / split)):
+            return flat
         folder = find_split(self.root, split, flat=False)
         names = read_class_names(self.class_names) if self.class_names is not None else None
         # Include the train split's folders so that a val folder missing some classes keeps their indices.
