@@ -107,9 +107,9 @@ def unlabelled(images: torch.Tensor, batch_size: int) -> DataLoader:
 
 
 def test_the_merged_model_merges_alike_in_training_and_evaluation(teacher: Path, images: torch.Tensor) -> None:
-    """Distillation trains what evaluation runs: with the exact rule, training mode (padded, with
-    a graph) makes the merges evaluation (packed) makes, and the same logits; so does the
-    class-token-only last block. Reruns act at inference only."""
+    """Distillation trains what evaluation runs: with the exact rule, training mode (with a graph)
+    makes the merges evaluation makes, and the same logits; so does the class-token-only last
+    block. Reruns act at inference only."""
     model = create_model(NAME, weights=str(teacher), num_classes=CLASSES, model_kwargs=SMALL)
     atm = ATM(alpha=1.0, beta=0.3, theta_min=0.3, split_layer=3)
     patch(model, atm, record_merges=True)
@@ -123,7 +123,7 @@ def test_the_merged_model_merges_alike_in_training_and_evaluation(teacher: Path,
     for a, b in zip(in_training.layers, in_eval.layers, strict=True):
         assert torch.equal(a.selected.sum(1), b.selected.sum(1))
     assert torch.allclose(trained, evaluated, atol=1e-5, rtol=0)
-    patch(model, dataclasses.replace(atm, last_block_prefix_only=True, rerun_margin=0.0))
+    patch(model, dataclasses.replace(atm, last_block_prefix_only=True, rerun_margin=0.0), fused=False)
     with torch.no_grad():
         assert torch.allclose(model.eval()(images), evaluated, atol=1e-5, rtol=0)
 
