@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
@@ -17,7 +16,6 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,47 +137,3 @@ def counted_macs(model: torch.nn.Module, images: torch.Tensor, merge_step: bool 
             setattr(module, name, original)
     step = sum(step_flops)
     return (step if merge_step else counter.get_total_flops() - step) // 2
-
-
-
-
-class OpCounter(TorchDispatchMode):
-    """ATen operations of the code run under it, each a kernel launch on a GPU, and those that
-    wait for the device (a host read). Views, reshapes, slices and dropout are not counted: they
-    launch nothing of their own."""
-
-    NOT_COUNTED = frozenset({
-        "view", "_unsafe_view", "reshape", "_reshape_alias", "slice", "select", "expand", "expand_as", "t",
-        "transpose", "permute", "unsqueeze", "squeeze", "alias", "detach", "as_strided", "unbind", "split",
-        "split_with_sizes", "chunk", "narrow", "flatten", "unflatten", "view_as", "dropout", "lift_fresh",
-        "resolve_conj", "resolve_neg",
-    })  # fmt: skip
-    HOST_READS = frozenset({"item", "_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-        self.host_reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        kwargs = kwargs or {}
-        if name not in self.NOT_COUNTED:
-            self.ops[name] += 1
-        if name in self.HOST_READS or (name == "repeat_interleave" and kwargs.get("output_size") is None):
-            self.host_reads += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
-
-
-def count_ops(model: torch.nn.Module, images: torch.Tensor) -> OpCounter:
-    """The operations of one inference forward of ``model`` on ``images``, after one untimed
-    forward (which makes what the patch keeps once per shape)."""
-    with torch.inference_mode():
-        model(images)
-        with OpCounter() as counter:
-            model(images)
-    return counter

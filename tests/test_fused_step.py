@@ -14,6 +14,7 @@ from atm_lightning.merge import ATM, TokenState, class_attention, from_config_fi
 from atm_lightning.merge import fused as fused_module
 from atm_lightning.patch import build_fused_step, kernel
 from atm_lightning.patch.attention import attention_bias
+from atm_lightning.patch.loop import BlockAttention
 from tests.helpers import ATM_LENIENT, CONFIGS, blocky_images, make_vit
 
 MISSING = fused_module.missing_build_tool()
@@ -74,7 +75,8 @@ def test_kernel_step_equals_the_batched_step(option, ragged, protected):
             real_rows = record.similarity > float("-inf")
             if ((record.similarity[real_rows] - record.threshold).abs() < NEAR).any():
                 continue
-            fused = kernel.fused_step(policy, layer, packed, keys, cls, protected)
+            given = BlockAttention(x, keys, cls) if layer else BlockAttention(x, keys, None, query, 0.5)  # both ways
+            fused = kernel.fused_step(policy, layer, packed, given, protected)
             assert fused is not packed, "something should merge"
             assert torch.equal(fused.free, batched.free)
             width_out = batched.size.shape[1]

@@ -9,7 +9,8 @@ import pytest
 
 from atm_lightning import merge_stats, patch, unpatch
 from atm_lightning.merge import ATM, EViT, ToMe, from_config_file
-from tests.helpers import ATM_LENIENT, CONFIGS, blocky_images, count_ops, make_vit
+from atm_lightning.evaluation.launches import count_ops, launches_per_forward
+from tests.helpers import ATM_LENIENT, CONFIGS, blocky_images, make_vit
 
 ATM_SETTINGS = {**ATM_LENIENT, "split_layer": 5}
 REFINED = {"keys": "per_head", "size_weighted": True, "attention_power": 0.5, "keep_norm": True}
@@ -73,3 +74,9 @@ def test_batch_256_launches_what_batch_8_does(shared_weights, shared_images):
         patch(model, policy, fused=False)
         small, large = count_ops(model, images[:8]).total, count_ops(model, images).total
         assert abs(large - small) <= 0.05 * small, (policy.name, small, large)
+
+
+def test_on_a_cpu_launches_are_the_aten_operations():
+    model = make_vit("deit_tiny_patch16_224", depth=2, img_size=64)
+    images = blocky_images(2, size=64)
+    assert launches_per_forward(model, images) == count_ops(model, images).total > 10

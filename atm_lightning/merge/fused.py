@@ -108,6 +108,8 @@ def fused_merge_batch(
     count: Tensor,
     keys: Tensor,
     attention: Tensor | None,
+    query: Tensor | None,
+    scale: float,
     size: Tensor | None,
     num_protected: int,
     policy: ATM,
@@ -116,8 +118,9 @@ def fused_merge_batch(
     """ATM's merge step (``layer``) for a batch whose images hold ``count`` [B] tokens each, packed
     one after the other in ``x`` ([T, C], or [B, N, C] when none is padded); None when no image merges.
 
-    ``keys`` [B, H, W, d] per-head keys, ``attention`` [B, W] the class token's attention (read when
-    ``policy.attention_power`` > 0), ``size`` [B, W] (None: all 1). Each image merges exactly as
+    ``keys`` [B, H, W, d] per-head keys; the class token's attention (read when
+    ``policy.attention_power`` > 0) is ``attention`` [B, W], or computed here from its ``query``
+    [B, H, 1, d] at ``scale``; ``size`` [B, W] (None: all 1). Each image merges exactly as
     :func:`atm_lightning.merge.step.match_step` merges it. Returns the tokens packed [T', C] in
     input image order, their sizes [B, W'] (0 past each count) and the counts [B].
     """
@@ -126,8 +129,9 @@ def fused_merge_batch(
     attention = None if attention is None else attention.contiguous()
     out = load_kernel().merge_batch(
         x if x.is_contiguous() else x.contiguous(), count, keys if keys.stride(-1) == 1 else keys.contiguous(),
-        attention, size, num_protected, policy.keys == "per_head", policy.split_kind(layer) == "size",
-        policy.size_weighted, policy.attention_power, policy.keep_norm, policy.threshold(layer),
+        attention, query, scale, policy.prop_attn, size, num_protected, policy.keys == "per_head",
+        policy.split_kind(layer) == "size", policy.size_weighted, policy.attention_power, policy.keep_norm,
+        policy.threshold(layer),
     )  # fmt: skip
     return (out[0], out[1], out[2]) if out else None
 

@@ -36,11 +36,36 @@ ATM_HOT float dot(const float* a, const float* b, int64_t length) {
 
 float row_norm(const float* row, int64_t length) { return std::sqrt(dot(row, row, length)); }
 
+
 // Where one image's keys are: [H, n, d] with rows of d contiguous floats.
 struct KeyView {
   const float* data;
   int64_t heads, dim, head_stride, token_stride;
 };
+
+// Head-averaged softmax attention of the class token (query: H rows of d floats, head_stride
+// apart) to one image's n keys, with log(size) added to the logits under proportional attention.
+std::vector<float> class_attention(const float* query, int64_t query_stride, const KeyView& keys, int64_t n,
+                                   const std::vector<float>& size, bool log_size, float scale) {
+  const int64_t heads = keys.heads, dim = keys.dim;
+  std::vector<float> attention(n, 0.0f), logits(n), scaled(dim), bias(n, 0.0f);
+  if (log_size)
+    for (int64_t j = 0; j < n; ++j) bias[j] = std::log(size[j]);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t c = 0; c < dim; ++c) scaled[c] = query[h * query_stride + c] * scale;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      const float logit = dot(scaled.data(), keys.data + h * keys.head_stride + j * keys.token_stride, dim);
+      logits[j] = log_size ? logit + bias[j] : logit;
+      top = std::max(top, logits[j]);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) total += (logits[j] = std::exp(logits[j] - top));
+    for (int64_t j = 0; j < n; ++j) attention[j] += logits[j] / total;
+  }
+  for (int64_t j = 0; j < n; ++j) attention[j] /= static_cast<float>(heads);
+  return attention;
+}
 
 // Unit-length matching features [len(pos), W] of the tokens at pos: every head's key normalised
 // and scaled by 1/sqrt(H) (per_head, W = H d), or the head-averaged key normalised (W = d).
@@ -232,11 +257,13 @@ std::vector<int64_t> interleaved(int64_t count) {
 // A batch of images, each merged on its own, in parallel over the images.
 // x [T, C]: image i's count[i] tokens one image after the other (packed, or padded without
 // padding); keys [B, H, W, d] (rows contiguous, W >= every count); attention [B, W], the class
-// token's attention (needed when attention_power > 0); size [B, W] (None: all ones).
+// token's attention, or query [B, H, 1, d] to compute it from (one is needed when
+// attention_power > 0); size [B, W] (None: all ones).
 // Returns the images in input order: tokens packed [T', C], sizes [B, W'] (0 past each count)
 // and counts [B]; or an empty list when no image merges anything.
 std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count_in, const at::Tensor& keys,
                                     const std::optional<at::Tensor>& attention_in,
+                                    const std::optional<at::Tensor>& query_in, double scale, bool prop_attn,
                                     const std::optional<at::Tensor>& size_in, int64_t num_protected, bool per_head,
                                     bool size_split, bool size_weighted, double attention_power, bool keep_norm,
                                     double theta) {
@@ -266,11 +293,17 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
   for (int64_t i = 0; size_data != nullptr && i < batch; ++i)
     TORCH_CHECK(counts[i] <= size_width, "an image holds more tokens than size has columns");
   const float* attention_data = nullptr;
-  if (attention_power != 0.0) {
-    TORCH_CHECK(attention_in.has_value() && attention_in->dim() == 2 && attention_in->size(0) == batch &&
-                    attention_in->is_contiguous() && attention_in->scalar_type() == at::kFloat,
-                "attention_power > 0 needs the class token's attention, contiguous float32 [B, W]");
+  const float* query_data = nullptr;
+  if (attention_power != 0.0 && attention_in.has_value()) {
+    TORCH_CHECK(attention_in->dim() == 2 && attention_in->size(0) == batch && attention_in->is_contiguous() &&
+                    attention_in->scalar_type() == at::kFloat,
+                "the class token's attention must be contiguous float32 [B, W]");
     attention_data = attention_in->data_ptr<float>();
+  } else if (attention_power != 0.0) {
+    TORCH_CHECK(query_in.has_value() && query_in->dim() == 4 && query_in->size(0) == batch &&
+                    query_in->stride(3) == 1 && query_in->scalar_type() == at::kFloat,
+                "attention_power > 0 needs the class token's attention [B, W] or its query, float32 [B, H, 1, d]");
+    query_data = query_in->data_ptr<float>();
   }
   const int64_t attention_width = attention_data != nullptr ? attention_in->size(1) : 0;
   for (int64_t i = 0; attention_data != nullptr && i < batch; ++i)
@@ -286,11 +319,14 @@ std::vector<at::Tensor> merge_batch(const at::Tensor& x, const at::Tensor& count
       const int64_t i = order[t], n = counts[i];
       std::vector<float> size(n, 1.0f), attention;
       if (size_data != nullptr) std::copy_n(size_data + i * size_width, n, size.begin());
+      const KeyView key_view{kp + i * keys.stride(0), keys.size(1), keys.size(3), keys.stride(1), keys.stride(2)};
       if (attention_data != nullptr) {
         const float* row = attention_data + i * attention_width;
         attention.assign(row, row + n);
+      } else if (query_data != nullptr) {
+        attention = class_attention(query_data + i * query_in->stride(0), query_in->stride(1), key_view, n, size,
+                                    prop_attn && size_data != nullptr, static_cast<float>(scale));
       }
-      const KeyView key_view{kp + i * keys.stride(0), keys.size(1), keys.size(3), keys.stride(1), keys.stride(2)};
       steps[i] = merge_image(xp + start[i] * channels, n, channels, size, key_view, attention, options);
     }
   });

@@ -52,14 +52,18 @@ def kernel_ready(merging) -> bool:
     return bool(merging.fused)
 
 
-def fused_step(
-    policy: ATM, layer: int, tokens: TokenState, keys: Tensor, attention: Tensor | None, protected: int
-) -> TokenState:
-    """ATM's merge step in the kernel: the same merges as the batched step, tokens packed after."""
-    merged = fused_merge_batch(tokens.x, tokens.counts(), keys, attention, tokens.size, protected, policy, layer)
+def fused_step(policy: ATM, layer: int, tokens: TokenState, attention, protected: int) -> TokenState:
+    """ATM's merge step in the kernel: the same merges as the batched step, tokens packed after
+    (one image: as it is). ``attention`` is the block's :class:`.loop.BlockAttention`."""
+    merged = fused_merge_batch(
+        tokens.x, tokens.counts(), attention.keys, attention.attention, attention.query, attention.scale,
+        tokens.size, protected, policy, layer,
+    )  # fmt: skip
     if merged is None:
         return tokens
     x, size, count = merged
+    if len(count) == 1:  # one image is never padded: its tokens are the padded batch
+        return TokenState(x.view(1, -1, x.shape[-1]), count - protected, protected, size)
     return TokenState(x, count - protected, protected, size, real_rows=real_rows(count, size.shape[1]))
 
 

@@ -39,6 +39,8 @@ class BlockAttention(NamedTuple):
     x: Tensor  # the tokens after the attention residual
     keys: Tensor | None  # [B, H, W, d] per-head keys (the compiled kernel's forwards: as it needs them)
     attention: Tensor | None = None  # [B, W] the class token's attention, when asked for
+    query: Tensor | None = None  # [B, H, 1, d] the class token's query (padded tokens)
+    scale: float = 1.0  # the attention's logit scale
 
 
 class KeyNeeds(NamedTuple):
@@ -47,11 +49,12 @@ class KeyNeeds(NamedTuple):
     keys: bool = False  # the keys to match on
     class_attention: bool = False  # the class token's head-averaged attention, [B, W]
     per_head: bool = False  # the compiled kernel's forwards: every head's keys (else averaged)
+    kernel: bool = False  # the step runs in the compiled kernel, which reads the class token's query itself
 
     @classmethod
-    def of(cls, policy: TokenMerger) -> KeyNeeds:
+    def of(cls, policy: TokenMerger, kernel: bool = False) -> KeyNeeds:
         if isinstance(policy, MatchingPolicy):
-            return cls(True, policy.needs_class_attention, policy.key_form == "per_head")
+            return cls(True, policy.needs_class_attention, policy.key_form == "per_head", kernel)
         return cls(False, isinstance(policy, PruningPolicy))
 
 
@@ -112,7 +115,6 @@ def run_blocks(
     fused = steps and runs_fused(merging, tokens, training)
     recorder = TraceRecorder(tokens, first, fused, policy.rerun_margin > 0 and steps and not training, merging.cost)
     prefix_only = protected if policy.last_block_prefix_only and not training else 0
-    kernel = "packed" if fused else merging.attention
     bias, bias_size = None, None
     for layer, block in enumerate(blocks[first:], start=first):
         if tokens.size is not bias_size:  # sizes change only where a step merged
@@ -126,7 +128,7 @@ def run_blocks(
         else:
             step = steps and policy.merges_in(layer)
             attended, tokens, record = merging.run_block(
-                merging.blocks, policy, layer, block, tokens, bias, step, fused, kernel, protected, merging.record
+                merging.blocks, policy, layer, block, tokens, bias, step, fused, merging.attention, protected, merging.record
             )
             if step:
                 recorder.step(layer, policy, attended, record)
@@ -150,13 +152,13 @@ def run_block(
 ) -> tuple[TokenState, TokenState, LayerRecord | None]:
     """One block: its attention residual, the policy's merge step where ``step``, its MLP residual.
     Returns the tokens after the attention, the tokens after the block, and the step's record."""
-    out = blocks.attention_residual(layer, block, tokens, bias, KeyNeeds.of(policy) if step else NO_NEEDS, kernel)
+    out = blocks.attention_residual(layer, block, tokens, bias, KeyNeeds.of(policy, fused) if step else NO_NEEDS, kernel)
     attended = merged = tokens.with_x(out.x)
     move = decisions = None
     if step and isinstance(policy, PruningPolicy):
         move = prune_step(policy, layer, attended, out.attention, protected)
     elif step and fused:
-        merged = fused_step(policy, layer, attended, out.keys, out.attention, protected)
+        merged = fused_step(policy, layer, attended, out, protected)
     elif step:
         neg = padding_mask(bias, policy.prop_attn) if attended.padded_batch else None
         move, decisions = match_step(policy, layer, attended, out.keys, out.attention, neg, protected, record)

@@ -43,8 +43,9 @@ class VitBlocks:
         if tokens.real_rows is not None:
             return packed_attention_residual(block, tokens, bias, needs)
         x, query, keys = padded_attention_residual(block, tokens.x, bias, kernel)
-        cls = class_attention(query, keys, block.attn.scale, bias) if needs.class_attention else None
-        return BlockAttention(x, keys, cls)
+        scale = block.attn.scale
+        cls = class_attention(query, keys, scale, bias) if needs.class_attention and not needs.kernel else None
+        return BlockAttention(x, keys, cls, query, scale)
 
     def mlp_residual(self, block: Block, x: Tensor) -> Tensor:
         return add_residual(x, block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
