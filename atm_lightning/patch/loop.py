@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from ..flops import ViTCost
 from ..merge import (
     LayerRecord,
+    Plan,
     MatchingPolicy,
     PruningPolicy,
     TokenMerger,
@@ -165,6 +167,14 @@ def run_block(
     if move is not None:
         width = move.plan.width
         if width is None:  # images merged different counts: the one host read of the step
-            width = int(move.plan.widest()) + protected
+            width = read_width(move.plan) + protected
         merged = move.apply(width)
     return attended, merged.with_x(blocks.mlp_residual(block, merged.x)), decisions
+
+
+@torch.compiler.disable
+def read_width(plan: Plan) -> int:
+    """The widest image's tokens that may merge, read on the host: the one wait for the device in a
+    merge step. Called from :func:`run_block` itself, so that a compiled block breaks its graph
+    there, once, and runs this eagerly."""
+    return int(plan.widest())
