@@ -267,11 +267,11 @@ class ATMCLI(LightningCLI):
 
 
 def merge_step_kind(module: TokenMergingModule) -> str:
-    """How the run's merge steps ran: ``fused`` (the compiled step, see ``--model.fused``),
-    ``eager``, both (``fused+eager``, e.g. some batches in another dtype), or ``none`` (dense)."""
+    """How the run's merge steps ran: ``fused`` (the compiled CPU kernel, see ``--model.fused``),
+    ``batched``, both (``fused+batched``, e.g. some batches in another dtype), or ``none`` (dense)."""
     if not module.merger.merges:
         return "none"
-    return "+".join(kind for kind in ("fused", "eager") if module.merge_steps[kind]) or "none"
+    return "+".join(kind for kind in ("fused", "batched") if module.merge_steps[kind]) or "none"
 
 
 def run_in_process(args: list[str]) -> ATMCLI:

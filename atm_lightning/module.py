@@ -63,13 +63,13 @@ class TokenMergingModule(LightningModule):
         drop_path_rate: stochastic depth of the last block, rising linearly from 0 (DeiT: 0.1).
         model_kwargs: further timm constructor arguments, e.g. ``{img_size: 32, patch_size: 4,
             depth: 4}`` for a small ViT trained from scratch (set ``data.img_size`` to match).
-        compile: run each block's attention and MLP through ``torch.compile`` (the merge step
-            stays eager; the first batches compile, see ``atm_lightning.patch``).
+        compile: run each block, its merge step included, through ``torch.compile`` (the first
+            batches compile, see ``atm_lightning.patch``).
         fused: run ATM's merge step as one compiled C++ function on CPU at inference (built with
             the machine's C++ compiler and ninja on first use; same merges, less time; see
             ``atm_lightning.merge.fused``). ``auto`` (the default) does so where the kernel builds
-            and keeps the eager step, with a warning, where it does not; ``true`` makes a missing
-            compiler an error; GPU runs never build it.
+            and keeps the batched step, with a warning, where it does not; ``true`` makes a
+            missing compiler an error; GPU runs never build it.
         fidelity: also run the unmerged model on every evaluation batch and report how far merging
             moves its predictions (agreement, KL, top-1 change with a 95% paired-bootstrap
             interval; see ``fidelity.py``). Costs one dense forward per batch, left out of img/s.
@@ -207,7 +207,7 @@ class TokenMergingModule(LightningModule):
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
         stats = merge_stats(self.model)
-        self.merge_steps["fused" if stats.fused else "eager"] += 1
+        self.merge_steps["fused" if stats.fused else "batched"] += 1
         dense = self._dense_logits(images, logits)
         self._check_finite(logits, dense)
         metrics.update(logits, targets, seconds, stats, dense)

@@ -55,8 +55,9 @@ def test_parse_method_reads_inline_specs(spec: str, cls: type, expected: dict) -
 
 def test_parse_method_reads_the_execution_options() -> None:
     assert parse_method("atm:theta_min=0.8").attention == "sdpa"
-    method = parse_method("atm:theta_min=0.8,attention=flex,fused=false")
-    assert method.attention == "flex" and method.fused is False and method.merger.theta_min == 0.8
+    method = parse_method("atm:theta_min=0.8,attention=flex,fused=false,compile=true")
+    assert method.attention == "flex" and method.fused is False and method.compile is True
+    assert method.merger.theta_min == 0.8 and parse_method("tome:r=2").compile is False
     assert parse_method("evit:keep_rate=0.7").merger.keep_rate == 0.7
 
 
@@ -82,6 +83,7 @@ def test_parse_method_reads_the_merger_of_a_project_config(tmp_path: Path) -> No
         ("atm:alpha=0.5,theta_min=0.9", "must be >= theta_min"),
         ("atm:alpha=high", "finite number"),
         ("atm:attention=nested", "attention must be one of"),
+        ("atm:compile=maybe", "compile must be true or false"),
     ],
 )
 def test_parse_method_rejects_bad_specs(spec: str, message: str) -> None:
@@ -124,8 +126,8 @@ def test_table_rows_and_ratios_match_merge_stats(
     assert table[0] == (
         "| method | merge step | batch | img/s | speed-up | GFLOPs | FLOPs ratio | realised | peak mem (MiB) |"
     )
-    fused = "fused" if missing_build_tool() is None else "eager"  # ATM's default: fused="auto"
-    assert [r.merge_step for r in rows[:3]] == ["-", "eager", fused]
+    fused = "fused" if missing_build_tool() is None else "batched"  # ATM's default: fused="auto"
+    assert [r.merge_step for r in rows[:3]] == ["-", "batched", fused]
     assert len(table) == 2 + len(rows)
     assert "peak mem: CPU resident set size" in printed
 
@@ -271,6 +273,6 @@ def test_end_to_end_times_the_decoding_loop(
     assert f"{torch.get_num_threads()} threads" in printed
     assert [r.method for r in rows] == ["dense", "tome:r=13"]
     assert rows[1].flops_ratio > 1 and rows[1].img_per_s > 0 and rows[1].peak_mem_mb is None
-    assert [r.merge_step for r in rows] == ["-", "eager"]  # ToMe has no fused step
+    assert [r.merge_step for r in rows] == ["-", "batched"]  # ToMe has no fused step
     cached = benchmark.cli([*argv[:-1], "--runs", "1", "--warmup", "0", "--malloc", "default"])
     assert cached[1].gflops == pytest.approx(rows[1].gflops, rel=1e-12)

@@ -143,8 +143,8 @@ def test_validate_writes_exact_metrics(tmp_path, monkeypatch, data_root, weights
     assert row["num_workers"] == 0 and row["threads"] == min(2, available_cpus())  # no workers: every core
     assert row["method"] == merger.name and row["crop_pct"] == 0.9 and row["weights"] == str(weights)
     # The default fused="auto": ATM's compiled step where it builds (the reference runs the eager one).
-    fused = "fused" if missing_build_tool() is None else "eager"
-    assert row["merge_step"] == {"NoMerge": "none", "ToMe": "eager", "ATM": fused}[type(merger).__name__]
+    fused = "fused" if missing_build_tool() is None else "batched"
+    assert row["merge_step"] == {"NoMerge": "none", "ToMe": "batched", "ATM": fused}[type(merger).__name__]
     want = reference(weights, data_root, merger)
     assert row["top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert row["loss"] == pytest.approx(want["loss"], rel=1e-6)

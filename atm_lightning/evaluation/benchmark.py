@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "M_TRIM_THRESHOLD=2 GiB), so CPU passes time the model, not page faults (which cost dense ViT-Ti "
         "a quarter of its time on a 2-core VM); default: the allocator as configured")
     add("--compile", action="store_true",
-        help="run every method under torch.compile: dense compiles the whole model, ToMe/ATM their blocks' "
-        "attention and MLP (the merge step stays eager); one untimed pass per method compiles every shape first")
+        help="run every method under torch.compile: dense compiles the whole model, ToMe/ATM their "
+        "blocks, merge step included; one untimed pass per method compiles every shape first")
     add("--end-to-end", action="store_true",
         help="time whole evaluation passes as atm validate runs them (decoding in DataLoader workers, forward, "
         "merge statistics) with its default workers and threads, instead of forwards on cached images (CPU only)")
@@ -145,7 +145,7 @@ def header(args: argparse.Namespace, device: torch.device, num_images: int, work
             f"img/s: median of {args.runs} passes over all images (methods take turns batch by batch), after "
             f"{args.warmup} warm-up batches; malloc: {args.malloc}"
         )
-    compiled = "; torch.compile: dense whole model, merging methods their blocks (merge step eager)"
+    compiled = "; torch.compile: dense whole model, merging methods their blocks (merge step included)"
     lines = [
         (
             f"model {args.model} ({weights}) on {device}, {torch.get_num_threads()} threads; "

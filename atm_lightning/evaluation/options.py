@@ -24,9 +24,9 @@ METHOD_HELP = (
     f"configs/vit_t_atm.yaml). Either may add how it runs: 'fused=auto' (the default, as in atm "
     f"validate) runs ATM's merge step in the compiled CPU kernel where it builds, 'fused=true' "
     f"insists, 'fused=false' runs the batched step (e.g. 'configs/vit_t_atm.yaml:fused=false'); "
-    f"'attention=flex' attends with FlexAttention instead of SDPA"
+    f"'attention=flex' attends with FlexAttention instead of SDPA; 'compile=true' compiles its blocks"
 )
-EXECUTION_OPTIONS = ("fused", "attention")
+EXECUTION_OPTIONS = ("fused", "attention", "compile")
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Method:
     merger: TokenMerger
     fused: bool | str = "auto"  # ATM's merge step runs in the compiled CPU kernel (patch's ``fused``)
     attention: str = "sdpa"  # the attention kernel (patch's ``attention``)
+    compile: bool = False  # its blocks run compiled (patch's ``compile``), whatever the command's --compile
 
     @property
     def dense(self) -> bool:
@@ -57,26 +58,30 @@ def parse_method(spec: str) -> Method:
                 f"bad settings in {spec!r}: a config file's method is fixed; only {EXECUTION_OPTIONS} "
                 f"may follow it, not {unknown}"
             )
-        fused, attention = execution_options(settings, spec)
+        fused, attention, compile = execution_options(settings, spec)
         label, merger = Path(path + dot).stem + options, from_config_file(path + dot)
     else:
         name, settings = parse_spec(spec)
-        fused, attention = execution_options(settings, spec)
+        fused, attention, compile = execution_options(settings, spec)
         label, merger = spec, build(name, settings, spec)
     if fused is True and not fusable(merger):
         raise ValueError(f"bad settings in {spec!r}: fused=true runs ATM's exact rule only; use fused=auto or false")
-    return Method(label, merger, fused, attention)
+    return Method(label, merger, fused, attention, compile)
 
 
-def execution_options(settings: dict[str, Any], spec: str) -> tuple[bool | str, str]:
-    """``fused`` and ``attention`` taken out of ``settings``: how a method runs, not what it merges."""
+def execution_options(settings: dict[str, Any], spec: str) -> tuple[bool | str, str, bool]:
+    """``fused``, ``attention`` and ``compile`` taken out of ``settings``: how a method runs, not
+    what it merges."""
     fused = settings.pop("fused", "auto")
     if not is_fused_mode(fused):
         raise ValueError(f"bad settings in {spec!r}: fused must be true, false or auto, got {fused!r}")
     attention = str(settings.pop("attention", "sdpa"))
     if attention not in ATTENTION_KERNELS:
         raise ValueError(f"bad settings in {spec!r}: attention must be one of {ATTENTION_KERNELS}")
-    return fused, attention
+    compile = settings.pop("compile", False)
+    if not isinstance(compile, bool):
+        raise ValueError(f"bad settings in {spec!r}: compile must be true or false, got {compile!r}")
+    return fused, attention, compile
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

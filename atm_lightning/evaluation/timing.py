@@ -35,7 +35,7 @@ class Row:
     peak_mem_mb: float | None  # rise above the level before one pass (see memory_note)
     realised_min: float | None = None  # lowest and highest realised fraction of single runs,
     realised_max: float | None = None  # each against dense in the same run (batches interleaved)
-    merge_step: str = "-"  # how the merge steps ran: fused (compiled) or eager; "-" for dense
+    merge_step: str = "-"  # how the merge steps ran: fused (the CPU kernel) or batched; "-" for dense
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def benchmark(
     all_batches = [list(images.split(batch_size)) for batch_size in batch_sizes]
     flops = [[mean_gflops(model, method, batches) for method in methods] for batches in all_batches]
     memory = [
-        [warm_up_then_peak_memory(model, m, batches, max(warmup, len(batches)) if compile else warmup, compile)
+        [warm_up_then_peak_memory(model, m, batches, max(warmup, len(batches)) if compile or m.compile else warmup, compile)
          for m in methods]
         for batches in all_batches
     ]  # fmt: skip
@@ -103,6 +103,7 @@ _COMPILED_DENSE: weakref.WeakKeyDictionary[nn.Module, Callable[[Tensor], Tensor]
 def use(model: nn.Module, method: Method, compile: bool = False) -> Callable[[Tensor], Tensor]:
     """Set the model up to run ``method`` and return what to call; dense runs timm's own forward,
     without accounting hooks (with ``compile``, ``torch.compile`` of the whole model)."""
+    compile = compile or method.compile
     if not method.dense:
         return patch(model, method.merger, compile=compile, fused=method.fused, attention=method.attention)
     unpatch(model)
@@ -125,13 +126,13 @@ def mean_gflops(model: nn.Module, method: Method, batches: list[Tensor]) -> tupl
 
 
 def merge_step(model: nn.Module, method: Method, batch: Tensor, compile: bool = False) -> str:
-    """How ``method``'s merge steps run on ``batch``: ``fused`` or ``eager`` (``-`` for dense)."""
+    """How ``method``'s merge steps run on ``batch``: ``fused`` or ``batched`` (``-`` for dense)."""
     if method.dense:
         return "-"
     forward = use(model, method, compile)
     with torch.inference_mode():
         forward(batch)
-    return "fused" if merge_stats(model).fused else "eager"
+    return "fused" if merge_stats(model).fused else "batched"
 
 
 def warm_up_then_peak_memory(

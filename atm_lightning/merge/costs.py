@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .matching import Split, _constant
+from .matching import Split, constant
 from .merging import as_dtype
 
 
@@ -51,7 +51,7 @@ def pair_weight(
     u_rows, u_cols = split.take(inverse)
     total = u_rows[:, :, None] + u_cols[:, None, :]  # 1/n_a + 1/n_b
     if attention_power == 0.0:
-        return torch.div(_constant(2.0, total), total)  # 2 n_a n_b / (n_a + n_b)
+        return torch.div(constant(2.0, total), total)  # 2 n_a n_b / (n_a + n_b)
     if attention is None or num_unprotected is None:
         raise ValueError("attention weighting needs the class token's attention and the token counts")
     # (M a_pair)^p = ((rho_a + rho_b) / total)^p; the size factor 2/total folds in as total^-1 and 2^(1/p) on rho.

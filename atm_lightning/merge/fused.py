@@ -11,7 +11,7 @@ parallel on each image's rows of the packed qkv (:func:`fused_packed_attention`)
 
 It is built from source with the machine's C++ compiler and ninja on first use (about 40 s;
 cached under ``$XDG_CACHE_HOME/atm_lightning`` or ``~/.cache/atm_lightning``, rebuilt when the
-source, torch or Python change). It merges the same pairs as the eager step; merged tokens agree
+source, torch or Python change). It merges the same pairs as the batched step; merged tokens agree
 to float rounding (the sums run in another order), so a pair whose effective similarity lies
 within about 1e-6 of the threshold could go either way.
 """

@@ -145,16 +145,18 @@ def best_matches(
     """
     cols_t = cols.transpose(1, 2)
     if weight is None:
-        base = col_mask if col_mask is not None else _constant(0.0, rows)
+        base = col_mask if col_mask is not None else constant(0.0, rows)
         score, dst = torch.baddbmm(base, rows, cols_t, alpha=scale).max(dim=-1)
         return Matches(score, dst, 0.0)
-    below_one = torch.baddbmm(_constant(-1.0, rows), rows, cols_t, alpha=scale)  # cos - 1
-    base = col_mask if col_mask is not None else _constant(0.0, rows)
+    below_one = torch.baddbmm(constant(-1.0, rows), rows, cols_t, alpha=scale)  # cos - 1
+    base = col_mask if col_mask is not None else constant(0.0, rows)
     score, dst = torch.addcmul(base, below_one, weight).max(dim=-1)
     return Matches(score, dst, -1.0)
 
 
-def _constant(value: float, like: Tensor) -> Tensor:
+def constant(value: float, like: Tensor) -> Tensor:
+    """A 0-dim tensor of ``value`` on ``like``'s device and type, made once: an operand that
+    broadcasts (``baddbmm``'s input, a dividend) without an operation per call."""
     return _scalar(value, like.device, like.dtype)
 
 

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .matching import _constant
+from .matching import constant
 from .policies import PruningPolicy, integers_at_least
 
 
@@ -29,7 +29,7 @@ def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None)
     q_rows = q_cls.reshape(batch * heads, 1, dim)
     k_cols = k.transpose(-1, -2).reshape(batch * heads, dim, width)
     if bias is None:
-        base = _constant(0.0, q_rows)
+        base = constant(0.0, q_rows)
     else:
         base = bias.expand(batch, heads, 1, width).reshape(batch * heads, 1, width)
     logits = torch.baddbmm(base, q_rows, k_cols, alpha=scale)

@@ -69,7 +69,7 @@ def unmerged(model: nn.Module) -> Iterator[nn.Module]:
 
 def build_fused_step(model: nn.Module) -> bool:
     """Settle a patched ``model``'s ``fused="auto"`` now rather than in its first CPU forward:
-    build the kernel (or warn and keep the eager step). A first build takes about a minute, which
+    build the kernel (or warn and keep the batched step). A first build takes about a minute, which
     a timed forward must not include. Returns whether the fused step will be used."""
     if not isinstance(model, MIXINS):
         raise TypeError("build_fused_step needs a patched model: call atm_lightning.patch(model, ...) first")
