@@ -30,3 +30,10 @@ def test_the_front_page_fits_on_a_screen() -> None:
     rest lives in docs/ (it had grown back to 171 lines)."""
     readme = Path(__file__).resolve().parents[1] / "README.md"
     assert len(readme.read_text().splitlines()) < 120
+
+
+def test_every_module_stays_small() -> None:
+    """One job per module: none of the package's grows past 350 lines."""
+    package = Path(__file__).resolve().parents[1] / "atm_lightning"
+    sizes = {str(path.relative_to(package)): len(path.read_text().splitlines()) for path in package.rglob("*.py")}
+    assert {name: lines for name, lines in sizes.items() if lines > 350} == {}

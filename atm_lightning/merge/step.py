@@ -10,7 +10,6 @@ only where images merge different counts (ATM's ``exact`` rule).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +45,6 @@ class LayerRecord:
     a_size: Tensor  # [B, Na] sizes of the source slots (0: not real)
     b_size: Tensor  # [B, Nb] sizes of the destination slots (0: not real)
     dst_size: Tensor  # [B, Na] size of each source's matched destination
-
-    def reordered(self, order: Callable[[Tensor], Tensor]) -> LayerRecord:
-        """The record with ``order`` applied to every per-image tensor."""
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: order(v) for k, v in tensors.items() if isinstance(v, Tensor)})
 
 
 def padding_mask(bias: Tensor | None, prop_attn: bool) -> Tensor | None:

@@ -8,7 +8,7 @@ rerun's starting block are worked out from those afterwards, when asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -203,8 +203,3 @@ def merge_stats(model: nn.Module) -> MergeStats:
         fused=trace.fused,
         prefix_only=trace.prefix_only,
     )
-
-
-def with_rerun(trace: MergeTrace, rerun: Tensor) -> MergeTrace:
-    """The trace with the images that ran again unmerged marked."""
-    return replace(trace, rerun=rerun)
