@@ -68,6 +68,17 @@ class Delta:
         return path
 
 
+def is_delta_file(path: str | Path) -> bool:
+    """Whether ``path`` is a delta file (its metadata says so; the tensors are not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return (file.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False  # not a safetensors file: a checkpoint or .pth
+
+
 def read_delta(path: str | Path) -> Delta:
     """A delta file, checked to be one (an ordinary weights file is refused with the fix)."""
     from safetensors import safe_open

@@ -12,7 +12,10 @@ import pytest
 import torch
 import yaml
 
+from safetensors.torch import load_file
+
 from atm_lightning.cli import main as atm_main
+from atm_lightning.delta import Delta, weights_sha256
 from atm_lightning.evaluation import compare, plot
 from atm_lightning.evaluation.row_configs import check_row_config
 from atm_lightning.evaluation.tables import Row, pareto_front
@@ -45,10 +48,18 @@ def shared(weights: Path, root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory, data_root, weights) -> tuple[list, Path]:
+def delta(tmp_path_factory, weights) -> Path:
+    """A delta file on ``weights`` that moves the final norm, as a distillation would."""
+    state = load_file(str(weights))
+    moved = {"norm.bias": state["norm.bias"] + 0.5, "head.bias": state["head.bias"] + torch.tensor([0.0, 0.4, -0.4])}
+    return Delta(weights_sha256(state), dense=moved).save(tmp_path_factory.mktemp("delta") / "delta.safetensors")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, data_root, weights, delta) -> tuple[list, Path]:
     out = tmp_path_factory.mktemp("compare")
     args = [*shared(weights, data_root), "--tome_r", "8", "--evit_keep", "0.7", "--evit_layers", "2", "4", "--atm", ATM_SPEC]
-    args += ["--checkpoint", f"ft={weights}:tome:r=8", "--output", str(out)]
+    args += ["--checkpoint", f"ft={weights}:tome:r=8", f"dist={delta}:tome:r=8", "--output", str(out)]
     return compare.cli(args), out
 
 
@@ -68,11 +79,26 @@ def test_rows_equal_single_validate_runs(tmp_path, monkeypatch, compared, data_r
     assert single["flops_reduction"] > 0.2
 
 
+def test_a_distilled_row_is_the_delta_on_the_base_weights(tmp_path, monkeypatch, compared, data_root, weights, delta) -> None:
+    """``--checkpoint NAME=DELTA:METHOD`` runs ``--model.delta DELTA`` on ``--model.weights``; its KL is
+    against the base model, as a single validate with the delta reports it."""
+    rows, _ = compared
+    monkeypatch.chdir(tmp_path)
+    with mock.patch("sys.argv", ["atm"]):
+        atm_main(["validate", *shared(weights, data_root), "--model.merger", "ToMe", "--model.merger.r", "8", "--model.delta", str(delta)])
+    (path,) = tmp_path.glob("runs/*/version_*/metrics.json")
+    single = json.loads(path.read_text())
+    row, tome = {r.method: r for r in rows}["dist"], {r.method: r for r in rows}["ToMe r=8"]
+    assert (row.family, row.params) == ("distilled", "r=8 (delta.safetensors)")
+    assert (row.top1, row.top5, row.kl, row.gflops) == (single["top1"], single["top5"], single["kl"], single["gflops"])
+    assert row.kl != tome.kl  # the delta moved the outputs
+
+
 def test_table_csv_and_plot_are_written(compared) -> None:
     rows, out = compared
-    assert [r.method for r in rows] == ["dense", "ToMe r=8", "EViT keep=0.7", "ATM", "ft"]
-    assert [r.family for r in rows] == ["dense", "ToMe", "EViT", "ATM", "checkpoint"]
-    dense, tome, evit, atm, _ = rows
+    assert [r.method for r in rows] == ["dense", "ToMe r=8", "EViT keep=0.7", "ATM", "ft", "dist"]
+    assert [r.family for r in rows] == ["dense", "ToMe", "EViT", "ATM", "checkpoint", "distilled"]
+    dense, tome, evit, atm, _, _ = rows
     assert dense.reduction_pct == 0.0 and dense.agreement_pct == 100.0
     assert (dense.top1_change, dense.ci_low, dense.ci_high, dense.kl, dense.lossless) == (0.0, 0.0, 0.0, 0.0, True)
     for row in rows[1:]:
@@ -85,11 +111,11 @@ def test_table_csv_and_plot_are_written(compared) -> None:
     assert "8 images, batch size 4" in table and "| ToMe r=8 | r=8 |" in table
     with (out / "compare.csv").open() as file:
         records = list(csv.DictReader(file))
-    assert [r["method"] for r in records] == ["dense", "ToMe r=8", "EViT keep=0.7", "ATM", "ft"]
+    assert [r["method"] for r in records] == ["dense", "ToMe r=8", "EViT keep=0.7", "ATM", "ft", "dist"]
     assert float(records[1]["kl"]) == tome.kl and records[1]["ci_low"] == str(tome.ci_low)
     assert float(records[1]["gflops"]) == tome.gflops
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(out.glob("runs/*/version_*/metrics.json"))) == 5
+    assert len(list(out.glob("runs/*/version_*/metrics.json"))) == 6
 
 
 def evaluated(predictions: list[int], targets: list[int]) -> compare.Evaluated:
@@ -164,7 +190,7 @@ def test_a_second_compare_into_the_same_folder_is_refused_before_any_run(compare
     with pytest.raises(FileExistsError, match=r"holds compare.md, compare.csv, compare.png of an earlier compare; pass --overwrite"):
         compare.cli(args)
     assert {p: p.stat().st_mtime_ns for p in out.glob("compare.*")} == before
-    assert len(list(out.glob("runs/*/version_*"))) == 5  # nothing ran
+    assert len(list(out.glob("runs/*/version_*"))) == 6  # nothing ran
 
 
 def test_a_row_config_for_another_model_is_refused(data_root, weights, tmp_path) -> None:

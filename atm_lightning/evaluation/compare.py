@@ -9,7 +9,8 @@ each run's metrics.json and TensorBoard events land under OUTPUT/runs/<row>.
 
 Each row is measured against the dense row on the same images: agreement (top-1 class
 unchanged), the top-1 change with its 95% paired-bootstrap interval, and the mean KL of the
-row's output from its own unmerged model's (for a checkpoint: the unmerged checkpoint). The plot
+row's output from its own unmerged model's (for a checkpoint: the unmerged checkpoint; for a
+distilled row, a delta of ``atm fit --model.distill``: the base model without it). The plot
 draws the top-1 change with its interval and the agreement against GFLOPs, one curve per family.
 ``--sweep`` fills in the ToMe and EViT sweeps that a curve needs.
 
@@ -31,6 +32,7 @@ from typing import Any
 from torch import Tensor
 
 from ..cli import run_in_process
+from ..delta import is_delta_file
 from ..fidelity import top1_change
 from ..merge import EViT, NoMerge, TokenMerger, ToMe, to_config
 from ..results import METRICS_FILE
@@ -49,12 +51,14 @@ RESULT_FILES = ("compare.md", "compare.csv", "compare.png")
 
 @dataclass(frozen=True)
 class Run:
-    """One row to evaluate: a merger, and for fine-tuned checkpoints their own weights."""
+    """One row to evaluate: a merger, and for a fine-tuned checkpoint its own weights or for a
+    distilled point its delta on the base weights."""
 
     label: str
-    family: str  # dense, ToMe, EViT, ATM (each also "+ rerun") or checkpoint: one colour each in the plot
+    family: str  # dense, ToMe, EViT, ATM (each also "+ rerun"), checkpoint or distilled: one colour each
     merger: TokenMerger
     weights: str | None = None
+    delta: str | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         metavar="NAME=PATH[:METHOD]",
-        help="fine-tuned weights evaluated with METHOD (default dense), e.g. ft=runs/ft.ckpt:tome:r=13",
+        help="fine-tuned weights evaluated with METHOD (default dense), e.g. ft=runs/ft.ckpt:tome:r=13; "
+        "a delta file of `atm fit --model.distill` is applied to --model.weights (a 'distilled' row), "
+        "e.g. dist=delta.safetensors:configs/vit_t_atm_40.yaml",
     )
     parser.add_argument(
         "--merge", nargs="+", type=Path, default=None, metavar="CSV",
@@ -173,14 +179,18 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def parse_checkpoint(spec: str) -> Run:
-    """``NAME=PATH[:METHOD]`` -> a run of those weights with that method (dense by default)."""
+    """``NAME=PATH[:METHOD]`` -> a run of those weights (or that delta on the base weights) with that
+    method (dense by default)."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"cannot read --checkpoint {spec!r}; write NAME=PATH[:METHOD], e.g. ft=ft.ckpt:tome:r=13")
     path, _, method = rest.partition(":")
     if not Path(path).is_file():
         raise FileNotFoundError(f"--checkpoint {name}: {path} does not exist")
-    return Run(name, "checkpoint", parse_method(method or "dense").merger, weights=path)
+    merger = parse_method(method or "dense").merger
+    if is_delta_file(path):
+        return Run(name, "distilled", merger, delta=path)
+    return Run(name, "checkpoint", merger, weights=path)
 
 
 @dataclass(frozen=True)
@@ -204,6 +214,8 @@ def evaluate(run: Run, config: str, passthrough: list[str], output: Path) -> Eva
     args += ["--trainer.logger", json.dumps(logger)]
     if run.weights is not None:
         args += ["--model.weights", run.weights]
+    if run.delta is not None:
+        args += ["--model.delta", run.delta]
     cli = run_in_process(args)
     module = cli.model
     path = Path(cli.trainer.log_dir) / METRICS_FILE
@@ -267,7 +279,8 @@ def describe(run: Run) -> str:
         if not params.get(shared):
             params.pop(shared, None)  # off: the papers' methods
     text = " ".join(f"{k}={v}" for k, v in params.items()) or "-"
-    return text + (f" ({Path(run.weights).name})" if run.weights else "")
+    own = run.weights or run.delta
+    return text + (f" ({Path(own).name})" if own else "")
 
 
 def cli(argv: list[str] | None = None) -> list[Row]:

@@ -16,6 +16,7 @@ COLOURS = {
     "ATM + rerun": "tab:purple",
     "EViT + rerun": "tab:brown",
     "checkpoint": "tab:green",
+    "distilled": "tab:olive",
 }
 
 
@@ -42,7 +43,7 @@ def plot(rows: Sequence[Any], path: Path) -> None:
         members = [r for r in members if r.top1_change is not None]
         if not members:
             continue
-        style = "o" if family in ("checkpoint", "dense", "NoMerge") else "-o"
+        style = "o" if family in ("checkpoint", "distilled", "dense", "NoMerge") else "-o"
         gflops = [r.gflops for r in members]
         errors = [[r.top1_change - r.ci_low for r in members], [r.ci_high - r.top1_change for r in members]]
         change_ax.errorbar(
