@@ -47,3 +47,14 @@ def test_the_study_distils_evaluates_and_resumes(tmp_path: Path, capsys, restore
     study.main(argv)  # everything done: nothing runs again
     assert not re.search(r"^--- ", capsys.readouterr().out, re.MULTILINE)
     assert len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 4
+
+
+def test_the_table_adds_the_merged_pass_columns_where_measured() -> None:
+    study = load_tool("distill_study")
+    view = {"flops_reduction": 0.4, "agreement": 96.6, "kl": 0.0377, "top1_change": -1.2, "top1_change_ci95": [-2.8, 0.2]}
+    base = {"method": "atm", "target": 0.4, "trainable": "none", "images": 0, "steps": 0, "lr": 0, "augment": "-", "temperature": 1}
+    alone = {**view, "flops_reduction": 0.44, "agreement": 93.2}
+    lines = study.table([{**base, "as_is": view, "as_is_merged_only": alone, "minutes_evaluate": 0.5}], ["as_is"]).splitlines()
+    assert "as_is_merged_only: saved" in lines[0] and lines[1].count("---") == 11
+    assert lines[2].endswith("| 40.0%, 96.6%, 0.0377, -1.2 [-2.8, +0.2] | 44.0%, 93.2%, 0.0377, -1.2 [-2.8, +0.2] | 0.5 |")
+    assert "merged_only" not in study.table([{**base, "as_is": view}], ["as_is"])

@@ -200,6 +200,7 @@ def evaluate(config: Config, point: Path, opts: argparse.Namespace, split: Path,
 
 
 def table(rows: list[dict], views: list[str]) -> str:
+    views = [v for view in views for v in (view, f"{view}_merged_only") if any(v in r for r in rows)]
     head = "| method | target | trained | images | steps | lr | aug | T | " + " | ".join(
         f"{v}: saved, agreement, KL, change [CI]" for v in views) + " | minutes |"  # fmt: skip
     lines = [head, "|" + "---|" * (9 + len(views))]
