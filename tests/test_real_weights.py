@@ -19,6 +19,7 @@ from torch import Tensor
 from atm_lightning import ATM, merge_stats, patch
 from atm_lightning.cli import main
 from atm_lightning.data import ImageNetDataModule
+from atm_lightning.delta import apply_delta
 from atm_lightning.data.images import evenly_spaced, image_paths, load_images
 from atm_lightning.fidelity import compare_batch, summary
 from atm_lightning.flops import ViTCost
@@ -31,6 +32,7 @@ CONFIG = CONFIGS / "vit_t_atm.yaml"
 BATCH = 100
 # Agreement with dense (%) each rung must keep on the held-out half; docs/calibration.md has the measurements.
 AGREE_20, AGREE_30, AGREE_40 = 99.2, 98.0, 95.0  # measured: 99.8, 99.0, 96.6
+DISTILLED_50 = CONFIGS / "vit_t_atm_50_distilled.yaml"
 
 pytestmark = pytest.mark.shared
 
@@ -136,3 +138,28 @@ def test_ladder_holds_on_held_out_images_and_beats_tome(held_out, dense, config,
     tome = fidelity(tome_logits, dense_logits, labels)
     assert tome_gflops >= gflops  # ToMe is given at least ATM's FLOPs ...
     assert atm["kl"] < tome["kl"] / 2 and atm["agreement"] > tome["agreement"]  # ... and changes more
+
+
+def test_the_shipped_delta_is_for_these_weights(shared_weights) -> None:
+    """The distilled point's delta applies to the ViT-Ti weights it was trained from (it refuses others)."""
+    model = create_model(NAME, weights=str(shared_weights))
+    changed = apply_delta(model, CONFIGS / "vit_t_atm_50_distilled.safetensors", "the shared weights")
+    assert len(changed) == 100 and all(name.endswith((".weight", ".bias")) for name in changed)
+
+
+@pytest.mark.slow
+def test_the_distilled_point_beats_its_thresholds_without_the_delta(held_out, dense):
+    """Held out: the delta lowers the KL by a tenth and changes no more predictions, at the same saving."""
+    model, images, labels = held_out
+    dense_logits, dense_gflops = dense
+    merger = from_config_file(DISTILLED_50)
+    plain_logits, _ = evaluate(model, images, merger)
+    plain = fidelity(plain_logits, dense_logits, labels)
+    base = apply_delta(model, CONFIGS / "vit_t_atm_50_distilled.safetensors", "the shared weights")
+    try:
+        logits, gflops = evaluate(model, images, merger)
+    finally:
+        model.load_state_dict(base, strict=False)
+    distilled = fidelity(logits, dense_logits, labels)
+    assert abs(1 - gflops / dense_gflops - 0.5) <= 0.02  # measured: 51.2%
+    assert distilled["kl"] < 0.9 * plain["kl"] and distilled["agreement"] >= plain["agreement"]  # 0.138 < 0.159; 88.8 >= 88.2
