@@ -66,15 +66,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: tuple[str, ...]
     return names
 
 
-def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers of ``model`` whose weight carries a :class:`LowRank` adapter, by name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if parametrize.is_parametrized(module, "weight") and isinstance(module.parametrizations.weight[0], LowRank)
-    }
-
-
 def fold_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A state dict with adapters as the plain one a timm model loads: each adapted weight folded
     (``<layer>.weight``), the factors gone. A state dict without adapters comes back as it is."""
